@@ -1,0 +1,130 @@
+/* The allocator's internal interface: the inline fast paths of malloc and free,
+ * and the out-of-line slow paths behind them (mv_heap.c, mv_arena.c). The shim
+ * (shim/mv_shim.c) turns these into the exported malloc family. */
+#ifndef MV_ALLOC_H
+#define MV_ALLOC_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "arena/mv_sizeclass.h"
+#include "arena/mv_types.h"
+
+/* ---- globals set once by mv_arena_init() ---- */
+extern uintptr_t mv_heap_base;          /* arena 0 */
+extern _Atomic(size_t) mv_heap_limit;    /* bytes of arenas with descriptors: frontier */
+extern mv_arena_t *mv_arenas;           /* descriptors, indexed like the arenas */
+extern uintptr_t mv_keys[2];            /* free-list encoding secret */
+extern uintptr_t mv_free_fast_mask;     /* 15; ~0 under MOVALLOC_CHECK (all frees slow) */
+
+extern mv_page_t mv_page_none;          /* every unused slice maps here */
+extern mv_page_t mv_page_empty;         /* an empty bin's page: free == NULL */
+extern mv_heap_t mv_heap_empty;         /* a thread's heap before its first malloc */
+extern __thread mv_heap_t *mv_tls_heap __attribute__((tls_model("initial-exec")));
+
+/* ---- free-list link encoding ---- */
+static inline uintptr_t mv_rotl(uintptr_t x, unsigned r) {
+  r &= 63;
+  return r ? (x << r) | (x >> (64 - r)) : x;
+}
+static inline uintptr_t mv_rotr(uintptr_t x, unsigned r) {
+  r &= 63;
+  return r ? (x >> r) | (x << (64 - r)) : x;
+}
+static inline uintptr_t mv_ptr_encode(const void *p) {
+  return mv_rotl((uintptr_t)p ^ mv_keys[0], (unsigned)mv_keys[1]) + mv_keys[1];
+}
+static inline mv_block_t *mv_ptr_decode(uintptr_t e) {
+  return (mv_block_t *)(mv_rotr(e - mv_keys[1], (unsigned)mv_keys[1]) ^ mv_keys[0]);
+}
+
+/* ---- lookup ---- */
+
+/* The page holding p, or NULL when p is not in a used arena of the heap. */
+static inline mv_page_t *mv_page_of(const void *p) {
+  uintptr_t off = (uintptr_t)p - mv_heap_base;
+  if (MV_UNLIKELY(off >= atomic_load_explicit(&mv_heap_limit, memory_order_acquire)))
+    return NULL;
+  return mv_arenas[off >> MV_ARENA_SHIFT].slice_page[(off >> MV_SLICE_SHIFT) & (MV_SLICES - 1)];
+}
+
+static inline mv_arena_t *mv_arena_of(uintptr_t addr) {
+  return &mv_arenas[(addr - mv_heap_base) >> MV_ARENA_SHIFT];
+}
+
+/* ---- slow paths ---- */
+void *mv_malloc_slow(size_t size) MV_NOINLINE;
+void mv_free_slow(void *p) MV_NOINLINE;
+void mv_page_emptied(mv_page_t *page) MV_NOINLINE; /* owner: used dropped to 0 */
+
+/* ---- fast paths ---- */
+
+static inline void *mv_malloc(size_t size) {
+  if (MV_LIKELY(size <= 1024)) {
+    mv_heap_t *heap = mv_tls_heap;
+    mv_page_t *page = heap->direct[mv_bin_of(size)];
+    mv_block_t *b = page->free;
+    if (MV_LIKELY(b != NULL)) {
+      page->free = mv_ptr_decode(b->next_enc);
+      page->used++;
+      return b;
+    }
+  }
+  return mv_malloc_slow(size);
+}
+
+/* A link that decodes to NULL or into the block's own arena is what a freed
+ * block looks like: then check properly (one load and compare otherwise). */
+static inline bool mv_looks_freed(const mv_block_t *b) {
+  uintptr_t next = (uintptr_t)mv_ptr_decode(b->next_enc);
+  return next == 0 || ((next ^ (uintptr_t)b) >> MV_ARENA_SHIFT) == 0;
+}
+
+static inline void mv_free(void *p) {
+  uintptr_t off = (uintptr_t)p - mv_heap_base;
+  if (MV_LIKELY(off < atomic_load_explicit(&mv_heap_limit, memory_order_relaxed) &&
+                ((uintptr_t)p & mv_free_fast_mask) == 0)) {
+    mv_page_t *page =
+        mv_arenas[off >> MV_ARENA_SHIFT].slice_page[(off >> MV_SLICE_SHIFT) & (MV_SLICES - 1)];
+    mv_block_t *b = (mv_block_t *)p;
+    if (MV_LIKELY(atomic_load_explicit(&page->heap, memory_order_relaxed) == mv_tls_heap &&
+                  !mv_looks_freed(b))) {
+      b->next_enc = mv_ptr_encode(page->local_free);
+      page->local_free = b;
+      if (MV_UNLIKELY(--page->used == 0)) mv_page_emptied(page);
+      return;
+    }
+  }
+  mv_free_slow(p);
+}
+
+/* ---- the rest of the malloc family (mv_heap.c) ---- */
+void *mv_calloc(size_t n, size_t size);
+void *mv_realloc(void *p, size_t size);
+void *mv_aligned(size_t align, size_t size); /* align: a power of two */
+size_t mv_usable_size(const void *p);       /* 0 for NULL or a pointer not ours */
+size_t mv_good_size(size_t size);           /* what malloc(size) would give */
+bool mv_owns(const void *p);
+
+/* ---- heaps (mv_heap.c) ---- */
+mv_heap_t *mv_heap_get(void);      /* the calling thread's heap, acquiring one if needed */
+void mv_heap_thread_exit(void);    /* abandons the calling thread's heap */
+void mv_heap_fork_child(void);     /* heaps of threads that vanished in fork() are dead */
+void mv_heap_collect_all(void);    /* returns empty pages of every abandoned heap */
+
+/* ---- arenas (mv_arena.c) ---- */
+int mv_arena_init(void);           /* reserves the heap; 0 or -errno */
+/* A run of n contiguous free slices, fullest arena first. Returns its page
+ * descriptor (kind NONE, slices mapped to it) or NULL with errno = ENOMEM. */
+mv_page_t *mv_arena_alloc_slices(unsigned n, bool *zeroed);
+void mv_arena_free_slices(mv_page_t *page);
+/* A span of whole arenas for size bytes, aligned to align (>= MV_ARENA_SIZE or 0). */
+mv_page_t *mv_arena_alloc_huge(size_t size, size_t align, bool *zeroed);
+void mv_arena_free_huge(mv_page_t *page);
+/* Grows or shrinks a huge span in place; true on success. */
+bool mv_arena_resize_huge(mv_page_t *page, size_t size);
+/* Releases every cached empty arena to the kernel; returns how many. */
+size_t mv_arena_trim(void);
+
+#endif /* MV_ALLOC_H */

@@ -1,0 +1,568 @@
+/* Arenas: the heap reservation, the descriptors, and the hand-out of slices
+ * (for pages) and whole arenas (for huge objects).
+ *
+ * Placement follows Temeraire's lesson: a run of slices comes from the fullest
+ * arena that has room, so live data packs into few arenas and the others empty
+ * out completely; an empty arena is kept for reuse (up to the arena cache) or
+ * returned to the kernel whole, never piecemeal, so a huge page under it is not
+ * broken. Free arenas are reused lowest address first, before the frontier
+ * grows.
+ *
+ * Everything here runs under mv_arena_lock and touches only descriptors, never
+ * arena data: an isolated arena never blocks this lock's holder.
+ */
+#include <errno.h>
+#include <string.h>
+#include <sys/mman.h>
+
+#include "arena/mv_alloc.h"
+#include "arena/mv_arena.h"
+#include "arena/mv_prim.h"
+#include "arena/mv_print.h"
+#include "shim/mv_options.h"
+
+uintptr_t mv_heap_base;
+_Atomic(size_t) mv_heap_limit;
+mv_arena_t *mv_arenas;
+
+mv_lock_t mv_arena_lock = MV_LOCK_INIT;
+
+#define MV_COMMIT_STEP 16u /* arenas committed (mprotect) at a time */
+#define MV_BUCKET_SCAN 8   /* arenas tried per bucket before looking further */
+
+/* All below: guarded by mv_arena_lock. */
+static uint32_t max_arenas;       /* the reservation, in arenas */
+static uint32_t frontier;         /* arenas [0, frontier) have descriptors */
+static uint32_t committed_upto;   /* arenas [0, committed_upto) are PROT_READ|WRITE */
+static uint64_t *free_bits;       /* bit i: arena i is FREE */
+static uint32_t free_hint;        /* no FREE arena below this index */
+static mv_arena_t *buckets[MV_SLICES]; /* [k]: ACTIVE arenas with k free slices */
+static uint32_t cache[64];        /* FREE arenas still committed, most recent last */
+static uint32_t cache_len;
+static uint64_t released_total;
+static uint64_t huge_live;
+
+static const uint32_t all_slices = 0xffffffffu;
+
+/* ---- reservation ---- */
+
+static void *reserve_aligned(size_t len, size_t align) {
+  void *p = mv_os_mmap(NULL, len + align, PROT_NONE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED) return NULL;
+  uintptr_t start = ((uintptr_t)p + align - 1) & ~(uintptr_t)(align - 1);
+  if (start > (uintptr_t)p) mv_os_munmap(p, start - (uintptr_t)p);
+  uintptr_t end = (uintptr_t)p + len + align;
+  if (end > start + len) mv_os_munmap((void *)(start + len), end - (start + len));
+  return (void *)start;
+}
+
+int mv_arena_init(void) {
+  /* Ask for the configured reservation; halve it while the kernel says no
+   * (ulimit -v, a small address space), down to 1 GiB. */
+  size_t want = mv_options.reserve_gib << 30;
+  for (; want >= ((size_t)1 << 30); want >>= 1) {
+    size_t n = want >> MV_ARENA_SHIFT;
+    size_t meta_len = n * sizeof(mv_arena_t);
+    size_t bits_len = ((n + 63) / 64) * sizeof(uint64_t);
+    void *data = reserve_aligned(want, MV_ARENA_SIZE);
+    if (!data) continue;
+    void *meta = mv_os_mmap(NULL, meta_len, PROT_NONE,
+                            MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    void *bits = mv_os_mmap(NULL, bits_len, PROT_READ | PROT_WRITE,
+                            MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (meta == MAP_FAILED || bits == MAP_FAILED) {
+      mv_os_munmap(data, want);
+      if (meta != MAP_FAILED) mv_os_munmap(meta, meta_len);
+      if (bits != MAP_FAILED) mv_os_munmap(bits, bits_len);
+      continue;
+    }
+    mv_heap_base = (uintptr_t)data;
+    mv_arenas = meta;
+    free_bits = bits;
+    max_arenas = (uint32_t)n;
+    return 0;
+  }
+  return -ENOMEM;
+}
+
+size_t mv_arena_reserved_bytes(void) { return (size_t)max_arenas << MV_ARENA_SHIFT; }
+
+/* Makes arenas [committed_upto, upto) and their descriptors usable. */
+static bool commit_upto(uint32_t upto) {
+  if (upto <= committed_upto) return true;
+  uint32_t to = (upto + MV_COMMIT_STEP - 1) / MV_COMMIT_STEP * MV_COMMIT_STEP;
+  if (to > max_arenas) to = max_arenas;
+  uintptr_t from_addr = mv_heap_base + ((uintptr_t)committed_upto << MV_ARENA_SHIFT);
+  size_t len = (size_t)(to - committed_upto) << MV_ARENA_SHIFT;
+  if (mv_os_mprotect((void *)from_addr, len, PROT_READ | PROT_WRITE) != 0) return false;
+  if (mv_options.thp == MV_THP_FAULT) mv_os_madvise((void *)from_addr, len, MADV_HUGEPAGE);
+  if (mv_options.thp == MV_THP_NEVER) mv_os_madvise((void *)from_addr, len, MADV_NOHUGEPAGE);
+  /* Descriptors: page-granular, rounded out to whole pages. */
+  uintptr_t m0 = (uintptr_t)&mv_arenas[committed_upto] & ~(uintptr_t)4095;
+  uintptr_t m1 = ((uintptr_t)&mv_arenas[to] + 4095) & ~(uintptr_t)4095;
+  if (mv_os_mprotect((void *)m0, m1 - m0, PROT_READ | PROT_WRITE) != 0) {
+    mv_os_mprotect((void *)from_addr, len, PROT_NONE);
+    return false;
+  }
+  committed_upto = to;
+  return true;
+}
+
+static inline void bit_set(uint32_t i) { free_bits[i / 64] |= 1ull << (i % 64); }
+static inline void bit_clear(uint32_t i) { free_bits[i / 64] &= ~(1ull << (i % 64)); }
+static inline bool bit_test(uint32_t i) { return free_bits[i / 64] >> (i % 64) & 1; }
+
+/* Adds n fresh arenas at the frontier, FREE and zero. */
+static bool extend_frontier(uint32_t n) {
+  if (n > max_arenas - frontier || !commit_upto(frontier + n)) return false;
+  for (uint32_t i = frontier; i < frontier + n; i++) {
+    mv_arena_t *a = &mv_arenas[i];
+    a->index = i;
+    a->free_mask = all_slices;
+    a->zero_mask = all_slices;
+    a->free_count = MV_SLICES;
+    for (unsigned s = 0; s < MV_SLICES; s++) a->slice_page[s] = &mv_page_none;
+    atomic_store_explicit(&a->state, MV_ARENA_FREE, memory_order_relaxed);
+    bit_set(i);
+  }
+  frontier += n;
+  atomic_store_explicit(&mv_heap_limit, (size_t)frontier << MV_ARENA_SHIFT,
+                        memory_order_release);
+  return true;
+}
+
+/* ---- buckets: ACTIVE arenas by free slice count ---- */
+
+static void bucket_remove(mv_arena_t *a) {
+  unsigned k = a->free_count;
+  if (k == 0 || k == MV_SLICES) return;
+  if (a->bucket_prev) a->bucket_prev->bucket_next = a->bucket_next;
+  else if (buckets[k] == a) buckets[k] = a->bucket_next;
+  if (a->bucket_next) a->bucket_next->bucket_prev = a->bucket_prev;
+  a->bucket_next = a->bucket_prev = NULL;
+}
+
+static void bucket_insert(mv_arena_t *a) {
+  unsigned k = a->free_count;
+  if (k == 0 || k == MV_SLICES) return;
+  a->bucket_prev = NULL;
+  a->bucket_next = buckets[k];
+  if (buckets[k]) buckets[k]->bucket_prev = a;
+  buckets[k] = a;
+}
+
+/* ---- free arenas: the cache, then release ---- */
+
+static void cache_remove(uint32_t index) {
+  for (uint32_t i = 0; i < cache_len; i++)
+    if (cache[i] == index) {
+      cache[i] = cache[--cache_len];
+      return;
+    }
+}
+
+/* Takes one FREE arena: the most recently cached (its pages are resident),
+ * else the lowest free index, else a fresh one at the frontier. */
+static mv_arena_t *take_free_arena(void) {
+  uint32_t index;
+  if (cache_len > 0) {
+    index = cache[--cache_len];
+  } else {
+    uint32_t w = free_hint / 64, nw = (frontier + 63) / 64;
+    while (w < nw && free_bits[w] == 0) w++;
+    if (w < nw) {
+      index = w * 64 + (uint32_t)__builtin_ctzll(free_bits[w]);
+      free_hint = index;
+    } else {
+      if (!extend_frontier(1)) return NULL;
+      index = frontier - 1;
+    }
+  }
+  bit_clear(index);
+  mv_arena_t *a = &mv_arenas[index];
+  a->committed = true;
+  a->huge = false;
+  atomic_store_explicit(&a->state, MV_ARENA_ACTIVE, memory_order_release);
+  return a;
+}
+
+/* An arena just became wholly free. Returns it when the caller must release it
+ * to the kernel after dropping the lock (mv_arena_release_unlocked). */
+static mv_arena_t *arena_emptied(mv_arena_t *a) {
+  uint8_t state = atomic_load(&a->state);
+  if (state != MV_ARENA_ACTIVE) {
+    a->release_pending = true; /* the engine finishes it when the move is over */
+    return NULL;
+  }
+  atomic_store_explicit(&a->state, MV_ARENA_FREE, memory_order_release);
+  a->huge = false;
+  if (a->committed && cache_len < mv_options.arena_cache && cache_len < 64) {
+    cache[cache_len++] = a->index;
+    bit_set(a->index);
+    if (a->index < free_hint) free_hint = a->index;
+    return NULL;
+  }
+  if (!a->committed) {
+    bit_set(a->index);
+    if (a->index < free_hint) free_hint = a->index;
+    return NULL;
+  }
+  return a; /* not in free_bits until released: nobody can take it meanwhile */
+}
+
+/* Returns a FREE arena's memory to the kernel, then offers it for reuse. */
+static void release_unlocked(mv_arena_t *a) {
+  uintptr_t addr = mv_heap_base + ((uintptr_t)a->index << MV_ARENA_SHIFT);
+  bool ok = mv_os_madvise((void *)addr, MV_ARENA_SIZE, MADV_DONTNEED) == 0;
+  mv_lock(&mv_arena_lock);
+  if (ok) {
+    a->committed = false;
+    a->thp = false;
+    a->zero_mask = all_slices;
+    released_total++;
+  }
+  bit_set(a->index);
+  if (a->index < free_hint) free_hint = a->index;
+  mv_unlock(&mv_arena_lock);
+}
+
+/* ---- slices ---- */
+
+/* Bits where a run of n free slices starts. */
+static inline uint32_t run_starts(uint32_t mask, unsigned n) {
+  uint32_t m = mask;
+  for (unsigned i = 1; i < n && m; i++) m &= mask >> i;
+  return m;
+}
+
+static inline uint32_t run_mask(unsigned first, unsigned n) {
+  return (n >= 32 ? all_slices : ((1u << n) - 1)) << first;
+}
+
+static void page_reset(mv_page_t *page) {
+  /* notify and xnext stay: the page may still be on a heap's xthread stack. */
+  page->free = NULL;
+  page->local_free = NULL;
+  atomic_store_explicit(&page->xthread_free, 0, memory_order_relaxed);
+  atomic_store_explicit(&page->heap, NULL, memory_order_relaxed);
+  page->next = page->prev = NULL;
+  page->used = page->capacity = page->reserved = page->block_size = 0;
+  atomic_store_explicit(&page->in_full, 0, memory_order_relaxed);
+  page->kind = MV_PAGE_NONE;
+  page->bin = 0;
+  page->huge_size = 0;
+}
+
+static mv_page_t *carve(mv_arena_t *a, unsigned first, unsigned n, bool *zeroed) {
+  uint32_t run = run_mask(first, n);
+  bucket_remove(a);
+  a->free_mask &= ~run;
+  a->free_count = (uint8_t)__builtin_popcount(a->free_mask);
+  bucket_insert(a);
+  *zeroed = (a->zero_mask & run) == run;
+  a->zero_mask &= ~run;
+  mv_page_t *page = &a->pages[first];
+  page_reset(page);
+  page->start = mv_heap_base + ((uintptr_t)a->index << MV_ARENA_SHIFT) +
+                ((uintptr_t)first << MV_SLICE_SHIFT);
+  page->slice_count = (uint16_t)n;
+  for (unsigned s = first; s < first + n; s++) a->slice_page[s] = page;
+  return page;
+}
+
+mv_page_t *mv_arena_alloc_slices(unsigned n, bool *zeroed) {
+  mv_lock(&mv_arena_lock);
+  for (unsigned k = n; k < MV_SLICES; k++) {
+    unsigned tried = 0;
+    for (mv_arena_t *a = buckets[k]; a && tried < MV_BUCKET_SCAN; a = a->bucket_next, tried++) {
+      uint32_t starts = run_starts(a->free_mask, n);
+      if (starts) {
+        mv_page_t *page = carve(a, (unsigned)__builtin_ctz(starts), n, zeroed);
+        mv_unlock(&mv_arena_lock);
+        return page;
+      }
+    }
+  }
+  mv_arena_t *a = take_free_arena();
+  mv_page_t *page = a ? carve(a, 0, n, zeroed) : NULL;
+  mv_unlock(&mv_arena_lock);
+  if (!page) errno = ENOMEM;
+  return page;
+}
+
+void mv_arena_free_slices(mv_page_t *page) {
+  uintptr_t addr = page->start;
+  mv_lock(&mv_arena_lock);
+  mv_arena_t *a = mv_arena_of(addr);
+  unsigned first = (unsigned)((addr >> MV_SLICE_SHIFT) & (MV_SLICES - 1));
+  unsigned n = page->slice_count;
+  for (unsigned s = first; s < first + n; s++) a->slice_page[s] = &mv_page_none;
+  page->kind = MV_PAGE_NONE;
+  atomic_store_explicit(&page->heap, NULL, memory_order_relaxed);
+  bucket_remove(a);
+  a->free_mask |= run_mask(first, n);
+  a->free_count = (uint8_t)__builtin_popcount(a->free_mask);
+  mv_arena_t *release = NULL;
+  if (a->free_count == MV_SLICES) release = arena_emptied(a);
+  else if (atomic_load(&a->state) == MV_ARENA_ACTIVE) bucket_insert(a);
+  mv_unlock(&mv_arena_lock);
+  if (release) release_unlocked(release);
+}
+
+/* ---- huge spans ---- */
+
+/* First index of n FREE arenas in a row starting at a multiple of step, or
+ * UINT32_MAX. A run may end at the frontier: the caller extends it. */
+static uint32_t find_run(uint32_t n, uint32_t step, uint32_t *tail_needed) {
+  uint32_t run = 0;
+  for (uint32_t i = free_hint / step * step; i < frontier; i++) {
+    if (!bit_test(i)) {
+      run = 0;
+      continue;
+    }
+    if (run == 0 && i % step != 0) continue;
+    if (++run == n) {
+      *tail_needed = 0;
+      return i + 1 - n;
+    }
+  }
+  /* A free run reaching the frontier can be finished by extending it. */
+  uint32_t start = frontier - run;
+  if (run > 0 && start % step == 0) {
+    *tail_needed = n - run;
+    return start;
+  }
+  start = (frontier + step - 1) / step * step;
+  *tail_needed = start + n - frontier;
+  return start;
+}
+
+static void map_huge(mv_page_t *page, uint32_t first, uint32_t n) {
+  for (uint32_t i = first; i < first + n; i++) {
+    mv_arena_t *a = &mv_arenas[i];
+    for (unsigned s = 0; s < MV_SLICES; s++) a->slice_page[s] = page;
+  }
+}
+
+mv_page_t *mv_arena_alloc_huge(size_t size, size_t align, bool *zeroed) {
+  size_t n = (size + MV_ARENA_SIZE - 1) >> MV_ARENA_SHIFT;
+  size_t step = align > MV_ARENA_SIZE ? align >> MV_ARENA_SHIFT : 1;
+  if (n == 0 || n > max_arenas || step > max_arenas) {
+    errno = ENOMEM;
+    return NULL;
+  }
+  /* The reservation is 2 MiB aligned, not more: align the absolute address. */
+  uint32_t base_skew = (uint32_t)((mv_heap_base >> MV_ARENA_SHIFT) % step);
+  mv_lock(&mv_arena_lock);
+  uint32_t tail = 0;
+  uint32_t first;
+  if (base_skew == 0) {
+    first = find_run((uint32_t)n, (uint32_t)step, &tail);
+  } else {
+    /* Rare (alignment above 2 MiB with an unlucky base): fresh arenas only. */
+    first = (frontier + base_skew + (uint32_t)step - 1) / (uint32_t)step * (uint32_t)step -
+            base_skew;
+    if (first < frontier) first += (uint32_t)step;
+    tail = first + (uint32_t)n - frontier;
+  }
+  if (tail && !extend_frontier(tail)) {
+    mv_unlock(&mv_arena_lock);
+    errno = ENOMEM;
+    return NULL;
+  }
+  bool zero = true;
+  for (uint32_t i = first; i < first + n; i++) {
+    mv_arena_t *a = &mv_arenas[i];
+    bit_clear(i);
+    cache_remove(i);
+    zero &= a->zero_mask == all_slices;
+    a->zero_mask = 0;
+    a->free_mask = 0;
+    a->free_count = 0;
+    a->committed = true;
+    a->huge = true;
+    atomic_store_explicit(&a->state, MV_ARENA_ACTIVE, memory_order_release);
+  }
+  if (first == free_hint) free_hint = first + (uint32_t)n;
+  mv_page_t *page = &mv_arenas[first].pages[0];
+  page_reset(page);
+  page->kind = MV_PAGE_HUGE;
+  page->start = mv_heap_base + ((uintptr_t)first << MV_ARENA_SHIFT);
+  page->huge_size = n << MV_ARENA_SHIFT;
+  map_huge(page, first, (uint32_t)n);
+  huge_live++;
+  mv_unlock(&mv_arena_lock);
+  *zeroed = zero;
+  return page;
+}
+
+static uint32_t huge_first(const mv_page_t *page) {
+  return (uint32_t)((page->start - mv_heap_base) >> MV_ARENA_SHIFT);
+}
+
+/* Frees arenas [from, to) of a huge span. Lock held; releases what the cache
+ * does not keep, in one madvise per contiguous range, after unlocking. */
+static void free_span_locked(uint32_t from, uint32_t to, uint32_t *rel_from, uint32_t *rel_to) {
+  *rel_from = *rel_to = 0;
+  for (uint32_t i = from; i < to; i++) {
+    mv_arena_t *a = &mv_arenas[i];
+    for (unsigned s = 0; s < MV_SLICES; s++) a->slice_page[s] = &mv_page_none;
+    a->free_mask = all_slices;
+    a->free_count = MV_SLICES;
+    mv_arena_t *r = arena_emptied(a);
+    if (r) {
+      if (*rel_to == 0) *rel_from = i;
+      *rel_to = i + 1;
+    }
+  }
+}
+
+static void release_range_unlocked(uint32_t from, uint32_t to) {
+  if (from >= to) return;
+  uintptr_t addr = mv_heap_base + ((uintptr_t)from << MV_ARENA_SHIFT);
+  bool ok = mv_os_madvise((void *)addr, (size_t)(to - from) << MV_ARENA_SHIFT,
+                          MADV_DONTNEED) == 0;
+  mv_lock(&mv_arena_lock);
+  for (uint32_t i = from; i < to; i++) {
+    mv_arena_t *a = &mv_arenas[i];
+    if (atomic_load(&a->state) != MV_ARENA_FREE || bit_test(i)) continue; /* not ours */
+    if (ok) {
+      a->committed = false;
+      a->thp = false;
+      a->zero_mask = all_slices;
+      released_total++;
+    }
+    bit_set(i);
+  }
+  if (from < free_hint) free_hint = from;
+  mv_unlock(&mv_arena_lock);
+}
+
+void mv_arena_free_huge(mv_page_t *page) {
+  uint32_t first = huge_first(page), n = (uint32_t)(page->huge_size >> MV_ARENA_SHIFT);
+  uint32_t rf, rt;
+  mv_lock(&mv_arena_lock);
+  page->kind = MV_PAGE_NONE;
+  huge_live--;
+  free_span_locked(first, first + n, &rf, &rt);
+  mv_unlock(&mv_arena_lock);
+  release_range_unlocked(rf, rt);
+}
+
+bool mv_arena_resize_huge(mv_page_t *page, size_t size) {
+  uint32_t first = huge_first(page), n = (uint32_t)(page->huge_size >> MV_ARENA_SHIFT);
+  size_t want = (size + MV_ARENA_SIZE - 1) >> MV_ARENA_SHIFT;
+  if (want == 0 || want > max_arenas) return false;
+  if (want == n) return true;
+  uint32_t rf = 0, rt = 0;
+  mv_lock(&mv_arena_lock);
+  if (want < n) {
+    free_span_locked(first + (uint32_t)want, first + n, &rf, &rt);
+  } else {
+    uint32_t end = first + (uint32_t)want;
+    if (end > max_arenas) goto fail;
+    for (uint32_t i = first + n; i < end && i < frontier; i++)
+      if (!bit_test(i)) goto fail;
+    if (end > frontier && !extend_frontier(end - frontier)) goto fail;
+    for (uint32_t i = first + n; i < end; i++) {
+      mv_arena_t *a = &mv_arenas[i];
+      bit_clear(i);
+      cache_remove(i);
+      a->zero_mask = a->free_mask = 0;
+      a->free_count = 0;
+      a->committed = true;
+      a->huge = true;
+      atomic_store_explicit(&a->state, MV_ARENA_ACTIVE, memory_order_release);
+    }
+    map_huge(page, first + n, end - first - n);
+  }
+  page->huge_size = want << MV_ARENA_SHIFT;
+  mv_unlock(&mv_arena_lock);
+  release_range_unlocked(rf, rt);
+  return true;
+fail:
+  mv_unlock(&mv_arena_lock);
+  return false;
+}
+
+size_t mv_arena_trim(void) {
+  size_t released = 0;
+  for (;;) {
+    mv_lock(&mv_arena_lock);
+    if (cache_len == 0) {
+      mv_unlock(&mv_arena_lock);
+      return released;
+    }
+    uint32_t index = cache[--cache_len];
+    bit_clear(index); /* ours until released */
+    mv_unlock(&mv_arena_lock);
+    release_unlocked(&mv_arenas[index]);
+    released++;
+  }
+}
+
+/* ---- isolation support for the engine ---- */
+
+bool mv_arena_isolate(mv_arena_t *a) {
+  mv_lock(&mv_arena_lock);
+  uint8_t expected = MV_ARENA_ACTIVE;
+  bool ok = atomic_compare_exchange_strong(&a->state, &expected, MV_ARENA_ISOLATED);
+  if (ok) bucket_remove(a);
+  mv_unlock(&mv_arena_lock);
+  return ok;
+}
+
+void mv_arena_set_migrating(mv_arena_t *a, bool migrating) {
+  uint8_t from = migrating ? MV_ARENA_ISOLATED : MV_ARENA_MIGRATING;
+  uint8_t to = migrating ? MV_ARENA_MIGRATING : MV_ARENA_ISOLATED;
+  bool ok = atomic_compare_exchange_strong(&a->state, &from, to);
+  if (!ok) mv_arena_state_violation(a, to);
+}
+
+void mv_arena_unisolate(mv_arena_t *a, bool moved) {
+  mv_lock(&mv_arena_lock);
+  uint8_t from = moved ? MV_ARENA_MIGRATING : MV_ARENA_ISOLATED;
+  if (!atomic_compare_exchange_strong(&a->state, &from, MV_ARENA_ACTIVE))
+    mv_arena_state_violation(a, MV_ARENA_ACTIVE);
+  if (moved) a->thp = true;
+  mv_arena_t *release = NULL;
+  if (a->release_pending) {
+    a->release_pending = false;
+    release = arena_emptied(a);
+  } else {
+    bucket_insert(a);
+  }
+  mv_unlock(&mv_arena_lock);
+  if (release) release_unlocked(release);
+}
+
+/* ---- statistics and walks ---- */
+
+void mv_arena_counts(struct mv_arena_counts *out) {
+  memset(out, 0, sizeof *out);
+  mv_lock(&mv_arena_lock);
+  out->frontier = frontier;
+  out->cached = cache_len;
+  out->released = released_total;
+  out->huge_objects = huge_live;
+  for (uint32_t i = 0; i < frontier; i++) {
+    mv_arena_t *a = &mv_arenas[i];
+    if (atomic_load(&a->state) != MV_ARENA_FREE) {
+      out->active++;
+      if (a->thp) out->thp++;
+    }
+    if (a->committed) out->committed++;
+  }
+  mv_unlock(&mv_arena_lock);
+}
+
+uint32_t mv_arena_frontier(void) {
+  return (uint32_t)(atomic_load_explicit(&mv_heap_limit, memory_order_acquire) >>
+                    MV_ARENA_SHIFT);
+}
+
+void mv_arena_state_violation(const mv_arena_t *a, int to) {
+  mv_fatal("arena %u: state %d cannot become %d (engine bug)", a->index,
+           (int)atomic_load(&a->state), to);
+}

@@ -1,0 +1,39 @@
+/* Arena management beyond the allocation paths of mv_alloc.h: what the engine
+ * and the statistics need. */
+#ifndef MV_ARENA_H
+#define MV_ARENA_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "arena/mv_lock.h"
+#include "arena/mv_types.h"
+
+extern mv_lock_t mv_arena_lock;
+
+struct mv_arena_counts {
+  uint64_t frontier;     /* arenas ever handed out */
+  uint64_t active;       /* not FREE */
+  uint64_t committed;    /* may have resident pages */
+  uint64_t cached;       /* FREE and committed */
+  uint64_t released;     /* releases so far */
+  uint64_t huge_objects;
+  uint64_t thp;          /* active arenas known to sit on a huge page */
+};
+
+void mv_arena_counts(struct mv_arena_counts *out);
+size_t mv_arena_reserved_bytes(void);
+uint32_t mv_arena_frontier(void);
+
+/* The engine's transitions (see the state diagram in mv_types.h).
+ * mv_arena_isolate: ACTIVE -> ISOLATED and off the placement lists; false if the
+ * arena was not ACTIVE. mv_arena_unisolate: back to ACTIVE after a move
+ * (moved = true, from MIGRATING) or a putback (from ISOLATED); an arena that
+ * emptied meanwhile is freed then. */
+bool mv_arena_isolate(mv_arena_t *a);
+void mv_arena_set_migrating(mv_arena_t *a, bool migrating);
+void mv_arena_unisolate(mv_arena_t *a, bool moved);
+void mv_arena_state_violation(const mv_arena_t *a, int to) __attribute__((noreturn, cold));
+
+#endif /* MV_ARENA_H */

@@ -1,0 +1,615 @@
+/* Thread heaps and small pages: the slow paths behind mv_malloc/mv_free, and the
+ * rest of the malloc family.
+ *
+ * A heap owns pages; only its thread touches their free lists. Another thread's
+ * free goes onto the page's xthread_free stack, and if the page sat in the
+ * owner's full list, the page goes onto the owner's xthread_pages stack so the
+ * owner looks at it again. Heaps are never freed (see mv_types.h), which keeps
+ * every one of these races benign: the worst a stale notification does is make
+ * an owner look at a page for nothing.
+ */
+#include <errno.h>
+#include <string.h>
+#include <sys/mman.h>
+
+#include "arena/mv_alloc.h"
+#include "arena/mv_arena.h"
+#include "arena/mv_heap.h"
+#include "arena/mv_prim.h"
+#include "arena/mv_print.h"
+#include "shim/mv_init.h"
+#include "shim/mv_options.h"
+
+mv_page_t mv_page_none = {.kind = MV_PAGE_NONE};
+mv_page_t mv_page_empty = {.kind = MV_PAGE_NONE};
+mv_heap_t mv_heap_empty = {.direct = {[0 ... MV_BINS - 1] = &mv_page_empty}};
+__thread mv_heap_t *mv_tls_heap __attribute__((tls_model("initial-exec"))) = &mv_heap_empty;
+uintptr_t mv_keys[2];
+uintptr_t mv_free_fast_mask = MV_ALIGN - 1;
+
+mv_lock_t mv_heaps_lock = MV_LOCK_INIT;
+static mv_heap_t *all_heaps;      /* mv_heaps_lock */
+static mv_heap_t *abandoned;      /* mv_heaps_lock */
+static char *heap_chunk;          /* mv_heaps_lock: bump space for new heaps */
+static size_t heap_chunk_left;
+static _Atomic uint64_t heap_count;
+static _Atomic uint64_t invalid_frees, double_frees;
+
+#define MV_HOUSEKEEPING_EVERY 1024 /* slow calls between looks at the full list */
+#define MV_EXTEND_BYTES 8192       /* bytes of blocks carved at a time */
+
+/* ---- misuse ---- */
+
+static MV_COLD void report_misuse(const void *p, const char *what, bool is_double) {
+  uint64_t n = atomic_fetch_add(is_double ? &double_frees : &invalid_frees, 1);
+  if (mv_options.check) mv_fatal("free(%p): %s", p, what);
+  if (n < 8) mv_log("ignored free(%p): %s (MOVALLOC_CHECK=1 aborts here)", p, what);
+}
+
+void mv_heap_misuse_counts(uint64_t *invalid, uint64_t *dbl) {
+  *invalid = atomic_load(&invalid_frees);
+  *dbl = atomic_load(&double_frees);
+}
+
+/* ---- page queues ---- */
+
+static void queue_remove(mv_page_queue_t *q, mv_page_t *page) {
+  if (page->prev) page->prev->next = page->next;
+  else q->first = page->next;
+  if (page->next) page->next->prev = page->prev;
+  else q->last = page->prev;
+  page->next = page->prev = NULL;
+}
+
+static void queue_push_front(mv_page_queue_t *q, mv_page_t *page) {
+  page->prev = NULL;
+  page->next = q->first;
+  if (q->first) q->first->prev = page;
+  else q->last = page;
+  q->first = page;
+}
+
+static void queue_push_back(mv_page_queue_t *q, mv_page_t *page) {
+  page->next = NULL;
+  page->prev = q->last;
+  if (q->last) q->last->next = page;
+  else q->first = page;
+  q->last = page;
+}
+
+static inline void update_direct(mv_heap_t *h, unsigned bin) {
+  h->direct[bin] = h->queues[bin].first ? h->queues[bin].first : &mv_page_empty;
+}
+
+/* ---- pages ---- */
+
+/* Moves the owner's and other threads' frees onto page->free. */
+static void page_collect(mv_page_t *page) {
+  if (!page->free && page->local_free) {
+    page->free = page->local_free;
+    page->local_free = NULL;
+  }
+  if (!atomic_load_explicit(&page->xthread_free, memory_order_relaxed)) return;
+  mv_block_t *head =
+      (mv_block_t *)atomic_exchange_explicit(&page->xthread_free, 0, memory_order_acquire);
+  if (!head) return;
+  uint32_t n = 1;
+  mv_block_t *tail = head;
+  for (mv_block_t *next; (next = mv_ptr_decode(tail->next_enc)) != NULL; tail = next)
+    if (++n > page->used)
+      mv_fatal("heap corruption: page %p has more free blocks than it handed out "
+               "(a double free from another thread?)", (void *)page->start);
+  tail->next_enc = mv_ptr_encode(page->free);
+  page->free = head;
+  page->used -= n;
+}
+
+/* Carves the next blocks of a page onto its free list. */
+static void page_extend(mv_page_t *page) {
+  uint32_t bs = page->block_size;
+  uint32_t n = page->reserved - page->capacity;
+  uint32_t batch = MV_EXTEND_BYTES / bs;
+  if (batch < 4) batch = 4;
+  if (n > batch) n = batch;
+  char *first = (char *)(page->start + (uintptr_t)page->capacity * bs);
+  for (uint32_t i = 0; i + 1 < n; i++)
+    ((mv_block_t *)(first + (size_t)i * bs))->next_enc = mv_ptr_encode(first + (size_t)(i + 1) * bs);
+  ((mv_block_t *)(first + (size_t)(n - 1) * bs))->next_enc = mv_ptr_encode(page->free);
+  page->free = (mv_block_t *)first;
+  page->capacity += n;
+}
+
+static void page_retire(mv_heap_t *h, mv_page_t *page) {
+  if (atomic_load_explicit(&page->in_full, memory_order_relaxed)) {
+    queue_remove(&h->full, page);
+    atomic_store(&page->in_full, 0);
+  } else {
+    queue_remove(&h->queues[page->bin], page);
+    update_direct(h, page->bin);
+  }
+  mv_arena_free_slices(page);
+}
+
+/* Full list <-> bin queue. The stores and loads of in_full and xthread_free are
+ * sequentially consistent: either the owner sees a concurrent free's block, or
+ * the freeing thread sees in_full and notifies. */
+static void page_to_full(mv_heap_t *h, mv_page_t *page) {
+  queue_remove(&h->queues[page->bin], page);
+  queue_push_back(&h->full, page);
+  atomic_store(&page->in_full, 1);
+  if (atomic_load(&page->xthread_free) != 0) {
+    queue_remove(&h->full, page);
+    atomic_store(&page->in_full, 0);
+    queue_push_back(&h->queues[page->bin], page);
+  }
+}
+
+static void page_unfull(mv_heap_t *h, mv_page_t *page) {
+  queue_remove(&h->full, page);
+  atomic_store(&page->in_full, 0);
+  queue_push_back(&h->queues[page->bin], page);
+  update_direct(h, page->bin);
+}
+
+/* Tells a page's owner that a full page got a free. At most one stack holds a
+ * page at a time (notify), so xnext is never shared. */
+static void page_notify(mv_page_t *page) {
+  if (atomic_exchange(&page->notify, 1) != 0) return;
+  mv_heap_t *h = atomic_load(&page->heap);
+  if (!h) {
+    atomic_store(&page->notify, 0);
+    return;
+  }
+  mv_page_t *head = atomic_load_explicit(&h->xthread_pages, memory_order_relaxed);
+  do page->xnext = head;
+  while (!atomic_compare_exchange_weak_explicit(&h->xthread_pages, &head, page,
+                                                memory_order_release, memory_order_relaxed));
+}
+
+static void heap_drain_notified(mv_heap_t *h) {
+  if (!atomic_load_explicit(&h->xthread_pages, memory_order_relaxed)) return;
+  mv_page_t *page = atomic_exchange_explicit(&h->xthread_pages, NULL, memory_order_acquire);
+  while (page) {
+    mv_page_t *next = page->xnext;
+    atomic_store(&page->notify, 0);
+    mv_heap_t *owner = atomic_load(&page->heap);
+    bool full = atomic_load(&page->in_full);
+    if (owner == h && full) page_unfull(h, page);
+    else if (owner && owner != h && full) page_notify(page); /* reused meanwhile: forward */
+    page = next;
+  }
+}
+
+/* The safety net under the notifications: full pages that got frees anyway. */
+static void heap_rescan_full(mv_heap_t *h) {
+  for (mv_page_t *page = h->full.first, *next; page; page = next) {
+    next = page->next;
+    if (page->local_free || atomic_load_explicit(&page->xthread_free, memory_order_relaxed))
+      page_unfull(h, page);
+  }
+}
+
+static mv_page_t *page_fresh(mv_heap_t *h, unsigned bin) {
+  bool zeroed;
+  mv_page_t *page = mv_arena_alloc_slices(mv_bin_slices(bin), &zeroed);
+  if (!page) return NULL;
+  page->kind = MV_PAGE_SMALL;
+  page->bin = (uint8_t)bin;
+  page->block_size = (uint32_t)mv_bin_size(bin);
+  page->reserved = (uint32_t)(((size_t)page->slice_count << MV_SLICE_SHIFT) / page->block_size);
+  atomic_store_explicit(&page->heap, h, memory_order_release);
+  queue_push_front(&h->queues[bin], page);
+  return page;
+}
+
+static bool arena_serving(const mv_page_t *page) {
+  return atomic_load_explicit(&mv_arena_of(page->start)->state, memory_order_relaxed) ==
+         MV_ARENA_ACTIVE;
+}
+
+static void heap_collect(mv_heap_t *h, bool keep_one);
+
+/* Returns the empty pages of one abandoned heap (rotating through them), if
+ * nobody else is at it: what threads that exited still hold, other threads'
+ * frees have often emptied. */
+static void collect_one_abandoned(void) {
+  if (!abandoned || !mv_lock_try(&mv_heaps_lock)) return;
+  mv_heap_t *h = abandoned;
+  if (h) {
+    heap_collect(h, false);
+    if (h->next_abandoned) { /* to the back, so the next call looks at another */
+      abandoned = h->next_abandoned;
+      mv_heap_t *last = abandoned;
+      while (last->next_abandoned) last = last->next_abandoned;
+      last->next_abandoned = h;
+      h->next_abandoned = NULL;
+    }
+  }
+  mv_unlock(&mv_heaps_lock);
+}
+
+/* A page of bin with a free block, made the bin's first page; NULL: no memory. */
+static mv_page_t *heap_page_for(mv_heap_t *h, unsigned bin) {
+  if (++h->slow_calls % MV_HOUSEKEEPING_EVERY == 0) heap_rescan_full(h);
+  heap_drain_notified(h);
+  mv_page_queue_t *q = &h->queues[bin];
+  mv_page_t *page = q->first;
+  while (page) {
+    mv_page_t *next = page->next;
+    if (arena_serving(page)) { /* an isolated arena hands out nothing new */
+      page_collect(page);
+      if (page->free) break;
+      if (page->capacity < page->reserved) {
+        page_extend(page);
+        break;
+      }
+      page_to_full(h, page);
+    }
+    page = next;
+  }
+  if (!page) {
+    collect_one_abandoned(); /* their empty pages may serve instead of fresh ones */
+    page = page_fresh(h, bin);
+    if (!page) return NULL;
+    page_extend(page);
+  }
+  if (q->first != page) {
+    queue_remove(q, page);
+    queue_push_front(q, page);
+  }
+  h->direct[bin] = page;
+  return page;
+}
+
+void mv_page_emptied(mv_page_t *page) {
+  mv_heap_t *h = mv_tls_heap;
+  if (atomic_load_explicit(&page->in_full, memory_order_relaxed)) page_unfull(h, page);
+  if (page->used != 0) return;
+  /* Keep a bin's only page: a thread that frees its last block of a size
+   * usually allocates that size again. */
+  mv_page_queue_t *q = &h->queues[page->bin];
+  if (q->first == page && q->last == page) return;
+  page_retire(h, page);
+}
+
+/* ---- heaps ---- */
+
+static mv_heap_t *heap_new_locked(void) {
+  if (heap_chunk_left < sizeof(mv_heap_t)) {
+    size_t len = (size_t)64 << 10;
+    void *chunk = mv_os_mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                             -1, 0);
+    if (chunk == MAP_FAILED) return NULL;
+    heap_chunk = chunk;
+    heap_chunk_left = len;
+  }
+  mv_heap_t *h = (mv_heap_t *)heap_chunk;
+  heap_chunk += (sizeof(mv_heap_t) + 63) & ~(size_t)63;
+  heap_chunk_left -= (sizeof(mv_heap_t) + 63) & ~(size_t)63;
+  for (unsigned b = 0; b < MV_BINS; b++) h->direct[b] = &mv_page_empty;
+  h->next_heap = all_heaps;
+  all_heaps = h;
+  atomic_fetch_add(&heap_count, 1);
+  return h;
+}
+
+static mv_heap_t *heap_acquire(void) {
+  mv_lock(&mv_heaps_lock);
+  mv_heap_t *h = abandoned;
+  if (h) abandoned = h->next_abandoned;
+  else h = heap_new_locked();
+  if (h) atomic_store(&h->owned, 1);
+  mv_unlock(&mv_heaps_lock);
+  return h;
+}
+
+mv_heap_t *mv_heap_get(void) {
+  mv_heap_t *h = mv_tls_heap;
+  if (MV_LIKELY(h != &mv_heap_empty)) return h;
+  if (!mv_ensure_init()) return NULL;
+  h = mv_tls_heap; /* initialisation may have run a recursive malloc */
+  if (h != &mv_heap_empty) return h;
+  h = heap_acquire();
+  if (!h) return NULL;
+  mv_tls_heap = h;
+  mv_thread_attach();
+  return h;
+}
+
+/* Collects every page of a heap the caller owns and returns the empty ones. */
+static void heap_collect(mv_heap_t *h, bool keep_one) {
+  heap_drain_notified(h);
+  heap_rescan_full(h);
+  for (unsigned bin = 1; bin < MV_BINS; bin++) {
+    for (mv_page_t *page = h->queues[bin].first, *next; page; page = next) {
+      next = page->next;
+      page_collect(page);
+      if (page->used == 0 && !(keep_one && h->queues[bin].first == page && !next))
+        page_retire(h, page);
+    }
+  }
+}
+
+void mv_heap_thread_exit(void) {
+  mv_heap_t *h = mv_tls_heap;
+  if (h == &mv_heap_empty) return;
+  mv_tls_heap = &mv_heap_empty; /* later destructors that malloc get a fresh heap */
+  heap_collect(h, false);
+  mv_lock(&mv_heaps_lock);
+  atomic_store(&h->owned, 0);
+  h->next_abandoned = abandoned;
+  abandoned = h;
+  mv_unlock(&mv_heaps_lock);
+}
+
+void mv_heap_collect_all(void) {
+  mv_lock(&mv_heaps_lock);
+  for (mv_heap_t *h = abandoned; h; h = h->next_abandoned) heap_collect(h, false);
+  mv_unlock(&mv_heaps_lock);
+  mv_heap_t *mine = mv_tls_heap;
+  if (mine != &mv_heap_empty) heap_collect(mine, true);
+}
+
+void mv_heap_fork_child(void) {
+  /* The other threads are gone, maybe in the middle of a free-list update: their
+   * heaps cannot be trusted, so they are never adopted (their memory is lost to
+   * the child, which usually execs soon). */
+  mv_heap_t *mine = mv_tls_heap;
+  abandoned = NULL;
+  for (mv_heap_t *h = all_heaps; h; h = h->next_heap) {
+    if (h == mine) continue;
+    if (atomic_load(&h->owned)) h->dead = true;
+    else if (!h->dead) {
+      h->next_abandoned = abandoned;
+      abandoned = h;
+    }
+  }
+}
+
+uint64_t mv_heap_count(void) { return atomic_load(&heap_count); }
+
+/* ---- frees that left the fast path ---- */
+
+/* Is b on one of the owner's lists? (owner only) */
+static bool block_is_free(const mv_page_t *page, const mv_block_t *b) {
+  uint32_t limit = page->capacity + 1;
+  const mv_block_t *lists[2] = {page->free, page->local_free};
+  for (int l = 0; l < 2; l++) {
+    uint32_t n = 0;
+    for (const mv_block_t *x = lists[l]; x && n < limit; x = mv_ptr_decode(x->next_enc), n++)
+      if (x == b) return true;
+  }
+  return false;
+}
+
+/* Same for another thread's frees, bounded, racing with the owner: may miss. */
+static bool block_in_xthread(const mv_page_t *page, const mv_block_t *b) {
+  uint32_t limit = page->capacity + 1, n = 0;
+  for (const mv_block_t *x = (const mv_block_t *)atomic_load(&page->xthread_free);
+       x && n < limit; n++) {
+    if (x == b) return true;
+    uintptr_t off = (uintptr_t)x - page->start;
+    if (off >= (uintptr_t)page->capacity * page->block_size) return false;
+    x = mv_ptr_decode(x->next_enc);
+  }
+  return false;
+}
+
+static void free_small(mv_page_t *page, mv_block_t *b) {
+  uintptr_t off = (uintptr_t)b - page->start;
+  if (off % page->block_size != 0 || off >= (uintptr_t)page->capacity * page->block_size) {
+    report_misuse(b, "not the start of a block (interior pointer)", false);
+    return;
+  }
+  mv_heap_t *h = mv_tls_heap;
+  if (atomic_load_explicit(&page->heap, memory_order_relaxed) == h) {
+    if (mv_looks_freed(b) && block_is_free(page, b)) {
+      report_misuse(b, "double free", true);
+      return;
+    }
+    b->next_enc = mv_ptr_encode(page->local_free);
+    page->local_free = b;
+    if (--page->used == 0 || atomic_load_explicit(&page->in_full, memory_order_relaxed))
+      mv_page_emptied(page);
+    return;
+  }
+  if (mv_looks_freed(b) && block_in_xthread(page, b)) {
+    report_misuse(b, "double free", true);
+    return;
+  }
+  uintptr_t head = atomic_load_explicit(&page->xthread_free, memory_order_relaxed);
+  do b->next_enc = mv_ptr_encode((void *)head);
+  while (!atomic_compare_exchange_weak(&page->xthread_free, &head, (uintptr_t)b));
+  if (atomic_load(&page->in_full)) page_notify(page);
+}
+
+void mv_free_slow(void *p) {
+  if (!p) return;
+  mv_page_t *page = mv_page_of(p);
+  if (!page) {
+    report_misuse(p, "not allocated by movalloc", false);
+    return;
+  }
+  switch (page->kind) {
+    case MV_PAGE_SMALL:
+      free_small(page, (mv_block_t *)p);
+      return;
+    case MV_PAGE_LARGE:
+    case MV_PAGE_HUGE:
+      if ((uintptr_t)p != page->start) {
+        report_misuse(p, "not the start of a block (interior pointer)", false);
+        return;
+      }
+      if (page->kind == MV_PAGE_LARGE) mv_arena_free_slices(page);
+      else mv_arena_free_huge(page);
+      return;
+    default:
+      report_misuse(p, "double free, or never allocated (no live block there)", true);
+      return;
+  }
+}
+
+/* ---- allocation beyond the fast path ---- */
+
+static void *alloc_big(size_t size, size_t align, bool *zeroed) {
+  bool z;
+  if (size > PTRDIFF_MAX) {
+    errno = ENOMEM;
+    return NULL;
+  }
+  mv_page_t *page;
+  if (size <= MV_LARGE_MAX && align <= MV_SLICE_SIZE) {
+    unsigned n = (unsigned)((size + MV_SLICE_SIZE - 1) >> MV_SLICE_SHIFT);
+    page = mv_arena_alloc_slices(n, &z);
+    if (!page) return NULL;
+    page->huge_size = (size_t)n << MV_SLICE_SHIFT;
+    page->kind = MV_PAGE_LARGE;
+  } else {
+    page = mv_arena_alloc_huge(size, align > MV_ARENA_SIZE ? align : 0, &z);
+    if (!page) return NULL;
+  }
+  if (zeroed) *zeroed = z;
+  return (void *)page->start;
+}
+
+void *mv_malloc_slow(size_t size) {
+  mv_heap_t *h = mv_heap_get();
+  if (!h) {
+    errno = ENOMEM;
+    return NULL;
+  }
+  if (size > MV_SMALL_MAX) return alloc_big(size, 0, NULL);
+  unsigned bin = mv_bin_of(size);
+  mv_page_t *page = h->direct[bin];
+  if (!page->free) {
+    page = heap_page_for(h, bin);
+    if (!page) {
+      errno = ENOMEM;
+      return NULL;
+    }
+  }
+  mv_block_t *b = page->free;
+  page->free = mv_ptr_decode(b->next_enc);
+  page->used++;
+  return b;
+}
+
+void *mv_calloc(size_t n, size_t size) {
+  size_t total;
+  if (__builtin_mul_overflow(n, size, &total)) {
+    errno = ENOMEM;
+    return NULL;
+  }
+  if (total <= MV_SMALL_MAX) {
+    void *p = mv_malloc(total);
+    if (p) memset(p, 0, total);
+    return p;
+  }
+  if (!mv_heap_get()) {
+    errno = ENOMEM;
+    return NULL;
+  }
+  bool zeroed;
+  void *p = alloc_big(total, 0, &zeroed);
+  if (p && !zeroed) memset(p, 0, total);
+  return p;
+}
+
+void *mv_aligned(size_t align, size_t size) {
+  if (align <= MV_ALIGN) return mv_malloc(size);
+  if (size > PTRDIFF_MAX - align) {
+    errno = ENOMEM;
+    return NULL;
+  }
+  if (!mv_heap_get()) {
+    errno = ENOMEM;
+    return NULL;
+  }
+  if (align <= MV_SLICE_SIZE) {
+    /* Bin sizes that are multiples of align give aligned blocks in slice-aligned
+     * pages (mv_sizeclass.h). */
+    size_t rounded = ((size ? size : 1) + align - 1) & ~(align - 1);
+    if (rounded <= MV_SMALL_MAX) return mv_malloc(rounded);
+  }
+  return alloc_big(size ? size : 1, align, NULL);
+}
+
+size_t mv_usable_size(const void *p) {
+  mv_page_t *page = p ? mv_page_of(p) : NULL;
+  if (!page) return 0;
+  switch (page->kind) {
+    case MV_PAGE_SMALL: {
+      uintptr_t off = ((uintptr_t)p - page->start) % page->block_size;
+      return page->block_size - off;
+    }
+    case MV_PAGE_LARGE:
+    case MV_PAGE_HUGE:
+      return page->huge_size - ((uintptr_t)p - page->start);
+    default:
+      return 0;
+  }
+}
+
+size_t mv_good_size(size_t size) {
+  if (size <= MV_SMALL_MAX) return mv_bin_size(mv_bin_of(size));
+  if (size <= MV_LARGE_MAX) return (size + MV_SLICE_SIZE - 1) & ~(MV_SLICE_SIZE - 1);
+  return (size + MV_ARENA_SIZE - 1) & ~(MV_ARENA_SIZE - 1);
+}
+
+bool mv_owns(const void *p) {
+  mv_page_t *page = mv_page_of(p);
+  return page && page->kind != MV_PAGE_NONE;
+}
+
+void *mv_realloc(void *p, size_t size) {
+  if (!p) return mv_malloc(size);
+  if (size == 0) { /* glibc: realloc(p, 0) frees p and returns NULL */
+    mv_free(p);
+    return NULL;
+  }
+  mv_page_t *page = mv_page_of(p);
+  if (!page || page->kind == MV_PAGE_NONE ||
+      (page->kind != MV_PAGE_SMALL && (uintptr_t)p != page->start)) {
+    report_misuse(p, "realloc of a pointer that is not a live block", false);
+    errno = EINVAL;
+    return NULL;
+  }
+  size_t usable = mv_usable_size(p);
+  if (page->kind == MV_PAGE_SMALL) {
+    if (atomic_load_explicit(&page->heap, memory_order_relaxed) == mv_tls_heap &&
+        mv_looks_freed(p) && block_is_free(page, p)) {
+      report_misuse(p, "realloc of a freed block", true);
+      errno = EINVAL;
+      return NULL;
+    }
+    if (size <= usable && size >= usable / 2) return p;
+  } else if (page->kind == MV_PAGE_HUGE) {
+    if (size > MV_LARGE_MAX && mv_arena_resize_huge(page, size)) return p;
+  } else if (size <= usable && size > usable / 2) {
+    return p;
+  }
+  void *q = mv_malloc(size);
+  if (!q) return NULL; /* p is untouched */
+  memcpy(q, p, size < usable ? size : usable);
+  mv_free(p);
+  return q;
+}
+
+/* ---- statistics ---- */
+
+uint64_t mv_heap_bytes_in_use(void) {
+  uint64_t total = 0;
+  uint32_t n = mv_arena_frontier();
+  for (uint32_t i = 0; i < n; i++) {
+    mv_arena_t *a = &mv_arenas[i];
+    if (atomic_load_explicit(&a->state, memory_order_relaxed) == MV_ARENA_FREE) continue;
+    for (unsigned s = 0; s < MV_SLICES; s++) {
+      mv_page_t *page = a->slice_page[s];
+      if (page != &a->pages[s]) continue; /* count each page at its first slice */
+      if (page->kind == MV_PAGE_SMALL) total += (uint64_t)page->used * page->block_size;
+      else if (page->kind == MV_PAGE_LARGE || page->kind == MV_PAGE_HUGE)
+        total += page->huge_size;
+    }
+  }
+  return total;
+}

@@ -1,0 +1,15 @@
+/* Heap-level bookkeeping that the shim and the statistics read. */
+#ifndef MV_HEAP_H
+#define MV_HEAP_H
+
+#include <stdint.h>
+
+#include "arena/mv_lock.h"
+
+extern mv_lock_t mv_heaps_lock;
+
+uint64_t mv_heap_count(void);          /* heaps ever created */
+uint64_t mv_heap_bytes_in_use(void);   /* live block bytes (a racy but safe walk) */
+void mv_heap_misuse_counts(uint64_t *invalid, uint64_t *double_frees);
+
+#endif /* MV_HEAP_H */

@@ -1,0 +1,155 @@
+/* Every allocator structure, with its invariants.
+ *
+ * Memory layout
+ *   data region:  [mv_heap_base, mv_heap_base + reserve)  2 MiB aligned, arena i at
+ *                 mv_heap_base + i * MV_ARENA_SIZE. Holds only program data and the
+ *                 encoded free-list links inside free blocks.
+ *   meta region:  mv_arenas[i] describes arena i. Nothing the allocator needs to
+ *                 read or write under a lock lives in the data region, so an arena
+ *                 can be write-protected and moved while the allocator runs.
+ *
+ * An arena is 32 slices of 64 KiB. A page is a run of slices serving one size
+ * class (small pages) or one object (large); huge objects take a span of whole
+ * arenas. Every slice of every used arena maps to its page through
+ * mv_arena.slice_page, so free() finds a block's page in two loads.
+ */
+#ifndef MV_TYPES_H
+#define MV_TYPES_H
+
+#include "arena/mv_atomic.h"
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "arena/mv_lock.h"
+#include "compactor/mv_backend.h" /* MV_ARENA_SHIFT, MV_ARENA_SIZE */
+
+#define MV_SLICE_SHIFT 16
+#define MV_SLICE_SIZE ((size_t)1 << MV_SLICE_SHIFT)
+#define MV_SLICES (MV_ARENA_SIZE / MV_SLICE_SIZE) /* 32: one bit each in a uint32_t */
+
+#define MV_ALIGN 16                       /* every block is 16-byte aligned */
+#define MV_SMALL_MAX ((size_t)64 << 10)   /* largest size-class block */
+#define MV_LARGE_MAX ((size_t)1 << 20)    /* largest object inside one arena */
+#define MV_BINS 81                        /* bins 1..80 are size classes; 0 unused */
+#define MV_PAGE_MAX_SLICES 8              /* a small page spans at most 512 KiB */
+
+#define MV_LIKELY(x) __builtin_expect(!!(x), 1)
+#define MV_UNLIKELY(x) __builtin_expect(!!(x), 0)
+#define MV_EXPORT __attribute__((visibility("default")))
+#define MV_NOINLINE __attribute__((noinline))
+#define MV_COLD __attribute__((cold, noinline))
+
+/* A free block: its first word is the encoded address of the next free block
+ * (mv_ptr_encode), so a heap overflow cannot plant a plain pointer. */
+typedef struct mv_block {
+  uintptr_t next_enc;
+} mv_block_t;
+
+enum mv_page_kind {
+  MV_PAGE_NONE,  /* slice not in use (the slice_page entries point at mv_page_none) */
+  MV_PAGE_SMALL, /* blocks of one size class, owned by one heap */
+  MV_PAGE_LARGE, /* one object of slice_count slices */
+  MV_PAGE_HUGE,  /* one object of whole arenas (huge_size bytes) */
+};
+
+struct mv_heap;
+
+/* One page. Lives in the meta region, in the arena that holds its first slice.
+ *
+ * SMALL invariants (owner = the heap that owns the page):
+ *   used = blocks handed out, counting blocks waiting in xthread_free;
+ *   capacity = blocks carved so far <= reserved; blocks in free, local_free and
+ *   xthread_free are distinct and each lies in [start, start + reserved * block_size);
+ *   free and local_free are touched only by the owner; xthread_free by anyone
+ *   (lock-free push, owner takes it whole with an exchange).
+ *   used == 0 and the page is not its bin's only page => the owner retires it.
+ *   in_full: the page sits in the owner's full list, not its bin queue.
+ *   notify: the page is on some heap's xthread_pages stack (at most one).
+ */
+typedef struct mv_page {
+  mv_block_t *free;          /* malloc pops here (owner only) */
+  uint32_t used;
+  uint32_t block_size;
+  mv_block_t *local_free;    /* the owner's frees; become `free` when it runs out */
+  _Atomic(uintptr_t) xthread_free; /* other threads' frees (plain next pointers) */
+  _Atomic(struct mv_heap *) heap;  /* owner; NULL for LARGE/HUGE */
+  struct mv_page *next, *prev;     /* the owner's bin queue or full list */
+  struct mv_page *xnext;           /* link on a heap's xthread_pages stack */
+  uintptr_t start;           /* first data byte */
+  uint32_t capacity;
+  uint32_t reserved;
+  _Atomic(uint8_t) notify;
+  uint8_t kind;              /* enum mv_page_kind */
+  uint8_t bin;
+  _Atomic(uint8_t) in_full;
+  uint16_t slice_count;      /* slices this page covers (SMALL, LARGE) */
+  size_t huge_size;          /* HUGE/LARGE: usable bytes */
+} mv_page_t;
+
+/* Arena states. Transitions are atomic (mv_arena_set_state asserts each one):
+ *   FREE -> ACTIVE               handed out (arena lock)
+ *   ACTIVE -> FREE               wholly empty again (arena lock)
+ *   ACTIVE -> ISOLATED           isolate() (arena lock)
+ *   ISOLATED -> MIGRATING        the engine starts moving it
+ *   MIGRATING -> ISOLATED        the move failed; putback() follows
+ *   MIGRATING -> ACTIVE          moved
+ *   ISOLATED -> ACTIVE           putback()
+ * HUGE arenas (part of a huge object's span) are ACTIVE while the object lives.
+ */
+enum mv_arena_state {
+  MV_ARENA_FREE,
+  MV_ARENA_ACTIVE,
+  MV_ARENA_ISOLATED,
+  MV_ARENA_MIGRATING,
+};
+
+/* One arena's descriptor (meta region).
+ * Invariants, under mv_arena_lock unless marked atomic:
+ *   free_mask bit i set <=> slice i belongs to no page;
+ *   free_mask == all ones <=> the arena is FREE or about to be (release deferred
+ *   while ISOLATED/MIGRATING: release_pending);
+ *   on a bucket list <=> ACTIVE, not huge, and 0 < free slices < MV_SLICES;
+ *   committed: its pages may be resident (not released since last use);
+ *   zero_mask bit i set => slice i holds only zeros (fresh, or released and not
+ *   handed out since). */
+typedef struct mv_arena {
+  _Atomic(uint8_t) state;      /* enum mv_arena_state */
+  bool huge;                  /* part of a huge object's span */
+  bool committed;
+  bool release_pending;
+  bool thp;                   /* known to sit on a transparent huge page */
+  uint8_t free_count;         /* popcount(free_mask) */
+  uint32_t free_mask;
+  uint32_t zero_mask;         /* slices known to hold only zeros */
+  uint32_t index;
+  uint64_t backoff_until_ns;  /* the engine skips it until then (permanent failure) */
+  uint32_t engine_gen;        /* the engine's: last compaction that was done with it */
+  struct mv_arena *bucket_next, *bucket_prev;
+  mv_page_t *slice_page[MV_SLICES];
+  mv_page_t pages[MV_SLICES]; /* page whose first slice is slice i */
+} mv_arena_t;
+
+/* A bin queue: pages with (possibly) free blocks, the first one serving. */
+typedef struct mv_page_queue {
+  mv_page_t *first, *last;
+} mv_page_queue_t;
+
+/* A thread heap. Heaps are never freed: a thread that exits abandons its heap,
+ * and the next new thread adopts it (so a cross-thread free may always write to
+ * a page's heap, even a dead thread's).
+ * Invariants: direct[b] == queues[b].first, or &mv_page_empty when that is NULL;
+ * only the owning thread (owned == 1) touches anything but xthread_pages. */
+typedef struct mv_heap {
+  mv_page_t *direct[MV_BINS];         /* the fast path's page per bin */
+  mv_page_queue_t queues[MV_BINS];
+  mv_page_queue_t full;               /* pages with no free block when last looked */
+  _Atomic(mv_page_t *) xthread_pages; /* full pages that got a cross-thread free */
+  _Atomic(uint8_t) owned;
+  bool dead;                          /* its thread vanished in fork(): never adopted */
+  struct mv_heap *next_heap;          /* all heaps (mv_heaps list) */
+  struct mv_heap *next_abandoned;
+  uint64_t slow_calls;                /* paces housekeeping */
+} mv_heap_t;
+
+#endif /* MV_TYPES_H */

@@ -1,0 +1,74 @@
+/* What the backends share among themselves (not part of the engine's interface). */
+#ifndef MV_BACKEND_INT_H
+#define MV_BACKEND_INT_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "compactor/mv_backend.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define MV_PAGE_SIZE ((size_t)4096)
+#define MV_ARENA_PAGES (MV_ARENA_SIZE / MV_PAGE_SIZE)
+
+/* One bit per 4 KiB page of a 2 MiB range: set when the page holds data (present
+ * or swapped out), clear for a page never touched (or zapped): a hole. */
+struct mv_page_map {
+  uint64_t bits[MV_ARENA_PAGES / 64];
+};
+
+/* The backends, one per kind. The *_user_only variants are the same code for a
+ * userfaultfd opened with UFFD_USER_MODE_ONLY: system calls writing the range
+ * get EFAULT instead of waiting, so holds_syscalls is false. */
+extern const struct mv_backend mv_backend_off_impl;
+extern const struct mv_backend mv_backend_mprotect_impl;
+extern const struct mv_backend mv_backend_collapse_impl;
+extern const struct mv_backend mv_backend_remap_impl;
+extern const struct mv_backend mv_backend_remap_user_only;
+extern const struct mv_backend mv_backend_move_impl;
+extern const struct mv_backend mv_backend_move_user_only;
+
+/* Maps len bytes (a multiple of MV_ARENA_SIZE) at an MV_ARENA_SIZE aligned
+ * address: maps len + MV_ARENA_SIZE and unmaps the ends at once, so that only
+ * the aligned range is left to unmap later. NULL on failure (errno set). */
+void *mv_thp_map_aligned(size_t len);
+
+/* The staging step shared by backends: maps an aligned 2 MiB range, asks for a
+ * huge page (MADV_HUGEPAGE), faults it (MADV_POPULATE_WRITE, else a touch),
+ * checks it is a real THP and fills m->staging, staging_map, staging_map_len and
+ * stage_ns. Returns 0, or -EAGAIN with nothing left mapped (also when
+ * m->fail_at == MV_STEP_STAGE). */
+int mv_thp_stage(struct mv_move *m);
+
+/* Unmaps m->staging_map if set and clears the staging fields. */
+void mv_thp_unstage(struct mv_move *m);
+
+/* Reads /proc/self/pagemap for [addr, addr + MV_ARENA_SIZE) into *map.
+ * 0 or -errno. */
+int mv_thp_page_map(uintptr_t addr, struct mv_page_map *map);
+
+/* Copies the 4 KiB pages marked in *map (all of them when map is NULL) from src
+ * to dst, both MV_ARENA_SIZE long. */
+void mv_thp_copy_pages(void *dst, const void *src, const struct mv_page_map *map);
+
+/* mv_thp_is_huge's fallback, exposed for tests: /proc/self/smaps only. */
+int mv_thp_is_huge_smaps(uintptr_t addr);
+
+/* VMAs that remapping [start, start + MV_ARENA_SIZE) onto a fresh mapping will
+ * add: the pieces left of and right of it in the VMA that holds it now (0, 1 or
+ * 2). Asked with PROCMAP_QUERY before the range is touched; 2 when the kernel
+ * cannot tell. */
+unsigned mv_remap_vma_delta(uintptr_t start);
+
+/* Adds to the count that mv_backend_remap_vmas() reports. */
+void mv_remap_vmas_add(unsigned n);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* MV_BACKEND_INT_H */

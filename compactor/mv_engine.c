@@ -1,0 +1,331 @@
+/* The migration engine (see mv_engine.h and the contract in include/movalloc.h).
+ *
+ * One migration, for one 2 MiB arena:
+ *   stage      fault a huge page to move onto; none: -EAGAIN, nothing isolated
+ *   isolate    the owner stops handing out from the arena (may refuse)
+ *   hold       the backend holds the arena's writers
+ *   migrate    the owner's callback; it calls movalloc_migration_move()
+ *   release    held writers run again
+ *   putback    only when migrate failed
+ * No allocator lock is held between hold and release: the engine lock is the
+ * engine's own, and the callbacks of movalloc's arenas touch only descriptors.
+ */
+#include "compactor/mv_engine.h"
+
+#include <errno.h>
+#include <string.h>
+
+#include "arena/mv_alloc.h"
+#include "arena/mv_arena.h"
+#include "arena/mv_lock.h"
+#include "arena/mv_prim.h"
+#include "arena/mv_print.h"
+#include "compactor/mv_backend.h"
+#include "shim/mv_init.h"
+#include "shim/mv_options.h"
+
+#define MV_PASSES 3                         /* bounded retry, like migrate_pages() */
+#define MV_BACKOFF_NS (10ull * 1000000000u) /* after a permanent failure */
+#define MV_MAX_REGIONS 64
+#define MV_MIN_RESIDENT_PAGES 256           /* of 512: a huge page would not double RSS */
+
+struct movalloc_migration {
+  struct mv_move move;
+  const struct mv_backend *backend;
+  bool move_called;
+};
+
+/* A registered third-party region. Slots are reused; ops == NULL is free. */
+struct region {
+  uintptr_t start;
+  size_t len;
+  const struct movalloc_movable_ops *ops;
+  void *ctx;
+  uint64_t backoff_until_ns;
+};
+
+mv_lock_t mv_engine_lock = MV_LOCK_INIT; /* one compaction at a time; the regions */
+static const struct mv_backend *backend; /* chosen lazily: probing costs a few ms */
+static char backend_reason[112];
+static struct region regions[MV_MAX_REGIONS];
+static enum mv_move_step inject_step;    /* tests: fail every move at this step */
+static __thread bool in_callback;
+
+static struct {
+  _Atomic uint64_t migrated, retries, refused, failed, staging_failed, bytes, passes, cpu_ns;
+  _Atomic uint64_t stall_hist[MOVALLOC_STALL_BUCKETS];
+} counters;
+
+/* ---- backend ---- */
+
+static const struct mv_backend *engine_backend(void) {
+  if (!backend) {
+    const struct mv_backend *b =
+        mv_backend_select((enum mv_backend_kind)mv_options.migrate, backend_reason,
+                          sizeof backend_reason);
+    backend = b;
+    if (mv_options.verbose) mv_log("migration backend %s: %s", b->name, backend_reason);
+  }
+  return backend;
+}
+
+void mv_engine_start(void) {
+  if (mv_options.verbose) engine_backend();
+}
+
+void mv_engine_use_backend(const struct mv_backend *b, enum mv_move_step fail_at) {
+  mv_lock(&mv_engine_lock);
+  backend = b;
+  mv_snprintf(backend_reason, sizeof backend_reason, "set by a test");
+  inject_step = fail_at;
+  mv_unlock(&mv_engine_lock);
+}
+
+/* ---- the public migration handle ---- */
+
+MV_EXPORT void *movalloc_migration_start(const struct movalloc_migration *m) {
+  return (void *)m->move.start;
+}
+
+MV_EXPORT size_t movalloc_migration_len(const struct movalloc_migration *m) {
+  return MV_ARENA_SIZE;
+}
+
+MV_EXPORT int movalloc_migration_move(struct movalloc_migration *m) {
+  if (m->move_called) return -EINVAL;
+  m->move_called = true;
+  int rc = m->backend->move(&m->move);
+  if (rc == 0) atomic_fetch_add(&counters.bytes, MV_ARENA_SIZE);
+  return rc;
+}
+
+/* ---- movalloc's own arenas as movable memory ---- */
+
+static bool heap_isolate(void *ctx, void *start, size_t len) {
+  return mv_arena_isolate(mv_arena_of((uintptr_t)start));
+}
+
+static int heap_migrate(void *ctx, struct movalloc_migration *m) {
+  mv_arena_t *a = mv_arena_of(m->move.start);
+  mv_arena_set_migrating(a, true);
+  int rc = movalloc_migration_move(m);
+  if (rc != 0) {
+    mv_arena_set_migrating(a, false);
+    return rc;
+  }
+  mv_arena_unisolate(a, true); /* descriptors only: fine with writers held */
+  return 0;
+}
+
+static void heap_putback(void *ctx, void *start, size_t len) {
+  mv_arena_unisolate(mv_arena_of((uintptr_t)start), false);
+}
+
+static const struct movalloc_movable_ops heap_ops = {
+    .isolate = heap_isolate,
+    .migrate = heap_migrate,
+    .putback = heap_putback,
+};
+
+/* ---- one migration ---- */
+
+enum outcome { MOVED, RETRY, REFUSED, FAILED };
+
+static void count_stall(uint64_t ns) {
+  uint64_t us16 = ns / 16000;
+  unsigned bucket = 0;
+  while (bucket + 1 < MOVALLOC_STALL_BUCKETS && us16 >= (1ull << bucket)) bucket++;
+  atomic_fetch_add(&counters.stall_hist[bucket], 1);
+}
+
+static enum outcome migrate_one(const struct movalloc_movable_ops *ops, void *ctx,
+                                uintptr_t start) {
+  const struct mv_backend *b = backend;
+  struct movalloc_migration m;
+  memset(&m, 0, sizeof m);
+  m.move.start = start;
+  m.move.fail_at = inject_step;
+  m.backend = b;
+  if (b->stage(&m.move) != 0) {
+    atomic_fetch_add(&counters.staging_failed, 1);
+    return RETRY;
+  }
+  in_callback = true;
+  bool isolated = ops->isolate(ctx, (void *)start, MV_ARENA_SIZE);
+  in_callback = false;
+  if (!isolated) {
+    b->unstage(&m.move);
+    atomic_fetch_add(&counters.refused, 1);
+    return REFUSED;
+  }
+  uint64_t t0 = mv_os_now_ns();
+  int rc = b->hold(&m.move);
+  if (rc == 0) {
+    in_callback = true;
+    rc = ops->migrate(ctx, &m);
+    in_callback = false;
+    b->release(&m.move);
+    count_stall(mv_os_now_ns() - t0);
+  }
+  if (rc != 0) {
+    in_callback = true;
+    ops->putback(ctx, (void *)start, MV_ARENA_SIZE);
+    in_callback = false;
+  }
+  b->unstage(&m.move);
+  if (rc == 0) {
+    atomic_fetch_add(&counters.migrated, 1);
+    return MOVED;
+  }
+  if (rc == -EAGAIN) {
+    atomic_fetch_add(&counters.retries, 1);
+    return RETRY;
+  }
+  atomic_fetch_add(&counters.failed, 1);
+  return FAILED;
+}
+
+/* ---- which arenas ---- */
+
+static bool dense_enough(uintptr_t start, unsigned flags) {
+  if (flags & MOVALLOC_COMPACT_ALL) return true;
+  long resident = mv_thp_resident_pages(start, MV_ARENA_SIZE);
+  return resident >= MV_MIN_RESIDENT_PAGES;
+}
+
+static bool heap_arena_eligible(mv_arena_t *a, unsigned flags, uint64_t now) {
+  if (atomic_load_explicit(&a->state, memory_order_relaxed) != MV_ARENA_ACTIVE) return false;
+  if (!a->committed || now < a->backoff_until_ns) return false;
+  uintptr_t start = mv_heap_base + ((uintptr_t)a->index << MV_ARENA_SHIFT);
+  if (!(flags & MOVALLOC_COMPACT_ALL)) {
+    if (a->thp) return false;
+    if (!dense_enough(start, flags)) return false;
+    if (mv_thp_is_huge(start) == 1) { /* got one at fault time, or from khugepaged */
+      a->thp = true;
+      return false;
+    }
+  }
+  return true;
+}
+
+/* Runs MV_PASSES passes over every eligible arena; returns how many moved. */
+static int compact_locked(unsigned flags) {
+  uint64_t cpu0 = mv_os_thread_cpu_ns();
+  int moved = 0;
+  uint32_t n = mv_arena_frontier();
+  /* Arenas refused, failed or moved in this call are not tried again in it:
+   * a->engine_gen == gen for movalloc's, skip_region for regions (the first 64
+   * arenas of each; later ones are only tried again while still not huge). */
+  static uint32_t gen;
+  gen++;
+  uint8_t skip_region[MV_MAX_REGIONS][64];
+  memset(skip_region, 0, sizeof skip_region);
+  for (int pass = 0; pass < MV_PASSES; pass++) {
+    atomic_fetch_add(&counters.passes, 1);
+    bool again = false;
+    uint64_t now = mv_os_now_ns();
+    for (uint32_t i = 0; i < n; i++) {
+      mv_arena_t *a = &mv_arenas[i];
+      if (a->engine_gen == gen || !heap_arena_eligible(a, flags, now)) continue;
+      enum outcome o = migrate_one(&heap_ops, NULL, mv_heap_base + ((uintptr_t)i << MV_ARENA_SHIFT));
+      if (o == MOVED) moved++;
+      if (o == FAILED) a->backoff_until_ns = now + MV_BACKOFF_NS;
+      if (o == RETRY) again = true;
+      else a->engine_gen = gen;
+    }
+    for (int r = 0; r < MV_MAX_REGIONS; r++) {
+      struct region *reg = &regions[r];
+      if (!reg->ops || now < reg->backoff_until_ns) continue;
+      size_t arenas = reg->len >> MV_ARENA_SHIFT;
+      for (size_t k = 0; k < arenas; k++) {
+        uintptr_t start = reg->start + (k << MV_ARENA_SHIFT);
+        bool tracked_k = k < sizeof skip_region[r];
+        if (tracked_k && skip_region[r][k]) continue;
+        if (!(flags & MOVALLOC_COMPACT_ALL) && mv_thp_is_huge(start) == 1) continue;
+        enum outcome o = migrate_one(reg->ops, reg->ctx, start);
+        if (o == MOVED) moved++;
+        if (o == FAILED) reg->backoff_until_ns = now + MV_BACKOFF_NS;
+        if (o == RETRY) again = true;
+        else if (tracked_k) skip_region[r][k] = 1;
+      }
+    }
+    if (!again) break;
+  }
+  atomic_fetch_add(&counters.cpu_ns, mv_os_thread_cpu_ns() - cpu0);
+  return moved;
+}
+
+MV_EXPORT int movalloc_compact(unsigned flags) {
+  if (in_callback) return -EBUSY;
+  if (!mv_ensure_init()) return -ENOMEM;
+  mv_lock(&mv_engine_lock);
+  const struct mv_backend *b = engine_backend();
+  int rc = b->kind == MV_BACKEND_OFF ? -ENOSYS : compact_locked(flags);
+  mv_unlock(&mv_engine_lock);
+  return rc;
+}
+
+/* ---- third-party regions ---- */
+
+static bool overlaps(uintptr_t a, size_t alen, uintptr_t b, size_t blen) {
+  return a < b + blen && b < a + alen;
+}
+
+MV_EXPORT int movalloc_region_register(void *start, size_t len,
+                                       const struct movalloc_movable_ops *ops, void *ctx) {
+  uintptr_t s = (uintptr_t)start;
+  if (!ops || !ops->isolate || !ops->migrate || !ops->putback || len == 0 ||
+      (s | len) & (MV_ARENA_SIZE - 1))
+    return -EINVAL;
+  if (mv_arenas && overlaps(s, len, mv_heap_base, mv_arena_reserved_bytes())) return -EINVAL;
+  mv_lock(&mv_engine_lock);
+  int rc = -ENOSPC;
+  struct region *slot = NULL;
+  for (int r = 0; r < MV_MAX_REGIONS; r++) {
+    if (regions[r].ops && overlaps(s, len, regions[r].start, regions[r].len)) {
+      rc = -EINVAL;
+      slot = NULL;
+      break;
+    }
+    if (!regions[r].ops && !slot) slot = &regions[r];
+  }
+  if (slot) {
+    *slot = (struct region){.start = s, .len = len, .ops = ops, .ctx = ctx};
+    rc = 0;
+  }
+  mv_unlock(&mv_engine_lock);
+  return rc;
+}
+
+MV_EXPORT int movalloc_region_unregister(void *start) {
+  mv_lock(&mv_engine_lock); /* a migration of it in flight finishes first */
+  int rc = -ENOENT;
+  for (int r = 0; r < MV_MAX_REGIONS; r++)
+    if (regions[r].ops && regions[r].start == (uintptr_t)start) {
+      regions[r].ops = NULL;
+      rc = 0;
+      break;
+    }
+  mv_unlock(&mv_engine_lock);
+  return rc;
+}
+
+/* ---- fork and statistics ---- */
+
+void mv_engine_fork_child(void) { mv_backend_fork_child(); }
+
+void mv_engine_stats(struct movalloc_stats *out) {
+  const struct mv_backend *b = engine_backend();
+  out->migrated = atomic_load(&counters.migrated);
+  out->migrate_retries = atomic_load(&counters.retries);
+  out->isolate_refused = atomic_load(&counters.refused);
+  out->migrate_failed = atomic_load(&counters.failed);
+  out->staging_failed = atomic_load(&counters.staging_failed);
+  out->bytes_moved = atomic_load(&counters.bytes);
+  out->compact_passes = atomic_load(&counters.passes);
+  out->compactor_cpu_ns = atomic_load(&counters.cpu_ns);
+  for (int i = 0; i < MOVALLOC_STALL_BUCKETS; i++)
+    out->stall_hist[i] = atomic_load(&counters.stall_hist[i]);
+  mv_snprintf(out->backend, sizeof out->backend, "%s", b->name);
+  mv_snprintf(out->backend_reason, sizeof out->backend_reason, "%s", backend_reason);
+}

@@ -1,0 +1,33 @@
+/* The migration engine: drives the isolate/migrate/putback ops of movalloc's own
+ * arenas and of registered regions with the backend chosen at start-up, the way
+ * the kernel's migrate_pages() drives movable pages: a fixed number of passes,
+ * -EAGAIN retried in the next pass, any other error sent back, every outcome
+ * counted. */
+#ifndef MV_ENGINE_H
+#define MV_ENGINE_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "arena/mv_lock.h"
+#include "compactor/mv_backend.h"
+#include "include/movalloc.h"
+
+/* Chooses the backend (MOVALLOC_MIGRATE, probing the kernel) and starts the
+ * background compactor if it is enabled. Called once, after start-up. */
+void mv_engine_start(void);
+
+/* Held for a whole compaction and by registration. fork()'s prepare handler
+ * takes it first (mv_lock.h), so no migration is in flight across fork(). */
+extern mv_lock_t mv_engine_lock;
+
+/* In the child after fork(): drops the parent's userfaultfd. */
+void mv_engine_fork_child(void);
+
+/* Tests: use this backend and inject a failure at one step of every move. */
+void mv_engine_use_backend(const struct mv_backend *b, enum mv_move_step fail_at);
+
+/* Copies the engine's counters, backend name and reason into *out. */
+void mv_engine_stats(struct movalloc_stats *out);
+
+#endif /* MV_ENGINE_H */

@@ -1,0 +1,89 @@
+/* The process-wide userfaultfd used by the move and remap backends.
+ *
+ * One descriptor per process, opened on first use (O_CLOEXEC | O_NONBLOCK) the
+ * way the probe found to work, with the features the probe found (and did not
+ * mask). Nobody reads it: every fault it catches is a thread held until the
+ * backend wakes the range, and no event feature (fork, remap, remove, unmap) is
+ * ever requested, because an unread event would block the thread that caused it.
+ *
+ * A range is registered only around one migration: registration splits the VMA
+ * and stops khugepaged and MADV_COLLAPSE on it, so arenas not being moved must
+ * not stay registered. Unregistering merges the VMA back with its neighbours.
+ */
+#ifndef MV_UFFD_H
+#define MV_UFFD_H
+
+#include <linux/userfaultfd.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/ioctl.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* What older <linux/userfaultfd.h> lack (values from the kernel's uapi header). */
+#ifndef USERFAULTFD_IOC
+#define USERFAULTFD_IOC 0xAA
+#define USERFAULTFD_IOC_NEW _IO(USERFAULTFD_IOC, 0x00)
+#endif
+#ifndef UFFD_USER_MODE_ONLY
+#define UFFD_USER_MODE_ONLY 1
+#endif
+#ifndef UFFD_FEATURE_WP_UNPOPULATED
+#define UFFD_FEATURE_WP_UNPOPULATED (1 << 13)
+#endif
+#ifndef UFFD_FEATURE_MOVE
+#define UFFD_FEATURE_MOVE (1 << 16)
+#endif
+#ifndef _UFFDIO_MOVE
+#define _UFFDIO_MOVE (0x05)
+struct uffdio_move {
+  __u64 dst;
+  __u64 src;
+  __u64 len;
+  __u64 mode;
+  __s64 move; /* written by the kernel: bytes moved, or -errno */
+};
+#define UFFDIO_MOVE _IOWR(UFFDIO, _UFFDIO_MOVE, struct uffdio_move)
+#define UFFDIO_MOVE_MODE_DONTWAKE ((__u64)1 << 0)
+#define UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES ((__u64)1 << 1)
+#endif
+
+/* Opens a fresh userfaultfd: the system call, else /dev/userfaultfd and
+ * USERFAULTFD_IOC_NEW. user_only adds UFFD_USER_MODE_ONLY. Returns the fd or
+ * -errno of the system call (the first reason it failed). No UFFDIO_API yet. */
+int mv_uffd_open(bool user_only);
+
+/* UFFDIO_API on a fresh fd asking for `want`; *got receives what the kernel
+ * offers (with want == 0: every feature it has). 0 or -errno. */
+int mv_uffd_api(int fd, uint64_t want, uint64_t *got);
+
+/* The process-wide fd, opened on first call; -errno when userfaultfd is not
+ * usable here (the probe said no, or opening failed now). */
+int mv_uffd_get(void);
+
+/* Features enabled on the process-wide fd (0 before it is open). */
+uint64_t mv_uffd_features(void);
+
+/* Closes the process-wide fd: after fork() in the child, and when a test
+ * forgets the probe. Never while a range is held. */
+void mv_uffd_drop(void);
+
+/* Thin wrappers over the ioctls, on the process-wide fd. 0 or -errno. */
+int mv_uffd_register(uintptr_t start, size_t len, bool missing, bool wp);
+int mv_uffd_unregister(uintptr_t start, size_t len);
+int mv_uffd_writeprotect(uintptr_t start, size_t len, bool protect, bool wake);
+int mv_uffd_wake(uintptr_t start, size_t len);
+
+/* UFFDIO_MOVE of [src, src + len) to dst. Returns the bytes moved (== len on
+ * success); on failure *err gets the errno and the return value says how far
+ * it got (0 if nothing moved). */
+size_t mv_uffd_move(uintptr_t dst, uintptr_t src, size_t len, uint64_t mode, int *err);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* MV_UFFD_H */

@@ -1,0 +1,145 @@
+/* MOVALLOC_* options: one table, parsed without allocating. */
+#include "shim/mv_options.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "arena/mv_print.h"
+#include "compactor/mv_backend.h"
+
+struct mv_options mv_options;
+
+enum opt_type { OPT_BOOL, OPT_UINT, OPT_ENUM };
+
+struct opt {
+  const char *name;
+  enum opt_type type;
+  const char *choices; /* OPT_ENUM: "a|b|c", value = index; OPT_UINT: unused */
+  uint64_t min, max;   /* OPT_UINT */
+  uint64_t def;
+  size_t offset;
+  size_t size;
+  const char *help;
+};
+
+#define FIELD(f) offsetof(struct mv_options, f), sizeof(((struct mv_options *)0)->f)
+
+/* MOVALLOC_MIGRATE's choices are in enum mv_backend_kind order, "auto" last. */
+static const struct opt opts[] = {
+    {"MOVALLOC_STATS", OPT_BOOL, NULL, 0, 1, 0, FIELD(stats),
+     "print a summary of the heap on stderr at exit"},
+    {"MOVALLOC_CHECK", OPT_BOOL, NULL, 0, 1, 0, FIELD(check),
+     "check every free and abort with a message on misuse"},
+    {"MOVALLOC_VERBOSE", OPT_BOOL, NULL, 0, 1, 0, FIELD(verbose),
+     "say at start-up which backend was chosen and why"},
+    {"MOVALLOC_MIGRATE", OPT_ENUM, "off|mprotect|collapse|remap|move|auto", 0, 0, 5,
+     FIELD(migrate), "migration backend"},
+    {"MOVALLOC_COMPACT", OPT_BOOL, NULL, 0, 1, 1, FIELD(compact),
+     "run the background compactor"},
+    {"MOVALLOC_THP", OPT_ENUM, "compact|fault|never", 0, 0, 0, FIELD(thp),
+     "where huge pages come from: the compactor, also page faults, or nowhere"},
+    {"MOVALLOC_RESERVE_GIB", OPT_UINT, NULL, 1, 65536, 1024, FIELD(reserve_gib),
+     "virtual address space reserved for the heap, in GiB"},
+    {"MOVALLOC_ARENA_CACHE", OPT_UINT, NULL, 0, 64, 8, FIELD(arena_cache),
+     "empty 2 MiB arenas kept for reuse before returning them to the kernel"},
+};
+
+static void store(const struct opt *o, uint64_t v) {
+  char *field = (char *)&mv_options + o->offset;
+  switch (o->size) {
+    case 1: *(uint8_t *)field = (uint8_t)v; break;
+    case 4: *(uint32_t *)field = (uint32_t)v; break;
+    default: *(uint64_t *)field = v; break;
+  }
+}
+
+static bool parse_uint(const char *s, uint64_t *out) {
+  if (!*s) return false;
+  uint64_t v = 0;
+  for (; *s; s++) {
+    if (*s < '0' || *s > '9' || v > (UINT64_MAX - 9) / 10) return false;
+    v = v * 10 + (uint64_t)(*s - '0');
+  }
+  *out = v;
+  return true;
+}
+
+/* Index of value among the '|'-separated choices, or -1. */
+static int choice_index(const char *choices, const char *value) {
+  size_t vlen = strlen(value);
+  int index = 0;
+  for (const char *c = choices; *c; index++) {
+    const char *end = strchr(c, '|');
+    size_t len = end ? (size_t)(end - c) : strlen(c);
+    if (len == vlen && strncmp(c, value, len) == 0) return index;
+    if (!end) break;
+    c = end + 1;
+  }
+  return -1;
+}
+
+static bool parse(const struct opt *o, const char *value, uint64_t *out) {
+  switch (o->type) {
+    case OPT_BOOL:
+      if (!strcmp(value, "1") || !strcmp(value, "true") || !strcmp(value, "yes") ||
+          !strcmp(value, "on"))
+        return *out = 1, true;
+      if (!strcmp(value, "0") || !strcmp(value, "false") || !strcmp(value, "no") ||
+          !strcmp(value, "off"))
+        return *out = 0, true;
+      return false;
+    case OPT_UINT:
+      return parse_uint(value, out) && *out >= o->min && *out <= o->max;
+    case OPT_ENUM: {
+      int i = choice_index(o->choices, value);
+      if (i < 0) return false;
+      *out = (uint64_t)i;
+      return true;
+    }
+  }
+  return false;
+}
+
+static void accepted(const struct opt *o, char *buf, size_t cap) {
+  switch (o->type) {
+    case OPT_BOOL: mv_snprintf(buf, cap, "1|0 (or true|false, yes|no, on|off)"); break;
+    case OPT_UINT: mv_snprintf(buf, cap, "a whole number from %llu to %llu",
+                               (unsigned long long)o->min, (unsigned long long)o->max); break;
+    case OPT_ENUM: mv_snprintf(buf, cap, "one of %s", o->choices); break;
+  }
+}
+
+static const char *lookup(char *const *envp, const char *name) {
+  if (!envp) return secure_getenv(name);
+  size_t n = strlen(name);
+  for (; *envp; envp++)
+    if (!strncmp(*envp, name, n) && (*envp)[n] == '=') return *envp + n + 1;
+  return NULL;
+}
+
+void mv_options_load(char *const *envp) {
+  for (size_t i = 0; i < sizeof opts / sizeof opts[0]; i++) {
+    const struct opt *o = &opts[i];
+    uint64_t v = o->def;
+    const char *value = lookup(envp, o->name);
+    if (value && !parse(o, value, &v)) {
+      char what[96];
+      accepted(o, what, sizeof what);
+      mv_log("%s=%s is not valid: expected %s; using the default", o->name, value, what);
+      v = o->def;
+    }
+    store(o, v);
+  }
+  /* MOVALLOC_MIGRATE's table order puts "auto" last. */
+  if (mv_options.migrate == MV_BACKEND_COUNT) mv_options.migrate = MV_BACKEND_AUTO;
+}
+
+void mv_options_describe(int fd) {
+  for (size_t i = 0; i < sizeof opts / sizeof opts[0]; i++) {
+    const struct opt *o = &opts[i];
+    char what[96];
+    accepted(o, what, sizeof what);
+    mv_dprintf(fd, "%-22s %s; default %llu\n    %s\n", o->name, what,
+               (unsigned long long)o->def, o->help);
+  }
+}

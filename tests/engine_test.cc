@@ -1,0 +1,219 @@
+// The migration engine: compaction of movalloc's own arenas onto huge pages
+// with every byte kept, third-party regions with vetoes, failures ending in
+// putback, and writers running throughout.
+#include <errno.h>
+#include <gtest/gtest.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+
+#include <atomic>
+#include <fstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+extern "C" {
+#include "arena/mv_alloc.h"
+#include "compactor/mv_backend.h"
+#include "compactor/mv_engine.h"
+#include "include/movalloc.h"
+}
+
+namespace {
+
+struct movalloc_stats Stats() {
+  struct movalloc_stats s;
+  movalloc_stats_get(&s);
+  return s;
+}
+
+// The backend the engine picked on this machine; tests that need one moving
+// memory skip (with the reason) where the kernel offers none.
+bool HaveMovingBackend(std::string *why) {
+  struct movalloc_stats s = Stats();
+  *why = std::string(s.backend) + ": " + s.backend_reason;
+  return strcmp(s.backend, "off") != 0;
+}
+
+// AnonHugePages of /proc/self/smaps inside [lo, hi), in kB.
+long AnonHugeKb(uintptr_t lo, uintptr_t hi) {
+  std::ifstream smaps("/proc/self/smaps");
+  std::string line;
+  long total = 0;
+  bool inside = false;
+  while (std::getline(smaps, line)) {
+    unsigned long a, b;
+    if (sscanf(line.c_str(), "%lx-%lx ", &a, &b) == 2 && line.find(':') > 12) {
+      inside = a < hi && b > lo;
+      continue;
+    }
+    long kb;
+    if (inside && sscanf(line.c_str(), "AnonHugePages: %ld kB", &kb) == 1) total += kb;
+  }
+  return total;
+}
+
+unsigned char Pattern(uintptr_t addr) { return (unsigned char)((addr * 0x9e3779b1u) >> 11); }
+
+TEST(Engine, CompactionPutsDenseArenasOnHugePagesAndKeepsEveryByte) {
+  std::string why;
+  if (!HaveMovingBackend(&why)) GTEST_SKIP() << "no migration backend here: " << why;
+  // Dense arenas of 4 KiB pages: 24 MiB of 200-byte blocks, every byte patterned.
+  std::vector<unsigned char *> blocks;
+  for (int i = 0; i < 120000; i++) {
+    unsigned char *p = (unsigned char *)malloc(200);
+    for (int k = 0; k < 200; k++) p[k] = Pattern((uintptr_t)(p + k));
+    blocks.push_back(p);
+  }
+  uintptr_t lo = mv_heap_base, hi = mv_heap_base + atomic_load(&mv_heap_limit);
+  long before = AnonHugeKb(lo, hi);
+  struct movalloc_stats s0 = Stats();
+  int moved = movalloc_compact(0);
+  struct movalloc_stats s1 = Stats();
+  ASSERT_GT(moved, 5) << why;
+  EXPECT_EQ(s1.migrated - s0.migrated, (uint64_t)moved);
+  EXPECT_GE(s1.bytes_moved - s0.bytes_moved, (uint64_t)moved * MV_ARENA_SIZE);
+  EXPECT_GE(AnonHugeKb(lo, hi), before + moved * 2048L);
+  EXPECT_GE(s1.huge_page_bytes, (uint64_t)moved * MV_ARENA_SIZE);
+  size_t bad = 0;
+  for (unsigned char *p : blocks)
+    for (int k = 0; k < 200; k++) bad += p[k] != Pattern((uintptr_t)(p + k));
+  EXPECT_EQ(bad, 0u);
+  // Moved arenas keep serving allocations and frees.
+  for (unsigned char *p : blocks) free(p);
+  // A second compaction finds nothing new to move.
+  EXPECT_EQ(movalloc_compact(0), 0);
+}
+
+TEST(Engine, WritersKeepRunningDuringCompaction) {
+  std::string why;
+  if (!HaveMovingBackend(&why)) GTEST_SKIP() << why;
+  const int n = 64 * 1024;
+  std::vector<long *> counters;
+  for (int i = 0; i < n; i++) counters.push_back((long *)calloc(1, 64));
+  std::atomic<bool> stop{false};
+  std::atomic<long> increments{0};
+  std::thread writer([&] {
+    long local = 0;
+    for (unsigned i = 0; !stop; i++, local++) (*counters[(i * 7919u) % n])++;
+    increments = local;
+  });
+  int moved = 0;
+  for (int round = 0; round < 4; round++) moved += movalloc_compact(MOVALLOC_COMPACT_ALL);
+  stop = true;
+  writer.join();
+  long sum = 0;
+  for (long *c : counters) sum += *c;
+  EXPECT_EQ(sum, increments.load()) << "a write was lost during migration";
+  EXPECT_GT(moved, 0);
+  for (long *c : counters) free(c);
+}
+
+// A region whose owner vetoes moves while "pinned".
+struct Region {
+  unsigned char *base = nullptr;
+  std::atomic<bool> pinned{false};
+  std::atomic<int> isolations{0}, migrations{0}, putbacks{0};
+};
+
+bool RegionIsolate(void *ctx, void *start, size_t len) {
+  Region *r = (Region *)ctx;
+  if (r->pinned) return false;
+  r->isolations++;
+  return true;
+}
+
+int RegionMigrate(void *ctx, struct movalloc_migration *m) {
+  Region *r = (Region *)ctx;
+  r->migrations++;
+  EXPECT_EQ(movalloc_compact(0), -EBUSY);  // no compaction from inside a callback
+  return movalloc_migration_move(m);
+}
+
+void RegionPutback(void *ctx, void *start, size_t len) { ((Region *)ctx)->putbacks++; }
+
+const struct movalloc_movable_ops kRegionOps = {RegionIsolate, RegionMigrate, RegionPutback};
+
+unsigned char *MapAligned(size_t len) {
+  void *map = mmap(nullptr, len + MV_ARENA_SIZE, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  uintptr_t start = ((uintptr_t)map + MV_ARENA_SIZE - 1) & ~(MV_ARENA_SIZE - 1);
+  madvise((void *)start, len, MADV_NOHUGEPAGE);  // built from 4 KiB pages
+  for (size_t i = 0; i < len; i++) ((unsigned char *)start)[i] = Pattern(start + i);
+  madvise((void *)start, len, MADV_HUGEPAGE);
+  return (unsigned char *)start;
+}
+
+TEST(Engine, RegionOwnerVetoesWhilePinnedAndAllowsLater) {
+  std::string why;
+  if (!HaveMovingBackend(&why)) GTEST_SKIP() << why;
+  Region r;
+  r.base = MapAligned(2 * MV_ARENA_SIZE);
+  ASSERT_EQ(movalloc_region_register(r.base, 2 * MV_ARENA_SIZE, &kRegionOps, &r), 0);
+  r.pinned = true;
+  uint64_t refused0 = Stats().isolate_refused;
+  movalloc_compact(0);
+  EXPECT_EQ(r.migrations.load(), 0);
+  EXPECT_GE(Stats().isolate_refused, refused0 + 2);
+  EXPECT_EQ(mv_thp_is_huge((uintptr_t)r.base), 0);
+  r.pinned = false;
+  movalloc_compact(0);
+  EXPECT_EQ(r.isolations.load(), 2);
+  EXPECT_EQ(r.migrations.load(), 2);
+  EXPECT_EQ(r.putbacks.load(), 0);
+  EXPECT_EQ(mv_thp_is_huge((uintptr_t)r.base), 1);
+  EXPECT_EQ(mv_thp_is_huge((uintptr_t)r.base + MV_ARENA_SIZE), 1);
+  for (size_t i = 0; i < 2 * MV_ARENA_SIZE; i++)
+    ASSERT_EQ(r.base[i], Pattern((uintptr_t)r.base + i)) << i;
+  EXPECT_EQ(movalloc_region_unregister(r.base), 0);
+  EXPECT_EQ(movalloc_region_unregister(r.base), -ENOENT);
+}
+
+TEST(Engine, RegionRegistrationIsValidated) {
+  Region r;
+  unsigned char *base = MapAligned(MV_ARENA_SIZE);
+  EXPECT_EQ(movalloc_region_register(base + 4096, MV_ARENA_SIZE, &kRegionOps, &r), -EINVAL);
+  EXPECT_EQ(movalloc_region_register(base, 4096, &kRegionOps, &r), -EINVAL);
+  EXPECT_EQ(movalloc_region_register(base, MV_ARENA_SIZE, nullptr, &r), -EINVAL);
+  EXPECT_EQ(movalloc_region_register((void *)mv_heap_base, MV_ARENA_SIZE, &kRegionOps, &r),
+            -EINVAL);  // movalloc's own heap
+  ASSERT_EQ(movalloc_region_register(base, MV_ARENA_SIZE, &kRegionOps, &r), 0);
+  EXPECT_EQ(movalloc_region_register(base, MV_ARENA_SIZE, &kRegionOps, &r), -EINVAL);  // overlap
+  EXPECT_EQ(movalloc_region_unregister(base), 0);
+}
+
+TEST(Engine, InjectedFailuresEndInPutbackWithDataIntact) {
+  std::string why;
+  if (!HaveMovingBackend(&why)) GTEST_SKIP() << why;
+  const struct mv_backend *b = mv_backend_select(MV_BACKEND_AUTO, nullptr, 0);
+  for (enum mv_move_step step : {MV_STEP_STAGE, MV_STEP_SWAP}) {
+    Region r;
+    r.base = MapAligned(MV_ARENA_SIZE);
+    ASSERT_EQ(movalloc_region_register(r.base, MV_ARENA_SIZE, &kRegionOps, &r), 0);
+    mv_engine_use_backend(b, step);
+    struct movalloc_stats s0 = Stats();
+    EXPECT_EQ(movalloc_compact(0), 0);
+    struct movalloc_stats s1 = Stats();
+    mv_engine_use_backend(b, MV_STEP_NONE);
+    if (step == MV_STEP_STAGE) {
+      EXPECT_EQ(r.isolations.load(), 0) << "nothing is isolated without a huge page";
+      EXPECT_GT(s1.staging_failed, s0.staging_failed);
+    } else {
+      EXPECT_EQ(r.putbacks.load(), r.migrations.load());
+      EXPECT_GT(s1.migrate_failed, s0.migrate_failed);
+    }
+    for (size_t i = 0; i < MV_ARENA_SIZE; i++)
+      ASSERT_EQ(r.base[i], Pattern((uintptr_t)r.base + i)) << i;
+    EXPECT_EQ(movalloc_region_unregister(r.base), 0);
+  }
+}
+
+TEST(Engine, OffBackendRefusesToCompact) {
+  const struct mv_backend *saved = mv_backend_select(MV_BACKEND_AUTO, nullptr, 0);
+  mv_engine_use_backend(mv_backend_get(MV_BACKEND_OFF), MV_STEP_NONE);
+  EXPECT_EQ(movalloc_compact(0), -ENOSYS);
+  mv_engine_use_backend(saved, MV_STEP_NONE);
+}
+
+}  // namespace

@@ -1,0 +1,223 @@
+// Thread heaps: threads, cross-thread frees, thread exit, fork (also from a
+// signal handler that interrupted an allocation), dlopen/dlclose, signals.
+#include <dlfcn.h>
+#include <malloc.h>
+#include <gtest/gtest.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/time.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <string>
+#include <thread>
+#include <vector>
+
+extern "C" {
+#include "arena/mv_alloc.h"
+#include "arena/mv_prim.h"
+#include "include/movalloc.h"
+}
+
+namespace {
+
+uint64_t InUse() {
+  struct movalloc_stats s;
+  movalloc_stats_get(&s);
+  return s.in_use_bytes;
+}
+
+TEST(Heap, EachThreadGetsItsOwnHeap) {
+  mv_heap_t *main_heap = mv_heap_get();
+  mv_heap_t *other = nullptr;
+  std::thread([&] { other = mv_heap_get(); }).join();
+  EXPECT_NE(main_heap, other);
+  EXPECT_NE(other, &mv_heap_empty);
+}
+
+TEST(Heap, ExitedThreadsHeapIsAdopted) {
+  mv_heap_t *first = nullptr, *second = nullptr;
+  std::thread([&] { first = mv_heap_get(); free(malloc(10)); }).join();
+  std::thread([&] { second = mv_heap_get(); free(malloc(10)); }).join();
+  EXPECT_EQ(first, second);  // the second thread adopted the abandoned heap
+}
+
+TEST(Heap, CrossThreadFreesComeBack) {
+  // One thread allocates, another frees; the allocating thread then reuses.
+  const int n = 20000;
+  std::vector<void *> blocks(n);
+  std::thread producer([&] {
+    for (int i = 0; i < n; i++) blocks[i] = malloc(48);
+  });
+  producer.join();
+  uint64_t before = InUse();
+  std::thread consumer([&] {
+    for (void *p : blocks) free(p);
+  });
+  consumer.join();
+  // The producer's heap was abandoned: its pages are collected when memory is
+  // needed; malloc_trim collects everything now.
+  malloc_trim(0);
+  EXPECT_LE(InUse() + n * 48, before + 4096);
+}
+
+TEST(Heap, ThreadExitReturnsMemory) {
+  uint64_t before = InUse();
+  std::thread([] {
+    std::vector<void *> blocks;
+    for (int i = 0; i < 10000; i++) blocks.push_back(malloc(200));
+    for (void *p : blocks) free(p);
+  }).join();
+  EXPECT_LE(InUse(), before + 4096);
+}
+
+TEST(Heap, ManyThreadsAllocateAndFreeEachOthers) {
+  const int threads = 8, per = 20000;
+  std::vector<std::atomic<void *>> slots(1024);
+  std::vector<std::thread> ts;
+  for (int t = 0; t < threads; t++)
+    ts.emplace_back([&, t] {
+      uint64_t x = t + 1;
+      for (int i = 0; i < per; i++) {
+        x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+        size_t size = 8 + x % 2000;
+        unsigned char *p = (unsigned char *)malloc(size);
+        memset(p, (unsigned char)size, size);
+        p[0] = (unsigned char)(size & 0xff);
+        *(uint16_t *)(p + 1) = (uint16_t)size;
+        void *old = slots[x % slots.size()].exchange(p);
+        if (old) {
+          unsigned char *o = (unsigned char *)old;
+          uint16_t osize = *(uint16_t *)(o + 1);
+          for (size_t k = 3; k < osize; k++) ASSERT_EQ(o[k], (unsigned char)osize);
+          free(old);
+        }
+      }
+    });
+  for (auto &t : ts) t.join();
+  for (auto &s : slots) free(s.load());
+}
+
+TEST(Heap, ForkInThreadedProgram) {
+  std::atomic<bool> stop{false};
+  std::vector<std::thread> ts;
+  for (int t = 0; t < 3; t++)
+    ts.emplace_back([&] {
+      while (!stop) {
+        void *p = malloc(100);
+        void *q = malloc(5000);
+        free(p);
+        free(q);
+      }
+    });
+  for (int i = 0; i < 20; i++) {
+    pid_t pid = fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      // The child allocates freely, also from a new thread.
+      std::vector<void *> blocks;
+      for (int k = 0; k < 1000; k++) blocks.push_back(malloc(k * 10 + 1));
+      for (void *p : blocks) free(p);
+      std::thread([] { free(malloc(123)); }).join();
+      _exit(0);
+    }
+    int status;
+    ASSERT_EQ(waitpid(pid, &status, 0), pid);
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  }
+  stop = true;
+  for (auto &t : ts) t.join();
+}
+
+std::atomic<int> forks_from_handler{0};
+
+void ForkingHandler(int) {
+  pid_t pid = fork();
+  if (pid == 0) _exit(0);
+  if (pid > 0) {
+    int status;
+    waitpid(pid, &status, 0);
+    forks_from_handler++;
+  }
+}
+
+TEST(Heap, ForkFromSignalHandlerThatInterruptedAnAllocation) {
+  struct sigaction sa = {};
+  sa.sa_handler = ForkingHandler;
+  sa.sa_flags = SA_RESTART;
+  ASSERT_EQ(sigaction(SIGALRM, &sa, nullptr), 0);
+  // Every 2 ms (a fork takes about a millisecond here): the loop below spends
+  // most of its time in malloc and free, so most signals land inside them.
+  struct itimerval every = {{0, 2000}, {0, 2000}};
+  setitimer(ITIMER_REAL, &every, nullptr);
+  uint64_t deadline = mv_os_now_ns() + 3000000000ull;
+  while (forks_from_handler < 50 && mv_os_now_ns() < deadline) {
+    void *big = malloc((size_t)3 << 20);  // slow path: takes the arena lock
+    void *small = malloc(64);
+    free(big);
+    free(small);
+  }
+  struct itimerval off = {};
+  setitimer(ITIMER_REAL, &off, nullptr);
+  signal(SIGALRM, SIG_DFL);
+  EXPECT_GE(forks_from_handler.load(), 50);
+}
+
+TEST(Heap, DlopenDlcloseOfAllocatingLibrary) {
+  std::string path = std::string(getenv("TEST_SRCDIR") ? getenv("TEST_SRCDIR") : ".") +
+                     "/movalloc/tests/libdlopen_victim.so";
+  for (int round = 0; round < 5; round++) {
+    void *lib = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+    ASSERT_NE(lib, nullptr) << dlerror();
+    auto dup = (char *(*)(const char *))dlsym(lib, "victim_strdup");
+    auto sum = (int (*)(void))dlsym(lib, "victim_sum");
+    ASSERT_NE(dup, nullptr);
+    char *s = dup("hello from a dlopened library");
+    EXPECT_TRUE(mv_owns(s));
+    EXPECT_STREQ(s, "hello from a dlopened library");
+    EXPECT_EQ(sum(), 700000);
+    ASSERT_EQ(dlclose(lib), 0);
+    free(s);  // outlives the library that allocated it
+  }
+}
+
+std::atomic<long> handler_allocs{0};
+
+void AllocatingHandler(int) {
+  // Not async-signal-safe by POSIX, but real programs do it; it must work when
+  // the signal did not interrupt an allocation in this thread.
+  handler_allocs++;
+}
+
+TEST(Heap, SignalsDuringAllocationDoNotCorrupt) {
+  struct sigaction sa = {};
+  sa.sa_handler = AllocatingHandler;
+  sa.sa_flags = SA_RESTART;
+  ASSERT_EQ(sigaction(SIGUSR1, &sa, nullptr), 0);
+  std::atomic<bool> stop{false};
+  pthread_t target = pthread_self();
+  std::thread signaller([&] {
+    while (!stop) {
+      pthread_kill(target, SIGUSR1);
+      usleep(50);
+    }
+  });
+  std::vector<void *> blocks;
+  for (int i = 0; i < 200000; i++) {
+    blocks.push_back(malloc(i % 500 + 1));
+    if (blocks.size() > 1000) {
+      for (void *p : blocks) free(p);
+      blocks.clear();
+    }
+  }
+  stop = true;
+  signaller.join();
+  for (void *p : blocks) free(p);
+  signal(SIGUSR1, SIG_DFL);
+  EXPECT_GT(handler_allocs.load(), 0);
+}
+
+}  // namespace

@@ -1,0 +1,114 @@
+// Several threads allocate random sizes, fill each block with a pattern derived
+// from its address, pass blocks between threads, and verify every byte before
+// freeing.
+#include <gtest/gtest.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <atomic>
+#include <thread>
+#include <vector>
+
+namespace {
+
+struct Block {
+  unsigned char *p;
+  size_t size;
+};
+
+unsigned char PatternAt(const unsigned char *base, size_t i) {
+  uintptr_t a = (uintptr_t)(base + i);
+  return (unsigned char)((a * 2654435761u) >> 13);
+}
+
+void Fill(const Block &b) {
+  for (size_t i = 0; i < b.size; i++) b.p[i] = PatternAt(b.p, i);
+}
+
+size_t Verify(const Block &b) {
+  size_t bad = 0;
+  for (size_t i = 0; i < b.size; i++) bad += b.p[i] != PatternAt(b.p, i);
+  return bad;
+}
+
+uint64_t Next(uint64_t *x) {
+  *x ^= *x << 13, *x ^= *x >> 7, *x ^= *x << 17;
+  return *x;
+}
+
+size_t RandomSize(uint64_t *x) {
+  uint64_t r = Next(x) % 1000;
+  if (r < 900) return 1 + Next(x) % 512;           // small
+  if (r < 990) return 513 + Next(x) % 60000;       // medium
+  if (r < 998) return 65536 + Next(x) % 900000;    // large
+  return (1 << 20) + Next(x) % (6 << 20);          // huge
+}
+
+TEST(Stress, ThreadsPassBlocksAndVerifyEveryByte) {
+  const int threads = 6;
+  const int ops = 25000;
+  std::vector<std::atomic<Block *>> mailbox(512);
+  std::atomic<size_t> bad{0}, verified{0};
+  std::vector<std::thread> ts;
+  for (int t = 0; t < threads; t++)
+    ts.emplace_back([&, t] {
+      uint64_t x = 0x9e3779b97f4a7c15ull * (t + 1);
+      std::vector<Block *> mine;
+      for (int i = 0; i < ops; i++) {
+        Block *b = new Block;
+        b->size = RandomSize(&x);
+        b->p = (unsigned char *)malloc(b->size);
+        ASSERT_NE(b->p, nullptr);
+        Fill(*b);
+        // Keep some (up to 64, then the oldest random one goes), pass the rest
+        // to whichever thread picks that mailbox slot next.
+        if (Next(&x) % 4 == 0) {
+          mine.push_back(b);
+          b = nullptr;
+          if (mine.size() > 64) {
+            size_t k = Next(&x) % mine.size();
+            b = mine[k];
+            mine[k] = mine.back();
+            mine.pop_back();
+          }
+        } else {
+          b = mailbox[Next(&x) % mailbox.size()].exchange(b);
+        }
+        if (b) {
+          bad += Verify(*b);
+          verified++;
+          if (Next(&x) % 8 == 0) {  // grow it through realloc, then verify again
+            size_t old = b->size;
+            const unsigned char *old_base = b->p;  // only its address is used
+            b->p = (unsigned char *)realloc(b->p, old * 2 + 1);
+            ASSERT_NE(b->p, nullptr);
+            for (size_t k = 0; k < old; k++) bad += b->p[k] != PatternAt(old_base, k);
+            b->size = old * 2 + 1;
+            Fill(*b);
+          }
+          free(b->p);
+          delete b;
+        }
+      }
+      for (Block *m : mine) {
+        bad += Verify(*m);
+        verified++;
+        free(m->p);
+        delete m;
+      }
+    });
+  for (auto &t : ts) t.join();
+  for (auto &slot : mailbox) {
+    Block *b = slot.load();
+    if (!b) continue;
+    bad += Verify(*b);
+    verified++;
+    free(b->p);
+    delete b;
+  }
+  EXPECT_EQ(bad.load(), 0u);
+  EXPECT_GT(verified.load(), (size_t)threads * ops / 2);
+}
+
+}  // namespace
