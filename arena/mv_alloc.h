@@ -56,7 +56,7 @@ static inline mv_arena_t *mv_arena_of(uintptr_t addr) {
 /* ---- slow paths ---- */
 void *mv_malloc_slow(size_t size) MV_NOINLINE;
 void mv_free_slow(void *p) MV_NOINLINE;
-void mv_page_emptied(mv_page_t *page) MV_NOINLINE; /* owner: used dropped to 0 */
+void mv_page_emptied(mv_page_t *page) MV_NOINLINE; /* owner: used hit 0, or a full page got a free */
 
 /* ---- fast paths ---- */
 
@@ -92,7 +92,9 @@ static inline void mv_free(void *p) {
                   !mv_looks_freed(b))) {
       b->next_enc = mv_ptr_encode(page->local_free);
       page->local_free = b;
-      if (MV_UNLIKELY(--page->used == 0)) mv_page_emptied(page);
+      if (MV_UNLIKELY(--page->used == 0 ||
+                      atomic_load_explicit(&page->in_full, memory_order_relaxed)))
+        mv_page_emptied(page);
       return;
     }
   }
