@@ -73,6 +73,8 @@ void mv_engine_start(void) {
   if (mv_options.verbose) engine_backend();
 }
 
+const char *mv_engine_backend_name(void) { return engine_backend()->name; }
+
 void mv_engine_use_backend(const struct mv_backend *b, enum mv_move_step fail_at) {
   mv_lock(&mv_engine_lock);
   backend = b;
@@ -208,8 +210,9 @@ static bool heap_arena_eligible(mv_arena_t *a, unsigned flags, uint64_t now) {
   return true;
 }
 
-/* Runs MV_PASSES passes over every eligible arena; returns how many moved. */
-static int compact_locked(unsigned flags) {
+/* Runs MV_PASSES passes over every eligible arena, stopping after max_moves
+ * moves; returns how many moved. */
+static int compact_locked(unsigned flags, int max_moves) {
   uint64_t cpu0 = mv_os_thread_cpu_ns();
   int moved = 0;
   uint32_t n = mv_arena_frontier();
@@ -226,6 +229,7 @@ static int compact_locked(unsigned flags) {
     uint64_t now = mv_os_now_ns();
     for (uint32_t i = 0; i < n; i++) {
       mv_arena_t *a = &mv_arenas[i];
+      if (moved >= max_moves) break;
       if (a->engine_gen == gen || !heap_arena_eligible(a, flags, now)) continue;
       enum outcome o = migrate_one(&heap_ops, NULL, mv_heap_base + ((uintptr_t)i << MV_ARENA_SHIFT));
       if (o == MOVED) moved++;
@@ -237,7 +241,7 @@ static int compact_locked(unsigned flags) {
       struct region *reg = &regions[r];
       if (!reg->ops || now < reg->backoff_until_ns) continue;
       size_t arenas = reg->len >> MV_ARENA_SHIFT;
-      for (size_t k = 0; k < arenas; k++) {
+      for (size_t k = 0; k < arenas && moved < max_moves; k++) {
         uintptr_t start = reg->start + (k << MV_ARENA_SHIFT);
         bool tracked_k = k < sizeof skip_region[r];
         if (tracked_k && skip_region[r][k]) continue;
@@ -249,21 +253,23 @@ static int compact_locked(unsigned flags) {
         else if (tracked_k) skip_region[r][k] = 1;
       }
     }
-    if (!again) break;
+    if (!again || moved >= max_moves) break;
   }
   atomic_fetch_add(&counters.cpu_ns, mv_os_thread_cpu_ns() - cpu0);
   return moved;
 }
 
-MV_EXPORT int movalloc_compact(unsigned flags) {
+int mv_engine_compact(unsigned flags, int max_moves) {
   if (in_callback) return -EBUSY;
   if (!mv_ensure_init()) return -ENOMEM;
   mv_lock(&mv_engine_lock);
   const struct mv_backend *b = engine_backend();
-  int rc = b->kind == MV_BACKEND_OFF ? -ENOSYS : compact_locked(flags);
+  int rc = b->kind == MV_BACKEND_OFF ? -ENOSYS : compact_locked(flags, max_moves);
   mv_unlock(&mv_engine_lock);
   return rc;
 }
+
+MV_EXPORT int movalloc_compact(unsigned flags) { return mv_engine_compact(flags, INT32_MAX); }
 
 /* ---- third-party regions ---- */
 
@@ -312,7 +318,10 @@ MV_EXPORT int movalloc_region_unregister(void *start) {
 
 /* ---- fork and statistics ---- */
 
-void mv_engine_fork_child(void) { mv_backend_fork_child(); }
+void mv_engine_fork_child(void) {
+  mv_backend_fork_child();
+  mv_compactor_fork_child();
+}
 
 void mv_engine_stats(struct movalloc_stats *out) {
   const struct mv_backend *b = engine_backend();

@@ -27,6 +27,20 @@ void mv_engine_fork_child(void);
 /* Tests: use this backend and inject a failure at one step of every move. */
 void mv_engine_use_backend(const struct mv_backend *b, enum mv_move_step fail_at);
 
+/* movalloc_compact() with a cap on how many arenas move (the compactor's
+ * budget). Returns how many moved, or -errno as movalloc_compact(). */
+int mv_engine_compact(unsigned flags, int max_moves);
+
+/* The backend in use ("move", ..., "off"); chooses it if not done yet. */
+const char *mv_engine_backend_name(void);
+
+/* The background compactor (mv_compactor.c). mv_compactor_poke() is cheap and
+ * called by the allocator when its heap grows: it starts the thread once the
+ * heap is big enough to be worth it, if MOVALLOC_COMPACT allows. */
+void mv_compactor_poke(void);
+void mv_compactor_fork_child(void);
+bool mv_compactor_running(void);
+
 /* Copies the engine's counters, backend name and reason into *out. */
 void mv_engine_stats(struct movalloc_stats *out);
 

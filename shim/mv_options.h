@@ -18,8 +18,12 @@ struct mv_options {
   bool stats;             /* MOVALLOC_STATS: summary on stderr at exit */
   bool check;             /* MOVALLOC_CHECK: full misuse checks, abort on misuse */
   bool verbose;           /* MOVALLOC_VERBOSE: say what was chosen at start-up */
+  bool help;              /* MOVALLOC_HELP: list the options on stderr at start-up */
   int migrate;            /* MOVALLOC_MIGRATE: enum mv_backend_kind, or AUTO */
   bool compact;           /* MOVALLOC_COMPACT: background compactor */
+  unsigned compact_period_ms; /* MOVALLOC_COMPACT_PERIOD_MS: between compactor rounds */
+  unsigned compact_mbps;  /* MOVALLOC_COMPACT_MBPS: bandwidth budget, MB/s of arenas moved */
+  bool compact_stress;    /* MOVALLOC_COMPACT_STRESS: move everything, constantly (tests) */
   enum mv_thp_mode thp;   /* MOVALLOC_THP */
   size_t reserve_gib;     /* MOVALLOC_RESERVE_GIB: virtual reservation for the heap */
   unsigned arena_cache;   /* MOVALLOC_ARENA_CACHE: empty arenas kept before release */

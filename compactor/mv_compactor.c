@@ -1,0 +1,76 @@
+/* The background compactor: the "VM" side of the contract. It wakes up every
+ * period, and moves the arenas that gain from a huge page (dense, not yet huge,
+ * not backing off) within a bandwidth budget, through the engine.
+ *
+ * Started lazily, once the heap is big enough to be worth it (small programs
+ * never get a thread), with every signal blocked so the program's signals go to
+ * the program's threads. fork(): the child has no compactor thread; its next
+ * poke starts one. */
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <time.h>
+
+#include "arena/mv_alloc.h"
+#include "arena/mv_arena.h"
+#include "arena/mv_prim.h"
+#include "arena/mv_print.h"
+#include "compactor/mv_engine.h"
+#include "shim/mv_options.h"
+
+#define MV_COMPACTOR_MIN_ARENAS 8 /* 16 MiB of heap before a thread is worth it */
+
+enum { IDLE, STARTING, RUNNING, FAILED };
+static _Atomic(int) state = IDLE;
+
+static void sleep_ms(unsigned ms) {
+  struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000};
+  while (nanosleep(&ts, &ts) != 0) {
+  }
+}
+
+static void *compactor_main(void *unused) {
+  unsigned period = mv_options.compact_stress ? 10 : mv_options.compact_period_ms;
+  unsigned flags = mv_options.compact_stress ? MOVALLOC_COMPACT_ALL : 0;
+  /* The bandwidth budget in arenas per period, at least one. */
+  uint64_t per_period = (uint64_t)mv_options.compact_mbps * period / 1000 / 2;
+  int max_moves = mv_options.compact_stress ? INT32_MAX : (int)(per_period ? per_period : 1);
+  for (;;) {
+    sleep_ms(period);
+    if (mv_engine_compact(flags, max_moves) == -ENOSYS) break; /* backend "off" */
+  }
+  atomic_store(&state, FAILED);
+  return NULL;
+}
+
+void mv_compactor_poke(void) {
+  if (MV_LIKELY(atomic_load_explicit(&state, memory_order_relaxed) != IDLE)) return;
+  if (!mv_options.compact || mv_options.thp == MV_THP_NEVER) return;
+  if (mv_arena_frontier() < MV_COMPACTOR_MIN_ARENAS && !mv_options.compact_stress) return;
+  int expected = IDLE;
+  if (!atomic_compare_exchange_strong(&state, &expected, STARTING)) return;
+  sigset_t all, old;
+  sigfillset(&all);
+  pthread_sigmask(SIG_SETMASK, &all, &old);
+  pthread_attr_t attr;
+  pthread_attr_init(&attr);
+  pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+  pthread_t tid;
+  int rc = pthread_create(&tid, &attr, compactor_main, NULL);
+  pthread_attr_destroy(&attr);
+  pthread_sigmask(SIG_SETMASK, &old, NULL);
+  if (rc != 0) {
+    atomic_store(&state, FAILED);
+    if (mv_options.verbose) mv_log("no background compactor: pthread_create failed (%d)", rc);
+    return;
+  }
+  pthread_setname_np(tid, "movalloc-compact");
+  atomic_store(&state, RUNNING);
+  if (mv_options.verbose) mv_log("background compactor started");
+}
+
+void mv_compactor_fork_child(void) {
+  if (atomic_load(&state) == RUNNING) atomic_store(&state, IDLE);
+}
+
+bool mv_compactor_running(void) { return atomic_load(&state) == RUNNING; }

@@ -1,0 +1,120 @@
+/* System calls that write into a caller's buffer fail with EFAULT when the
+ * buffer lies in a range the mprotect backend holds read-only. These wrappers
+ * wait for the release and call again, only then: when the call succeeded, or
+ * failed otherwise, they cost one relaxed load.
+ *
+ * Calling again is safe for what they cover: a pipe, a stream socket or a file
+ * consumes nothing when the copy to the user fails. A datagram socket does drop
+ * the datagram (the kernel frees it on EFAULT), so the retry returns the next
+ * one: holding a recv buffer is lossy for UDP, whatever the wrapper does.
+ *
+ * The real calls are reached without dlsym, which can allocate: glibc exports
+ * read and pread64 as __read and __pread64 too; readv is preadv2 at offset -1
+ * (the kernel's own definition) and recvfrom is recvmsg with one iovec, both
+ * glibc entry points that stay cancellation points.
+ */
+#include <errno.h>
+#include <stdint.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "shim/mv_sigsegv.h"
+
+#define MV_INTERPOSE __attribute__((visibility("default")))
+
+extern ssize_t __read(int fd, void *buf, size_t n);
+extern ssize_t __pread64(int fd, void *buf, size_t n, off64_t off);
+extern void __chk_fail(void) __attribute__((noreturn));
+
+static inline bool failed_on_hold(ssize_t r, const void *buf, size_t n, uint64_t epoch) {
+  return __builtin_expect(r < 0 && errno == EFAULT, 0) &&
+         mv_sigsegv_wait((uintptr_t)buf, n, epoch);
+}
+
+MV_INTERPOSE ssize_t read(int fd, void *buf, size_t n) {
+  for (;;) {
+    uint64_t epoch = mv_sigsegv_epoch();
+    ssize_t r = __read(fd, buf, n);
+    if (!failed_on_hold(r, buf, n, epoch)) return r;
+  }
+}
+
+MV_INTERPOSE ssize_t pread64(int fd, void *buf, size_t n, off64_t off) {
+  for (;;) {
+    uint64_t epoch = mv_sigsegv_epoch();
+    ssize_t r = __pread64(fd, buf, n, off);
+    if (!failed_on_hold(r, buf, n, epoch)) return r;
+  }
+}
+
+MV_INTERPOSE ssize_t pread(int fd, void *buf, size_t n, off_t off) {
+  return pread64(fd, buf, n, off);
+}
+
+MV_INTERPOSE ssize_t readv(int fd, const struct iovec *iov, int iovcnt) {
+  for (;;) {
+    uint64_t epoch = mv_sigsegv_epoch();
+    ssize_t r = preadv2(fd, iov, iovcnt, -1, 0);
+    if (__builtin_expect(r >= 0 || errno != EFAULT, 1)) return r;
+    bool retry = false;
+    for (int i = 0; i < iovcnt; i++)
+      retry |= mv_sigsegv_wait((uintptr_t)iov[i].iov_base, iov[i].iov_len, epoch);
+    if (!retry) return r;
+  }
+}
+
+static ssize_t recvfrom_once(int fd, void *buf, size_t n, int flags, struct sockaddr *addr,
+                             socklen_t *addr_len) {
+  struct iovec iov = {.iov_base = buf, .iov_len = n};
+  struct msghdr msg = {
+      .msg_name = addr,
+      .msg_namelen = addr && addr_len ? *addr_len : 0,
+      .msg_iov = &iov,
+      .msg_iovlen = 1,
+  };
+  ssize_t r = recvmsg(fd, &msg, flags);
+  if (r >= 0 && addr && addr_len) *addr_len = msg.msg_namelen;
+  return r;
+}
+
+/* __SOCKADDR_ARG: glibc's transparent union for a struct sockaddr pointer. */
+MV_INTERPOSE ssize_t recvfrom(int fd, void *buf, size_t n, int flags, __SOCKADDR_ARG addr,
+                              socklen_t *addr_len) {
+  for (;;) {
+    uint64_t epoch = mv_sigsegv_epoch();
+    ssize_t r = recvfrom_once(fd, buf, n, flags, addr.__sockaddr__, addr_len);
+    if (!failed_on_hold(r, buf, n, epoch)) return r;
+  }
+}
+
+MV_INTERPOSE ssize_t recv(int fd, void *buf, size_t n, int flags) {
+  return recvfrom(fd, buf, n, flags, NULL, NULL);
+}
+
+/* _FORTIFY_SOURCE builds call these instead. */
+MV_INTERPOSE ssize_t __read_chk(int fd, void *buf, size_t n, size_t buflen) {
+  if (n > buflen) __chk_fail();
+  return read(fd, buf, n);
+}
+
+MV_INTERPOSE ssize_t __pread64_chk(int fd, void *buf, size_t n, off64_t off, size_t buflen) {
+  if (n > buflen) __chk_fail();
+  return pread64(fd, buf, n, off);
+}
+
+MV_INTERPOSE ssize_t __pread_chk(int fd, void *buf, size_t n, off_t off, size_t buflen) {
+  if (n > buflen) __chk_fail();
+  return pread64(fd, buf, n, off);
+}
+
+MV_INTERPOSE ssize_t __recv_chk(int fd, void *buf, size_t n, size_t buflen, int flags) {
+  if (n > buflen) __chk_fail();
+  return recvfrom(fd, buf, n, flags, NULL, NULL);
+}
+
+MV_INTERPOSE ssize_t __recvfrom_chk(int fd, void *buf, size_t n, size_t buflen, int flags,
+                                    __SOCKADDR_ARG addr, socklen_t *addr_len) {
+  if (n > buflen) __chk_fail();
+  return recvfrom(fd, buf, n, flags, addr, addr_len);
+}
