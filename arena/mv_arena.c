@@ -37,8 +37,10 @@ static uint32_t committed_upto;   /* arenas [0, committed_upto) are PROT_READ|WR
 static uint64_t *free_bits;       /* bit i: arena i is FREE */
 static uint32_t free_hint;        /* no FREE arena below this index */
 static mv_arena_t *buckets[MV_SLICES]; /* [k]: ACTIVE arenas with k free slices */
-static uint32_t cache[64];        /* FREE arenas still committed, most recent last */
+#define MV_CACHE_MAX 256u
+static uint32_t cache[MV_CACHE_MAX]; /* FREE arenas still committed, most recent last */
 static uint32_t cache_len;
+static uint32_t active_arenas;    /* not FREE */
 static uint64_t released_total;
 static uint64_t huge_live;
 
@@ -184,7 +186,16 @@ static mv_arena_t *take_free_arena(void) {
   a->committed = true;
   a->huge = false;
   atomic_store_explicit(&a->state, MV_ARENA_ACTIVE, memory_order_release);
+  active_arenas++;
   return a;
+}
+
+/* Empty arenas worth keeping committed: the option, or a quarter of the heap
+ * for a big heap, whose blocks come and go in larger amounts. */
+static uint32_t cache_capacity(void) {
+  uint32_t cap = active_arenas / 4;
+  if (cap < mv_options.arena_cache) cap = mv_options.arena_cache;
+  return cap < MV_CACHE_MAX ? cap : MV_CACHE_MAX;
 }
 
 /* An arena just became wholly free. Returns it when the caller must release it
@@ -197,7 +208,8 @@ static mv_arena_t *arena_emptied(mv_arena_t *a) {
   }
   atomic_store_explicit(&a->state, MV_ARENA_FREE, memory_order_release);
   a->huge = false;
-  if (a->committed && cache_len < mv_options.arena_cache && cache_len < 64) {
+  active_arenas--;
+  if (a->committed && cache_len < cache_capacity()) {
     cache[cache_len++] = a->index;
     bit_set(a->index);
     if (a->index < free_hint) free_hint = a->index;
@@ -262,6 +274,7 @@ static mv_page_t *carve(mv_arena_t *a, unsigned first, unsigned n, bool *zeroed)
   bucket_insert(a);
   *zeroed = (a->zero_mask & run) == run;
   a->zero_mask &= ~run;
+  a->placed_ns = mv_os_now_ns();
   mv_page_t *page = &a->pages[first];
   page_reset(page);
   page->start = mv_heap_base + ((uintptr_t)a->index << MV_ARENA_SHIFT) +
@@ -384,6 +397,7 @@ mv_page_t *mv_arena_alloc_huge(size_t size, size_t align, bool *zeroed) {
     a->huge = true;
     atomic_store_explicit(&a->state, MV_ARENA_ACTIVE, memory_order_release);
   }
+  active_arenas += (uint32_t)n;
   if (first == free_hint) free_hint = first + (uint32_t)n;
   mv_page_t *page = &mv_arenas[first].pages[0];
   page_reset(page);
@@ -475,6 +489,7 @@ bool mv_arena_resize_huge(mv_page_t *page, size_t size) {
       a->huge = true;
       atomic_store_explicit(&a->state, MV_ARENA_ACTIVE, memory_order_release);
     }
+    active_arenas += end - first - n;
     map_huge(page, first + n, end - first - n);
   }
   page->huge_size = want << MV_ARENA_SHIFT;

@@ -125,6 +125,7 @@ typedef struct mv_arena {
   uint32_t index;
   uint64_t backoff_until_ns;  /* the engine skips it until then (permanent failure) */
   uint32_t engine_gen;        /* the engine's: last compaction that was done with it */
+  uint64_t placed_ns;         /* when slices were last handed out (still filling?) */
   struct mv_arena *bucket_next, *bucket_prev;
   mv_page_t *slice_page[MV_SLICES];
   mv_page_t pages[MV_SLICES]; /* page whose first slice is slice i */

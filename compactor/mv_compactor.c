@@ -31,7 +31,7 @@ static void sleep_ms(unsigned ms) {
 
 static void *compactor_main(void *unused) {
   unsigned period = mv_options.compact_stress ? 10 : mv_options.compact_period_ms;
-  unsigned flags = mv_options.compact_stress ? MOVALLOC_COMPACT_ALL : 0;
+  unsigned flags = mv_options.compact_stress ? MOVALLOC_COMPACT_ALL : MV_COMPACT_SETTLED;
   /* The bandwidth budget in arenas per period, at least one. */
   uint64_t per_period = (uint64_t)mv_options.compact_mbps * period / 1000 / 2;
   int max_moves = mv_options.compact_stress ? INT32_MAX : (int)(per_period ? per_period : 1);

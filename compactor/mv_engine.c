@@ -28,6 +28,7 @@
 #define MV_BACKOFF_NS (10ull * 1000000000u) /* after a permanent failure */
 #define MV_MAX_REGIONS 64
 #define MV_MIN_RESIDENT_PAGES 256           /* of 512: a huge page would not double RSS */
+#define MV_SETTLE_NS (1000ull * 1000000u)   /* no new pages for this long: settled */
 
 struct movalloc_migration {
   struct mv_move move;
@@ -201,6 +202,9 @@ static bool heap_arena_eligible(mv_arena_t *a, unsigned flags, uint64_t now) {
   uintptr_t start = mv_heap_base + ((uintptr_t)a->index << MV_ARENA_SHIFT);
   if (!(flags & MOVALLOC_COMPACT_ALL)) {
     if (a->thp) return false;
+    /* Still filling: moving it now would fault its rest in as 4 KiB pages anyway
+     * (and the program is busy). */
+    if (flags & MV_COMPACT_SETTLED && now - a->placed_ns < MV_SETTLE_NS) return false;
     if (!dense_enough(start, flags)) return false;
     if (mv_thp_is_huge(start) == 1) { /* got one at fault time, or from khugepaged */
       a->thp = true;

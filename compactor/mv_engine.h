@@ -27,6 +27,10 @@ void mv_engine_fork_child(void);
 /* Tests: use this backend and inject a failure at one step of every move. */
 void mv_engine_use_backend(const struct mv_backend *b, enum mv_move_step fail_at);
 
+/* Also a flag for mv_engine_compact (the compactor's): only arenas that got no
+ * new pages in the last second. */
+#define MV_COMPACT_SETTLED 0x100u
+
 /* movalloc_compact() with a cap on how many arenas move (the compactor's
  * budget). Returns how many moved, or -errno as movalloc_compact(). */
 int mv_engine_compact(unsigned flags, int max_moves);
