@@ -23,20 +23,17 @@ extern mv_page_t mv_page_empty;         /* an empty bin's page: free == NULL */
 extern mv_heap_t mv_heap_empty;         /* a thread's heap before its first malloc */
 extern __thread mv_heap_t *mv_tls_heap __attribute__((tls_model("initial-exec")));
 
-/* ---- free-list link encoding ---- */
-static inline uintptr_t mv_rotl(uintptr_t x, unsigned r) {
-  r &= 63;
-  return r ? (x << r) | (x >> (64 - r)) : x;
-}
-static inline uintptr_t mv_rotr(uintptr_t x, unsigned r) {
-  r &= 63;
-  return r ? (x >> r) | (x << (64 - r)) : x;
-}
+/* ---- free-list link encoding ----
+ * A link is the next block's address XOR a secret, rotated, XOR a second
+ * secret: a heap overflow that plants a plain address plants garbage, and NULL
+ * does not encode to 0. Rotating by a constant compiles to one instruction. */
 static inline uintptr_t mv_ptr_encode(const void *p) {
-  return mv_rotl((uintptr_t)p ^ mv_keys[0], (unsigned)mv_keys[1]) + mv_keys[1];
+  uintptr_t x = (uintptr_t)p ^ mv_keys[0];
+  return ((x << 17) | (x >> 47)) ^ mv_keys[1];
 }
 static inline mv_block_t *mv_ptr_decode(uintptr_t e) {
-  return (mv_block_t *)(mv_rotr(e - mv_keys[1], (unsigned)mv_keys[1]) ^ mv_keys[0]);
+  uintptr_t x = e ^ mv_keys[1];
+  return (mv_block_t *)(((x >> 17) | (x << 47)) ^ mv_keys[0]);
 }
 
 /* ---- lookup ---- */

@@ -58,7 +58,6 @@ static bool init_core(void) {
   mv_options_load(NULL);
   if (mv_options.help) mv_options_describe(2);
   mv_os_random(mv_keys, sizeof mv_keys);
-  mv_keys[1] |= 1; /* a non-zero rotation */
   if (mv_options.check) mv_free_fast_mask = ~(uintptr_t)0; /* every free checked */
   int rc = mv_arena_init();
   if (rc != 0) {
