@@ -13,7 +13,10 @@
 #include "compactor/mv_engine.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "arena/mv_alloc.h"
 #include "arena/mv_arena.h"
@@ -57,10 +60,42 @@ static struct {
   _Atomic uint64_t stall_hist[MOVALLOC_STALL_BUCKETS];
 } counters;
 
+enum outcome { MOVED, RETRY, REFUSED, FAILED };
+
+/* MOVALLOC_TRACE: one CSV line per migration, written whole with O_APPEND so
+ * lines from several processes sharing the file do not interleave. Off: one
+ * load and branch per migration. */
+static int trace_fd = -1;
+
+void mv_engine_trace_open(void) {
+  if (trace_fd >= 0) close(trace_fd);
+  trace_fd = -1;
+  if (!mv_options.trace) return;
+  trace_fd = open(mv_options.trace, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+  if (trace_fd < 0) {
+    mv_log("MOVALLOC_TRACE=%s: cannot open it (errno %d); no trace", mv_options.trace, errno);
+    return;
+  }
+  struct stat st;
+  if (fstat(trace_fd, &st) == 0 && st.st_size == 0)
+    mv_dprintf(trace_fd, "time_ns,pid,arena,backend,outcome,rc,bytes,stall_us\n");
+}
+
+/* Indexed by enum outcome. */
+static const char *const outcome_names[] = {"moved", "retry", "refused", "failed"};
+
+static void trace_migration(uintptr_t start, enum outcome outcome, int rc, uint64_t stall_ns) {
+  if (trace_fd < 0) return;
+  mv_dprintf(trace_fd, "%llu,%d,%p,%s,%s,%d,%zu,%llu\n", (unsigned long long)mv_os_now_ns(),
+             (int)getpid(), (void *)start, backend->name, outcome_names[outcome], rc,
+             outcome == MOVED ? MV_ARENA_SIZE : (size_t)0, (unsigned long long)(stall_ns / 1000));
+}
+
 /* ---- backend ---- */
 
 static const struct mv_backend *engine_backend(void) {
   if (!backend) {
+    mv_engine_trace_open();
     const struct mv_backend *b =
         mv_backend_select((enum mv_backend_kind)mv_options.migrate, backend_reason,
                           sizeof backend_reason);
@@ -132,8 +167,6 @@ static const struct movalloc_movable_ops heap_ops = {
 
 /* ---- one migration ---- */
 
-enum outcome { MOVED, RETRY, REFUSED, FAILED };
-
 static void count_stall(uint64_t ns) {
   uint64_t us16 = ns / 16000;
   unsigned bucket = 0;
@@ -151,6 +184,7 @@ static enum outcome migrate_one(const struct movalloc_movable_ops *ops, void *ct
   m.backend = b;
   if (b->stage(&m.move) != 0) {
     atomic_fetch_add(&counters.staging_failed, 1);
+    trace_migration(start, RETRY, -EAGAIN, 0);
     return RETRY;
   }
   in_callback = true;
@@ -159,16 +193,18 @@ static enum outcome migrate_one(const struct movalloc_movable_ops *ops, void *ct
   if (!isolated) {
     b->unstage(&m.move);
     atomic_fetch_add(&counters.refused, 1);
+    trace_migration(start, REFUSED, 0, 0);
     return REFUSED;
   }
-  uint64_t t0 = mv_os_now_ns();
+  uint64_t t0 = mv_os_now_ns(), stall = 0;
   int rc = b->hold(&m.move);
   if (rc == 0) {
     in_callback = true;
     rc = ops->migrate(ctx, &m);
     in_callback = false;
     b->release(&m.move);
-    count_stall(mv_os_now_ns() - t0);
+    stall = mv_os_now_ns() - t0;
+    count_stall(stall);
   }
   if (rc != 0) {
     in_callback = true;
@@ -176,16 +212,10 @@ static enum outcome migrate_one(const struct movalloc_movable_ops *ops, void *ct
     in_callback = false;
   }
   b->unstage(&m.move);
-  if (rc == 0) {
-    atomic_fetch_add(&counters.migrated, 1);
-    return MOVED;
-  }
-  if (rc == -EAGAIN) {
-    atomic_fetch_add(&counters.retries, 1);
-    return RETRY;
-  }
-  atomic_fetch_add(&counters.failed, 1);
-  return FAILED;
+  enum outcome o = rc == 0 ? MOVED : rc == -EAGAIN ? RETRY : FAILED;
+  atomic_fetch_add(o == MOVED ? &counters.migrated : o == RETRY ? &counters.retries : &counters.failed, 1);
+  trace_migration(start, o, rc, stall);
+  return o;
 }
 
 /* ---- which arenas ---- */

@@ -24,6 +24,9 @@ extern mv_lock_t mv_engine_lock;
 /* In the child after fork(): drops the parent's userfaultfd. */
 void mv_engine_fork_child(void);
 
+/* (Re)opens the MOVALLOC_TRACE file named in mv_options.trace (tests set it). */
+void mv_engine_trace_open(void);
+
 /* Tests: use this backend and inject a failure at one step of every move. */
 void mv_engine_use_backend(const struct mv_backend *b, enum mv_move_step fail_at);
 

@@ -9,7 +9,7 @@
 
 struct mv_options mv_options;
 
-enum opt_type { OPT_BOOL, OPT_UINT, OPT_ENUM };
+enum opt_type { OPT_BOOL, OPT_UINT, OPT_ENUM, OPT_PATH };
 
 struct opt {
   const char *name;
@@ -48,6 +48,8 @@ static const struct opt opts[] = {
      "where huge pages come from: the compactor, also page faults, or nowhere"},
     {"MOVALLOC_RESERVE_GIB", OPT_UINT, NULL, 1, 65536, 1024, FIELD(reserve_gib),
      "virtual address space reserved for the heap, in GiB"},
+    {"MOVALLOC_TRACE", OPT_PATH, NULL, 0, 0, 0, FIELD(trace),
+     "append a CSV line per migration to this file (created mode 0600)"},
     {"MOVALLOC_ARENA_CACHE", OPT_UINT, NULL, 0, 64, 8, FIELD(arena_cache),
      "empty 2 MiB arenas kept for reuse before returning them to the kernel"},
 };
@@ -104,6 +106,10 @@ static bool parse(const struct opt *o, const char *value, uint64_t *out) {
       *out = (uint64_t)i;
       return true;
     }
+    case OPT_PATH: /* the environment's own string: nothing to copy */
+      if (value[0] != '/') return false;
+      *out = (uint64_t)(uintptr_t)value;
+      return true;
   }
   return false;
 }
@@ -114,6 +120,7 @@ static void accepted(const struct opt *o, char *buf, size_t cap) {
     case OPT_UINT: mv_snprintf(buf, cap, "a whole number from %llu to %llu",
                                (unsigned long long)o->min, (unsigned long long)o->max); break;
     case OPT_ENUM: mv_snprintf(buf, cap, "one of %s", o->choices); break;
+    case OPT_PATH: mv_snprintf(buf, cap, "an absolute path"); break;
   }
 }
 

@@ -27,6 +27,7 @@ struct mv_options {
   enum mv_thp_mode thp;   /* MOVALLOC_THP */
   size_t reserve_gib;     /* MOVALLOC_RESERVE_GIB: virtual reservation for the heap */
   unsigned arena_cache;   /* MOVALLOC_ARENA_CACHE: empty arenas kept before release */
+  const char *trace;      /* MOVALLOC_TRACE: file that gets a CSV line per migration */
 };
 
 extern struct mv_options mv_options;

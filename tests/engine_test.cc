@@ -6,6 +6,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <fstream>
@@ -18,6 +20,7 @@ extern "C" {
 #include "compactor/mv_backend.h"
 #include "compactor/mv_engine.h"
 #include "include/movalloc.h"
+#include "shim/mv_options.h"
 }
 
 namespace {
@@ -207,6 +210,37 @@ TEST(Engine, InjectedFailuresEndInPutbackWithDataIntact) {
       ASSERT_EQ(r.base[i], Pattern((uintptr_t)r.base + i)) << i;
     EXPECT_EQ(movalloc_region_unregister(r.base), 0);
   }
+}
+
+TEST(Engine, TraceHasALinePerMigration) {
+  std::string why;
+  if (!HaveMovingBackend(&why)) GTEST_SKIP() << why;
+  std::string path = "/tmp/movalloc_trace_test_" + std::to_string(getpid()) + ".csv";
+  unlink(path.c_str());
+  mv_options.trace = path.c_str();
+  mv_engine_trace_open();
+  Region r;
+  r.base = MapAligned(2 * MV_ARENA_SIZE);
+  ASSERT_EQ(movalloc_region_register(r.base, 2 * MV_ARENA_SIZE, &kRegionOps, &r), 0);
+  int moved = movalloc_compact(0);
+  mv_options.trace = nullptr;
+  mv_engine_trace_open();  // closes it
+  EXPECT_EQ(movalloc_region_unregister(r.base), 0);
+  std::ifstream in(path);
+  std::string header, line;
+  std::getline(in, header);
+  EXPECT_EQ(header, "time_ns,pid,arena,backend,outcome,rc,bytes,stall_us");
+  int lines = 0, moved_lines = 0;
+  while (std::getline(in, line)) {
+    lines++;
+    moved_lines += line.find(",moved,0,2097152,") != std::string::npos;
+  }
+  EXPECT_EQ(moved_lines, moved);
+  EXPECT_GE(lines, 2);
+  struct stat st;
+  ASSERT_EQ(stat(path.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600u) << "the trace is readable by its owner only";
+  unlink(path.c_str());
 }
 
 TEST(Engine, OffBackendRefusesToCompact) {
