@@ -84,10 +84,11 @@ void mv_engine_trace_open(void) {
 /* Indexed by enum outcome. */
 static const char *const outcome_names[] = {"moved", "retry", "refused", "failed"};
 
-static void trace_migration(uintptr_t start, enum outcome outcome, int rc, uint64_t stall_ns) {
+static void trace_migration(const struct mv_backend *b, uintptr_t start, enum outcome outcome,
+                            int rc, uint64_t stall_ns) {
   if (trace_fd < 0) return;
   mv_dprintf(trace_fd, "%llu,%d,%p,%s,%s,%d,%zu,%llu\n", (unsigned long long)mv_os_now_ns(),
-             (int)getpid(), (void *)start, backend->name, outcome_names[outcome], rc,
+             (int)getpid(), (void *)start, b->name, outcome_names[outcome], rc,
              outcome == MOVED ? MV_ARENA_SIZE : (size_t)0, (unsigned long long)(stall_ns / 1000));
 }
 
@@ -174,9 +175,9 @@ static void count_stall(uint64_t ns) {
   atomic_fetch_add(&counters.stall_hist[bucket], 1);
 }
 
-static enum outcome migrate_one(const struct movalloc_movable_ops *ops, void *ctx,
+static enum outcome migrate_one(const struct mv_backend *b,
+                                const struct movalloc_movable_ops *ops, void *ctx,
                                 uintptr_t start) {
-  const struct mv_backend *b = backend;
   struct movalloc_migration m;
   memset(&m, 0, sizeof m);
   m.move.start = start;
@@ -184,7 +185,7 @@ static enum outcome migrate_one(const struct movalloc_movable_ops *ops, void *ct
   m.backend = b;
   if (b->stage(&m.move) != 0) {
     atomic_fetch_add(&counters.staging_failed, 1);
-    trace_migration(start, RETRY, -EAGAIN, 0);
+    trace_migration(b, start, RETRY, -EAGAIN, 0);
     return RETRY;
   }
   in_callback = true;
@@ -193,7 +194,7 @@ static enum outcome migrate_one(const struct movalloc_movable_ops *ops, void *ct
   if (!isolated) {
     b->unstage(&m.move);
     atomic_fetch_add(&counters.refused, 1);
-    trace_migration(start, REFUSED, 0, 0);
+    trace_migration(b, start, REFUSED, 0, 0);
     return REFUSED;
   }
   uint64_t t0 = mv_os_now_ns(), stall = 0;
@@ -214,7 +215,7 @@ static enum outcome migrate_one(const struct movalloc_movable_ops *ops, void *ct
   b->unstage(&m.move);
   enum outcome o = rc == 0 ? MOVED : rc == -EAGAIN ? RETRY : FAILED;
   atomic_fetch_add(o == MOVED ? &counters.migrated : o == RETRY ? &counters.retries : &counters.failed, 1);
-  trace_migration(start, o, rc, stall);
+  trace_migration(b, start, o, rc, stall);
   return o;
 }
 
@@ -257,7 +258,17 @@ static int compact_locked(unsigned flags, int max_moves) {
   gen++;
   uint8_t skip_region[MV_MAX_REGIONS][64];
   memset(skip_region, 0, sizeof skip_region);
+  /* UFFDIO_MOVE refuses pages that are not exclusively the process's: shared
+   * with a child after fork(), and even after the child is gone, until the
+   * program writes them again. The last pass gives arenas the move backend keeps
+   * refusing to MADV_COLLAPSE, which copies instead (and is pin-safe too). */
+  const struct mv_backend *last_pass = backend;
+  if (backend->kind == MV_BACKEND_MOVE) {
+    const struct mv_backend *c = mv_backend_select(MV_BACKEND_COLLAPSE, NULL, 0);
+    if (c->kind == MV_BACKEND_COLLAPSE) last_pass = c;
+  }
   for (int pass = 0; pass < MV_PASSES; pass++) {
+    const struct mv_backend *b = pass == MV_PASSES - 1 ? last_pass : backend;
     atomic_fetch_add(&counters.passes, 1);
     bool again = false;
     uint64_t now = mv_os_now_ns();
@@ -265,7 +276,7 @@ static int compact_locked(unsigned flags, int max_moves) {
       mv_arena_t *a = &mv_arenas[i];
       if (moved >= max_moves) break;
       if (a->engine_gen == gen || !heap_arena_eligible(a, flags, now)) continue;
-      enum outcome o = migrate_one(&heap_ops, NULL, mv_heap_base + ((uintptr_t)i << MV_ARENA_SHIFT));
+      enum outcome o = migrate_one(b, &heap_ops, NULL, mv_heap_base + ((uintptr_t)i << MV_ARENA_SHIFT));
       if (o == MOVED) moved++;
       if (o == FAILED) a->backoff_until_ns = now + MV_BACKOFF_NS;
       if (o == RETRY) again = true;
@@ -280,7 +291,7 @@ static int compact_locked(unsigned flags, int max_moves) {
         bool tracked_k = k < sizeof skip_region[r];
         if (tracked_k && skip_region[r][k]) continue;
         if (!(flags & MOVALLOC_COMPACT_ALL) && mv_thp_is_huge(start) == 1) continue;
-        enum outcome o = migrate_one(reg->ops, reg->ctx, start);
+        enum outcome o = migrate_one(b, reg->ops, reg->ctx, start);
         if (o == MOVED) moved++;
         if (o == FAILED) reg->backoff_until_ns = now + MV_BACKOFF_NS;
         if (o == RETRY) again = true;

@@ -7,6 +7,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -241,6 +242,83 @@ TEST(Engine, TraceHasALinePerMigration) {
   ASSERT_EQ(stat(path.c_str(), &st), 0);
   EXPECT_EQ(st.st_mode & 0777, 0600u) << "the trace is readable by its owner only";
   unlink(path.c_str());
+}
+
+// Pages shared copy-on-write with a child are not the parent's alone: the move
+// backend refuses them (-EAGAIN), the arena is put back intact, and the last
+// pass hands it to MADV_COLLAPSE, which copies (breaking the sharing).
+TEST(Engine, SharedAfterForkIsPutBackIntactThenCollapsed) {
+  const struct mv_backend *move = mv_backend_select(MV_BACKEND_MOVE, nullptr, 0);
+  if (move->kind != MV_BACKEND_MOVE) GTEST_SKIP() << "no move backend on this kernel";
+  const struct mv_backend *saved = mv_backend_select(MV_BACKEND_AUTO, nullptr, 0);
+  mv_engine_use_backend(move, MV_STEP_NONE);
+  Region r;
+  r.base = MapAligned(MV_ARENA_SIZE);
+  ASSERT_EQ(movalloc_region_register(r.base, MV_ARENA_SIZE, &kRegionOps, &r), 0);
+  int to_child[2];
+  ASSERT_EQ(pipe(to_child), 0);
+  pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {  // keeps the pages shared until told to go
+    char c;
+    (void)!read(to_child[0], &c, 1);
+    _exit(0);
+  }
+  struct movalloc_stats s0 = Stats();
+  int moved = movalloc_compact(0);
+  struct movalloc_stats s1 = Stats();
+  EXPECT_GT(s1.migrate_retries, s0.migrate_retries) << "move refused the shared pages";
+  EXPECT_GT(r.putbacks.load(), 0);
+  bool collapse = mv_backend_select(MV_BACKEND_COLLAPSE, nullptr, 0)->kind == MV_BACKEND_COLLAPSE;
+  EXPECT_EQ(moved, collapse ? 1 : 0);
+  for (size_t i = 0; i < MV_ARENA_SIZE; i++)
+    ASSERT_EQ(r.base[i], Pattern((uintptr_t)r.base + i)) << i;
+  (void)!write(to_child[1], "x", 1);
+  int status;
+  waitpid(pid, &status, 0);
+  EXPECT_EQ(movalloc_region_unregister(r.base), 0);
+  mv_engine_use_backend(saved, MV_STEP_NONE);
+}
+
+// fork() while another thread compacts: the prepare handler waits for the
+// migration in flight; the child's heap is consistent and can compact too.
+TEST(Engine, ForkWhileCompacting) {
+  std::string why;
+  if (!HaveMovingBackend(&why)) GTEST_SKIP() << why;
+  std::vector<unsigned char *> blocks;
+  for (int i = 0; i < 40000; i++) {
+    unsigned char *p = (unsigned char *)malloc(300);
+    for (int k = 0; k < 300; k++) p[k] = Pattern((uintptr_t)(p + k));
+    blocks.push_back(p);
+  }
+  std::atomic<bool> stop{false};
+  std::atomic<int> moved{0};
+  std::thread compactor([&] {
+    while (!stop) moved += movalloc_compact(MOVALLOC_COMPACT_ALL);
+  });
+  for (int i = 0; i < 10; i++) {
+    pid_t pid = fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      size_t bad = 0;
+      for (unsigned char *p : blocks)
+        for (int k = 0; k < 300; k++) bad += p[k] != Pattern((uintptr_t)(p + k));
+      for (int k = 0; k < 1000; k++) free(malloc(k + 1));
+      int rc = movalloc_compact(MOVALLOC_COMPACT_ALL);  // the child's own engine
+      _exit(bad == 0 && rc >= 0 ? 0 : 1);
+    }
+    int status;
+    ASSERT_EQ(waitpid(pid, &status, 0), pid);
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "child " << i;
+  }
+  stop = true;
+  compactor.join();
+  EXPECT_GT(moved.load(), 0);
+  size_t bad = 0;
+  for (unsigned char *p : blocks)
+    for (int k = 0; k < 300; k++) bad += p[k] != Pattern((uintptr_t)(p + k));
+  EXPECT_EQ(bad, 0u);
+  for (unsigned char *p : blocks) free(p);
 }
 
 TEST(Engine, OffBackendRefusesToCompact) {

@@ -94,6 +94,15 @@ TEST(Options, BadValuesSayWhatIsAcceptedAndKeepTheDefault) {
   EXPECT_EQ(o.arena_cache, 8u);
 }
 
+TEST(Options, TraceTakesAnAbsolutePath) {
+  struct mv_options o;
+  EXPECT_EQ(Load({"MOVALLOC_TRACE=/tmp/x.csv"}, &o), "");
+  EXPECT_STREQ(o.trace, "/tmp/x.csv");
+  std::string err = Load({"MOVALLOC_TRACE=relative.csv"}, &o);
+  EXPECT_NE(err.find("expected an absolute path"), std::string::npos) << err;
+  EXPECT_EQ(o.trace, nullptr);
+}
+
 TEST(Options, OverflowingNumbersAreRejected) {
   struct mv_options o;
   std::string err = Load({"MOVALLOC_RESERVE_GIB=99999999999999999999999"}, &o);
@@ -114,7 +123,9 @@ TEST(Options, DescribeListsEveryOption) {
   std::string text(buf, n > 0 ? n : 0);
   for (const char *name : {"MOVALLOC_STATS", "MOVALLOC_CHECK", "MOVALLOC_MIGRATE",
                            "MOVALLOC_COMPACT", "MOVALLOC_THP", "MOVALLOC_RESERVE_GIB",
-                           "MOVALLOC_ARENA_CACHE", "MOVALLOC_VERBOSE"})
+                           "MOVALLOC_ARENA_CACHE", "MOVALLOC_VERBOSE", "MOVALLOC_TRACE",
+                           "MOVALLOC_COMPACT_PERIOD_MS", "MOVALLOC_COMPACT_MBPS",
+                           "MOVALLOC_COMPACT_STRESS", "MOVALLOC_HELP"})
     EXPECT_NE(text.find(name), std::string::npos) << name;
 }
 
