@@ -29,6 +29,7 @@ mv_lock_t mv_arena_lock = MV_LOCK_INIT;
 
 #define MV_COMMIT_STEP 16u /* arenas committed (mprotect) at a time */
 #define MV_BUCKET_SCAN 8   /* arenas tried per bucket before looking further */
+#define MV_DECAY_NS (1000ull * 1000000u) /* an unused cached arena goes back after this */
 
 /* All below: guarded by mv_arena_lock. */
 static uint32_t max_arenas;       /* the reservation, in arenas */
@@ -38,9 +39,10 @@ static uint64_t *free_bits;       /* bit i: arena i is FREE */
 static uint32_t free_hint;        /* no FREE arena below this index */
 static mv_arena_t *buckets[MV_SLICES]; /* [k]: ACTIVE arenas with k free slices */
 #define MV_CACHE_MAX 256u
-static uint32_t cache[MV_CACHE_MAX]; /* FREE arenas still committed, most recent last */
+static uint32_t cache[MV_CACHE_MAX]; /* FREE arenas still committed, oldest first */
+static uint64_t cached_at[MV_CACHE_MAX]; /* when each went into the cache */
 static uint32_t cache_len;
-static uint32_t active_arenas;    /* not FREE */
+static uint64_t last_decay_ns;
 static uint64_t released_total;
 static uint64_t huge_live;
 
@@ -159,7 +161,9 @@ static void bucket_insert(mv_arena_t *a) {
 static void cache_remove(uint32_t index) {
   for (uint32_t i = 0; i < cache_len; i++)
     if (cache[i] == index) {
-      cache[i] = cache[--cache_len];
+      cache_len--;
+      memmove(&cache[i], &cache[i + 1], (cache_len - i) * sizeof cache[0]);
+      memmove(&cached_at[i], &cached_at[i + 1], (cache_len - i) * sizeof cached_at[0]);
       return;
     }
 }
@@ -186,16 +190,7 @@ static mv_arena_t *take_free_arena(void) {
   a->committed = true;
   a->huge = false;
   atomic_store_explicit(&a->state, MV_ARENA_ACTIVE, memory_order_release);
-  active_arenas++;
   return a;
-}
-
-/* Empty arenas worth keeping committed: the option, or a quarter of the heap
- * for a big heap, whose blocks come and go in larger amounts. */
-static uint32_t cache_capacity(void) {
-  uint32_t cap = active_arenas / 4;
-  if (cap < mv_options.arena_cache) cap = mv_options.arena_cache;
-  return cap < MV_CACHE_MAX ? cap : MV_CACHE_MAX;
 }
 
 /* An arena just became wholly free. Returns it when the caller must release it
@@ -208,8 +203,8 @@ static mv_arena_t *arena_emptied(mv_arena_t *a) {
   }
   atomic_store_explicit(&a->state, MV_ARENA_FREE, memory_order_release);
   a->huge = false;
-  active_arenas--;
-  if (a->committed && cache_len < cache_capacity()) {
+  if (a->committed && cache_len < MV_CACHE_MAX) {
+    cached_at[cache_len] = mv_os_now_ns();
     cache[cache_len++] = a->index;
     bit_set(a->index);
     if (a->index < free_hint) free_hint = a->index;
@@ -237,6 +232,34 @@ static void release_unlocked(mv_arena_t *a) {
   bit_set(a->index);
   if (a->index < free_hint) free_hint = a->index;
   mv_unlock(&mv_arena_lock);
+}
+
+/* Returns to the kernel the cached arenas nobody reused for MV_DECAY_NS, down
+ * to MOVALLOC_ARENA_CACHE of them: a program that frees a lot and allocates it
+ * again soon reuses resident memory without page faults, and one that shrank
+ * for good gives it back a moment later. */
+void mv_arena_decay(void) {
+  for (;;) {
+    mv_lock(&mv_arena_lock);
+    uint64_t now = mv_os_now_ns();
+    last_decay_ns = now;
+    if (cache_len <= mv_options.arena_cache || now - cached_at[0] < MV_DECAY_NS) {
+      mv_unlock(&mv_arena_lock);
+      return;
+    }
+    uint32_t index = cache[0];
+    cache_remove(index);
+    bit_clear(index); /* ours until released */
+    mv_unlock(&mv_arena_lock);
+    release_unlocked(&mv_arenas[index]);
+  }
+}
+
+/* The allocation paths' share of decay, when no compactor thread does it:
+ * a look at the clock at most every MV_DECAY_NS / 4. Lock held. */
+static bool decay_due(void) {
+  if (cache_len <= mv_options.arena_cache) return false;
+  return mv_os_now_ns() - last_decay_ns > MV_DECAY_NS / 4;
 }
 
 /* ---- slices ---- */
@@ -299,7 +322,9 @@ mv_page_t *mv_arena_alloc_slices(unsigned n, bool *zeroed) {
   }
   mv_arena_t *a = take_free_arena();
   mv_page_t *page = a ? carve(a, 0, n, zeroed) : NULL;
+  bool decay = decay_due();
   mv_unlock(&mv_arena_lock);
+  if (decay) mv_arena_decay();
   if (!page) errno = ENOMEM;
   return page;
 }
@@ -397,7 +422,6 @@ mv_page_t *mv_arena_alloc_huge(size_t size, size_t align, bool *zeroed) {
     a->huge = true;
     atomic_store_explicit(&a->state, MV_ARENA_ACTIVE, memory_order_release);
   }
-  active_arenas += (uint32_t)n;
   if (first == free_hint) free_hint = first + (uint32_t)n;
   mv_page_t *page = &mv_arenas[first].pages[0];
   page_reset(page);
@@ -406,7 +430,9 @@ mv_page_t *mv_arena_alloc_huge(size_t size, size_t align, bool *zeroed) {
   page->huge_size = n << MV_ARENA_SHIFT;
   map_huge(page, first, (uint32_t)n);
   huge_live++;
+  bool decay = decay_due();
   mv_unlock(&mv_arena_lock);
+  if (decay) mv_arena_decay();
   *zeroed = zero;
   return page;
 }
@@ -489,7 +515,6 @@ bool mv_arena_resize_huge(mv_page_t *page, size_t size) {
       a->huge = true;
       atomic_store_explicit(&a->state, MV_ARENA_ACTIVE, memory_order_release);
     }
-    active_arenas += end - first - n;
     map_huge(page, first + n, end - first - n);
   }
   page->huge_size = want << MV_ARENA_SHIFT;

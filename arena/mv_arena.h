@@ -23,6 +23,10 @@ struct mv_arena_counts {
 };
 
 void mv_arena_counts(struct mv_arena_counts *out);
+
+/* Releases cached empty arenas unused for a second (the compactor calls it
+ * every round; allocation paths call it too when no compactor runs). */
+void mv_arena_decay(void);
 size_t mv_arena_reserved_bytes(void);
 uint32_t mv_arena_frontier(void);
 

@@ -123,6 +123,12 @@ int mv_backend_parse(const char *name, enum mv_backend_kind *out);
  * child's memory. Drops it; the next use opens a fresh one. */
 void mv_backend_fork_child(void);
 
+/* VMAs added so far by the backends that mremap a new page over an arena
+ * (remap, mprotect): the new VMA never merges with its neighbours, so each
+ * remap of an arena inside a larger VMA leaves up to two more. The engine keeps
+ * this well below vm.max_map_count. */
+size_t mv_backend_remap_vmas(void);
+
 /* 1 if [addr, addr + MV_ARENA_SIZE) is mapped by one transparent huge page,
  * 0 if not, -errno if it cannot be told. Uses /proc/self/pagemap and
  * /proc/kpageflags where readable, else /proc/self/smaps. addr must be

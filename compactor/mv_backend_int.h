@@ -12,6 +12,10 @@
 extern "C" {
 #endif
 
+#ifndef MADV_COLLAPSE /* Linux 6.1; glibc 2.36 does not have it */
+#define MADV_COLLAPSE 25
+#endif
+
 #define MV_PAGE_SIZE ((size_t)4096)
 #define MV_ARENA_PAGES (MV_ARENA_SIZE / MV_PAGE_SIZE)
 

@@ -1,6 +1,7 @@
 /* The background compactor: the "VM" side of the contract. It wakes up every
- * period, and moves the arenas that gain from a huge page (dense, not yet huge,
- * not backing off) within a bandwidth budget, through the engine.
+ * period, returns cached empty arenas nobody reused to the kernel, and moves the
+ * arenas that gain from a huge page (dense, settled, not yet huge, not backing
+ * off) within a bandwidth budget, through the engine.
  *
  * Started lazily, once the heap is big enough to be worth it (small programs
  * never get a thread), with every signal blocked so the program's signals go to
@@ -35,17 +36,18 @@ static void *compactor_main(void *unused) {
   /* The bandwidth budget in arenas per period, at least one. */
   uint64_t per_period = (uint64_t)mv_options.compact_mbps * period / 1000 / 2;
   int max_moves = mv_options.compact_stress ? INT32_MAX : (int)(per_period ? per_period : 1);
+  bool can_move = true; /* false with the "off" backend: then it only decays */
   for (;;) {
     sleep_ms(period);
-    if (mv_engine_compact(flags, max_moves) == -ENOSYS) break; /* backend "off" */
+    mv_arena_decay();
+    if (can_move) can_move = mv_engine_compact(flags, max_moves) != -ENOSYS;
   }
-  atomic_store(&state, FAILED);
   return NULL;
 }
 
 void mv_compactor_poke(void) {
   if (MV_LIKELY(atomic_load_explicit(&state, memory_order_relaxed) != IDLE)) return;
-  if (!mv_options.compact || mv_options.thp == MV_THP_NEVER) return;
+  if (!mv_options.compact) return;
   if (mv_arena_frontier() < MV_COMPACTOR_MIN_ARENAS && !mv_options.compact_stress) return;
   int expected = IDLE;
   if (!atomic_compare_exchange_strong(&state, &expected, STARTING)) return;

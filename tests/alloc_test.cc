@@ -217,6 +217,29 @@ TEST(Alloc, MallinfoMalloptTrim) {
   EXPECT_GE(after.arenas_released, before.arenas_released);
 }
 
+// Freed arenas stay resident for reuse, and go back to the kernel once nobody
+// reused them for a second.
+TEST(Alloc, CachedArenasDecay) {
+  malloc_trim(0);
+  void *big = Opaque(malloc((size_t)80 << 20));
+  memset(big, 1, (size_t)80 << 20);
+  free(big);
+  struct movalloc_stats s0, s1;
+  movalloc_stats_get(&s0);
+  EXPECT_GE(s0.arenas_cached, 40u) << "freed arenas are kept for reuse";
+  void *again = Opaque(malloc((size_t)80 << 20));  // reuses them: no new arenas
+  struct movalloc_stats s_again;
+  movalloc_stats_get(&s_again);
+  EXPECT_LE(s_again.committed_bytes, s0.committed_bytes);
+  free(again);
+  usleep(1300 * 1000);
+  void *trigger = Opaque(malloc((size_t)3 << 20));  // an allocation path runs the decay
+  movalloc_stats_get(&s1);
+  free(trigger);
+  EXPECT_LE(s1.arenas_cached, 8u);  // MOVALLOC_ARENA_CACHE
+  EXPECT_GE(s1.arenas_released, s0.arenas_released + 30);
+}
+
 TEST(Alloc, CxxOperators) {
   int *one = new int(7);
   EXPECT_TRUE(mv_owns(one));

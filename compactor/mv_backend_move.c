@@ -1,0 +1,178 @@
+/* The move backend (UFFDIO_MOVE, Linux >= 6.8): pin-safe, and the VMA is never
+ * split for longer than the move.
+ *
+ *   stage    fault a THP (staging); map a 2 MiB scratch range registered on the
+ *            userfaultfd (UFFDIO_MOVE only moves into registered ranges)
+ *   hold     register the arena MISSING|WP, write-protect it
+ *   move     1. drop the protection without waking (WP_UNPOPULATED left markers
+ *               in empty PTEs, and UFFDIO_MOVE refuses markers with EFAULT); from
+ *               here a page still in the arena takes its writes with it when it
+ *               is moved out, and a write to a moved-out page waits (MISSING)
+ *            2. move the arena's pages out to scratch: the kernel refuses a
+ *               pinned or copy-on-write shared page with EBUSY, which is the pin
+ *               check; then everything moved goes back and the answer is -EAGAIN
+ *            3. copy scratch -> staging: nothing can reach those pages any more,
+ *               so a DMA write in flight before the hold is either in the copy or
+ *               was refused in step 2
+ *            4. MADV_DONTNEED the (now empty) arena so its PTE table is freed
+ *               (CONFIG_PT_RECLAIM), then UFFDIO_MOVE the staged THP in as one PMD
+ *   release  unregister (clears the protection, wakes the range, merges the VMA
+ *            back), free scratch with the old pages and the empty staging VMA
+ *
+ * Readers wait too, from the moment their page is moved out until release:
+ * the data is not in the arena then. That window is steps 2 to 4.
+ * Timings: copy_ns covers steps 1 to 3, swap_ns step 4.
+ */
+#include <errno.h>
+#include <sched.h>
+#include <sys/mman.h>
+
+#include "arena/mv_prim.h"
+#include "arena/mv_print.h"
+#include "compactor/mv_backend.h"
+#include "compactor/mv_backend_int.h"
+#include "compactor/mv_uffd.h"
+
+static int move_stage(struct mv_move *m) {
+  int rc = mv_thp_stage(m);
+  if (rc) return rc;
+  rc = mv_uffd_get();
+  char *s = rc < 0 ? NULL : mv_thp_map_aligned(MV_ARENA_SIZE);
+  if (rc >= 0 && !s) rc = -EAGAIN;
+  /* WP mode only: UFFDIO_MOVE needs the destination registered, and with no
+   * MISSING mode a read of a hole in scratch never blocks. 2 MiB aligned, so
+   * that an arena already on a THP moves out as one PMD. */
+  if (s) rc = mv_uffd_register((uintptr_t)s, MV_ARENA_SIZE, false, true);
+  if (rc < 0) {
+    if (s) mv_os_munmap(s, MV_ARENA_SIZE);
+    mv_thp_unstage(m);
+    return rc;
+  }
+  m->scratch = s;
+  return 0;
+}
+
+static int move_hold(struct mv_move *m) {
+  if (m->fail_at == MV_STEP_HOLD) return -EIO;
+  uint64_t t0 = mv_os_now_ns();
+  int rc = mv_uffd_register(m->start, MV_ARENA_SIZE, true, true);
+  if (rc) return rc;
+  rc = mv_uffd_writeprotect(m->start, MV_ARENA_SIZE, true, true);
+  if (rc) {
+    mv_uffd_unregister(m->start, MV_ARENA_SIZE);
+    return rc;
+  }
+  m->held = true;
+  m->hold_ns = mv_os_now_ns() - t0;
+  return 0;
+}
+
+/* Moves scratch [from, to) back into the arena and write-protects the arena
+ * again, so the contents are as before and writers are held. Returns rc. */
+static int put_back(struct mv_move *m, size_t from, size_t to, int rc) {
+  uintptr_t a = m->start, s = (uintptr_t)m->scratch;
+  size_t done = from;
+  for (int tries = 0; done < to; tries++) {
+    int err;
+    done += mv_uffd_move(a + done, s + done, to - done,
+                         UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES | UFFDIO_MOVE_MODE_DONTWAKE, &err);
+    if (done < to && tries == 100)
+      mv_fatal("move backend: cannot put %zu bytes back at %p (errno %d)", to - done,
+               (void *)(a + done), err);
+    if (done < to) sched_yield();
+  }
+  mv_uffd_writeprotect(a, MV_ARENA_SIZE, true, true);
+  return rc;
+}
+
+/* EBUSY (a pinned or shared page) and EAGAIN are worth another pass. */
+static int temporary_or(int err) { return err == EBUSY || err == EAGAIN ? -EAGAIN : -err; }
+
+static int move_move(struct mv_move *m) {
+  if (!m->held || !m->staging || !m->scratch) return -EINVAL;
+  uintptr_t a = m->start, s = (uintptr_t)m->scratch, t = (uintptr_t)m->staging;
+  uint64_t t0 = mv_os_now_ns();
+  int err;
+  if (mv_uffd_features() & UFFD_FEATURE_WP_UNPOPULATED) {
+    int rc = mv_uffd_writeprotect(a, MV_ARENA_SIZE, false, false);
+    if (rc) return put_back(m, 0, 0, rc);
+  }
+
+  /* The injected failure moves half out, then gets what a pinned page gives. */
+  size_t len = m->fail_at == MV_STEP_MOVE_OUT ? MV_ARENA_SIZE / 2 : MV_ARENA_SIZE;
+  size_t out = mv_uffd_move(s, a, len,
+                            UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES | UFFDIO_MOVE_MODE_DONTWAKE, &err);
+  if (!err && m->fail_at == MV_STEP_MOVE_OUT) err = EBUSY;
+  if (err) return put_back(m, 0, out, temporary_or(err));
+
+  struct mv_page_map map;
+  bool mapped = mv_thp_page_map(s, &map) == 0;
+  mv_thp_copy_pages((void *)t, (void *)s, mapped ? &map : NULL);
+  m->copy_ns = mv_os_now_ns() - t0;
+  if (m->fail_at == MV_STEP_COPY) return put_back(m, 0, MV_ARENA_SIZE, -EAGAIN);
+
+  uint64_t t1 = mv_os_now_ns();
+  /* Nothing is left to zap: this only frees the empty PTE table, so that the
+   * PMD goes in whole instead of the THP being split into the table. */
+  mv_os_madvise((void *)a, MV_ARENA_SIZE, MADV_DONTNEED);
+  size_t in = 0;
+  if (m->fail_at == MV_STEP_SWAP) err = EIO;
+  else in = mv_uffd_move(a, t, MV_ARENA_SIZE, UFFDIO_MOVE_MODE_DONTWAKE, &err);
+  /* What did go in is the copy of what was there: put back only the rest. */
+  if (err) return put_back(m, in, MV_ARENA_SIZE, temporary_or(err));
+  m->staging = NULL; /* consumed; release unmaps the empty VMA left at staging_map */
+  m->swap_ns = mv_os_now_ns() - t1;
+
+  /* The contents are right either way; a THP split on the way in (no PT
+   * reclaim on this kernel, or a race) is worth another try. */
+  if (mv_thp_is_huge(a) != 1) return put_back(m, 0, 0, -EAGAIN);
+  return 0;
+}
+
+static void move_release(struct mv_move *m) {
+  if (m->held) {
+    /* A range left registered MISSING would hang the next fault on a hole.
+     * -EINVAL: nothing is mapped there any more, so nothing is registered. */
+    int rc, tries = 0;
+    while ((rc = mv_uffd_unregister(m->start, MV_ARENA_SIZE)) != 0 && rc != -EINVAL &&
+           ++tries < 100)
+      sched_yield();
+    if (rc && rc != -EINVAL)
+      mv_fatal("move backend: cannot unregister %p (%d)", (void *)m->start, rc);
+    mv_uffd_wake(m->start, MV_ARENA_SIZE);
+    m->held = false;
+  }
+  if (m->scratch) mv_os_munmap(m->scratch, MV_ARENA_SIZE);
+  m->scratch = NULL;
+  if (!m->staging) mv_thp_unstage(m);
+}
+
+static void move_unstage(struct mv_move *m) {
+  if (m->scratch) mv_os_munmap(m->scratch, MV_ARENA_SIZE);
+  m->scratch = NULL;
+  mv_thp_unstage(m);
+}
+
+const struct mv_backend mv_backend_move_impl = {
+    .kind = MV_BACKEND_MOVE,
+    .name = "move",
+    .pin_safe = true,
+    .holds_syscalls = true,
+    .stage = move_stage,
+    .hold = move_hold,
+    .move = move_move,
+    .release = move_release,
+    .unstage = move_unstage,
+};
+
+const struct mv_backend mv_backend_move_user_only = {
+    .kind = MV_BACKEND_MOVE,
+    .name = "move",
+    .pin_safe = true,
+    .holds_syscalls = false,
+    .stage = move_stage,
+    .hold = move_hold,
+    .move = move_move,
+    .release = move_release,
+    .unstage = move_unstage,
+};

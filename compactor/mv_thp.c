@@ -1,0 +1,216 @@
+/* Huge-page facts about ranges, and the staging page every copying backend moves
+ * onto. Reads /proc files with open/pread directly: these are queries, not
+ * actions worth faking through mv_prim. Fds are opened per call, because a
+ * /proc/self fd kept across fork() would describe the parent's memory. */
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "arena/mv_prim.h"
+#include "compactor/mv_backend.h"
+#include "compactor/mv_backend_int.h"
+
+#define PM_PFN_MASK ((UINT64_C(1) << 55) - 1)
+#define PM_SWAP (UINT64_C(1) << 62)
+#define PM_PRESENT (UINT64_C(1) << 63)
+#define KPF_COMPOUND_HEAD 15
+#define KPF_THP 22
+
+/* Reads exactly len bytes at off, or returns -errno (-EIO on a short read). */
+static int pread_all(int fd, void *buf, size_t len, off_t off) {
+  size_t got = 0;
+  while (got < len) {
+    ssize_t n = pread(fd, (char *)buf + got, len - got, off + (off_t)got);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return -errno;
+    }
+    if (n == 0) return -EIO;
+    got += (size_t)n;
+  }
+  return 0;
+}
+
+static int read_pagemap(uintptr_t addr, uint64_t entries[MV_ARENA_PAGES]) {
+  int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return -errno;
+  int rc = pread_all(fd, entries, MV_ARENA_PAGES * sizeof(uint64_t),
+                     (off_t)(addr / MV_PAGE_SIZE * sizeof(uint64_t)));
+  close(fd);
+  return rc;
+}
+
+int mv_thp_page_map(uintptr_t addr, struct mv_page_map *map) {
+  uint64_t pm[MV_ARENA_PAGES];
+  int rc = read_pagemap(addr, pm);
+  if (rc) return rc;
+  memset(map, 0, sizeof *map);
+  for (size_t i = 0; i < MV_ARENA_PAGES; i++)
+    if (pm[i] & (PM_PRESENT | PM_SWAP)) map->bits[i / 64] |= UINT64_C(1) << (i % 64);
+  return 0;
+}
+
+void mv_thp_copy_pages(void *dst, const void *src, const struct mv_page_map *map) {
+  if (!map) {
+    memcpy(dst, src, MV_ARENA_SIZE);
+    return;
+  }
+  for (size_t i = 0; i < MV_ARENA_PAGES; i++)
+    if (map->bits[i / 64] >> (i % 64) & 1)
+      memcpy((char *)dst + i * MV_PAGE_SIZE, (const char *)src + i * MV_PAGE_SIZE,
+             MV_PAGE_SIZE);
+}
+
+/* Parses an unsigned decimal or hex number at *s, advancing *s. */
+static uint64_t parse_num(const char **s, unsigned base) {
+  uint64_t v = 0;
+  for (;; (*s)++) {
+    char c = **s;
+    unsigned d;
+    if (c >= '0' && c <= '9') d = (unsigned)(c - '0');
+    else if (base == 16 && c >= 'a' && c <= 'f') d = (unsigned)(c - 'a' + 10);
+    else break;
+    v = v * base + d;
+  }
+  return v;
+}
+
+/* Scans /proc/self/smaps for the VMA holding addr: its bounds and AnonHugePages
+ * (kB). Streams through a stack buffer, one line at a time. 0 or -errno. */
+static int smaps_vma(uintptr_t addr, uintptr_t *vs, uintptr_t *ve, uint64_t *ahp_kb) {
+  int fd = open("/proc/self/smaps", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return -errno;
+  char buf[4096];
+  size_t have = 0;
+  bool inside = false, found = false;
+  int rc = -ENOENT;
+  for (;;) {
+    ssize_t n = read(fd, buf + have, sizeof buf - have);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    have += (size_t)n;
+    size_t pos = 0;
+    for (;;) {
+      char *nl = memchr(buf + pos, '\n', have - pos);
+      if (!nl) break;
+      *nl = 0;
+      const char *line = buf + pos;
+      pos = (size_t)(nl - buf) + 1;
+      const char *p = line;
+      uint64_t lo = parse_num(&p, 16);
+      if (*p == '-' && p > line) { /* a VMA header: "start-end perms ..." */
+        p++;
+        uint64_t hi = parse_num(&p, 16);
+        if (inside) goto done; /* its AnonHugePages line was missing */
+        inside = addr >= lo && addr < hi;
+        if (inside) *vs = lo, *ve = hi;
+      } else if (inside && strncmp(line, "AnonHugePages:", 14) == 0) {
+        p = line + 14;
+        while (*p == ' ') p++;
+        *ahp_kb = parse_num(&p, 10);
+        found = true;
+        goto done;
+      }
+    }
+    memmove(buf, buf + pos, have - pos);
+    have -= pos;
+    if (have == sizeof buf) break; /* a line longer than the buffer: give up */
+  }
+done:
+  close(fd);
+  if (found) rc = 0;
+  return rc;
+}
+
+int mv_thp_is_huge_smaps(uintptr_t addr) {
+  uintptr_t vs = 0, ve = 0;
+  uint64_t kb = 0;
+  int rc = smaps_vma(addr, &vs, &ve, &kb);
+  if (rc) return rc;
+  if (kb == 0) return 0;
+  /* AnonHugePages is per VMA: it names this range only if the VMA is the range. */
+  if (vs == addr && ve == addr + MV_ARENA_SIZE) return kb >= MV_ARENA_SIZE / 1024;
+  return -EOPNOTSUPP;
+}
+
+int mv_thp_is_huge(uintptr_t addr) {
+  if (addr & (MV_ARENA_SIZE - 1)) return -EINVAL;
+  uint64_t pm[MV_ARENA_PAGES];
+  if (read_pagemap(addr, pm) == 0) {
+    for (size_t i = 0; i < MV_ARENA_PAGES; i++)
+      if (!(pm[i] & PM_PRESENT)) return 0;
+    uint64_t pfn = pm[0] & PM_PFN_MASK;
+    if (pfn != 0) { /* PFNs are shown only with CAP_SYS_ADMIN */
+      if (pfn % MV_ARENA_PAGES) return 0;
+      for (size_t i = 1; i < MV_ARENA_PAGES; i++)
+        if ((pm[i] & PM_PFN_MASK) != pfn + i) return 0;
+      int fd = open("/proc/kpageflags", O_RDONLY | O_CLOEXEC);
+      if (fd >= 0) {
+        uint64_t flags = 0;
+        int rc = pread_all(fd, &flags, sizeof flags, (off_t)(pfn * sizeof flags));
+        close(fd);
+        if (rc == 0)
+          return (flags >> KPF_THP & 1) && (flags >> KPF_COMPOUND_HEAD & 1);
+      }
+    }
+  }
+  return mv_thp_is_huge_smaps(addr);
+}
+
+long mv_thp_resident_pages(uintptr_t addr, size_t len) {
+  uintptr_t start = addr & ~(uintptr_t)(MV_PAGE_SIZE - 1);
+  uintptr_t end = (addr + len + MV_PAGE_SIZE - 1) & ~(uintptr_t)(MV_PAGE_SIZE - 1);
+  unsigned char vec[512];
+  long resident = 0;
+  for (uintptr_t a = start; a < end;) {
+    size_t pages = (end - a) / MV_PAGE_SIZE;
+    if (pages > sizeof vec) pages = sizeof vec;
+    if (mincore((void *)a, pages * MV_PAGE_SIZE, vec) != 0) return -errno;
+    for (size_t i = 0; i < pages; i++) resident += vec[i] & 1;
+    a += pages * MV_PAGE_SIZE;
+  }
+  return resident;
+}
+
+void *mv_thp_map_aligned(size_t len) {
+  size_t span = len + MV_ARENA_SIZE;
+  char *p = mv_os_mmap(NULL, span, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED) return NULL;
+  char *a = (char *)(((uintptr_t)p + MV_ARENA_SIZE - 1) & ~(uintptr_t)(MV_ARENA_SIZE - 1));
+  if (a > p) mv_os_munmap(p, (size_t)(a - p));
+  if (a + len < p + span) mv_os_munmap(a + len, (size_t)(p + span - (a + len)));
+  return a;
+}
+
+int mv_thp_stage(struct mv_move *m) {
+  if (m->fail_at == MV_STEP_STAGE) return -EAGAIN;
+  uint64_t t0 = mv_os_now_ns();
+  char *p = mv_thp_map_aligned(MV_ARENA_SIZE);
+  if (!p) return -EAGAIN;
+  /* Direct compaction may run here (defrag=madvise): this is the slow part, and
+   * it happens before anything is held. */
+  int rc = mv_os_madvise(p, MV_ARENA_SIZE, MADV_HUGEPAGE);
+  if (rc == 0 && mv_os_madvise(p, MV_ARENA_SIZE, MADV_POPULATE_WRITE) != 0) {
+    if (errno == EINVAL) *(volatile char *)p = 0; /* < 5.14: one touch faults the whole THP */
+    else rc = -1;
+  }
+  if (rc != 0 || mv_thp_is_huge((uintptr_t)p) != 1) {
+    mv_os_munmap(p, MV_ARENA_SIZE);
+    return -EAGAIN;
+  }
+  m->staging = p;
+  m->staging_map = p;
+  m->staging_map_len = MV_ARENA_SIZE;
+  m->stage_ns = mv_os_now_ns() - t0;
+  return 0;
+}
+
+void mv_thp_unstage(struct mv_move *m) {
+  if (m->staging_map) mv_os_munmap(m->staging_map, m->staging_map_len);
+  m->staging = NULL;
+  m->staging_map = NULL;
+  m->staging_map_len = 0;
+}
