@@ -16,6 +16,10 @@ extern "C" {
 #define MADV_COLLAPSE 25
 #endif
 
+#ifndef MADV_DONTNEED_LOCKED /* Linux 5.18 */
+#define MADV_DONTNEED_LOCKED 24
+#endif
+
 #define MV_PAGE_SIZE ((size_t)4096)
 #define MV_ARENA_PAGES (MV_ARENA_SIZE / MV_PAGE_SIZE)
 
@@ -58,6 +62,12 @@ int mv_thp_page_map(uintptr_t addr, struct mv_page_map *map);
 /* Copies the 4 KiB pages marked in *map (all of them when map is NULL) from src
  * to dst, both MV_ARENA_SIZE long. */
 void mv_thp_copy_pages(void *dst, const void *src, const struct mv_page_map *map);
+
+/* mlock()ed arenas must stay locked, and UFFDIO_MOVE only moves between VMAs
+ * that are both locked or both not: if the arena's VMA is VM_LOCKED, locks
+ * [dst, dst + len) too (onfault: without faulting it in). 0, or -errno when it
+ * had to be locked and could not (RLIMIT_MEMLOCK). */
+int mv_thp_lock_like(uintptr_t arena, void *dst, size_t len, bool onfault);
 
 /* mv_thp_is_huge's fallback, exposed for tests: /proc/self/smaps only. */
 int mv_thp_is_huge_smaps(uintptr_t addr);

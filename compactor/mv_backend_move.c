@@ -19,6 +19,10 @@
  *   release  unregister (clears the protection, wakes the range, merges the VMA
  *            back), free scratch with the old pages and the empty staging VMA
  *
+ * An mlock()ed arena keeps its VMA, so it stays locked; scratch and staging
+ * are locked like it, because UFFDIO_MOVE refuses to move between a locked and
+ * an unlocked VMA (EINVAL).
+ *
  * Readers wait too, from the moment their page is moved out until release:
  * the data is not in the arena then. That window is steps 2 to 4.
  * Timings: copy_ns covers steps 1 to 3, swap_ns step 4.
@@ -93,8 +97,11 @@ static int move_move(struct mv_move *m) {
   uintptr_t a = m->start, s = (uintptr_t)m->scratch, t = (uintptr_t)m->staging;
   uint64_t t0 = mv_os_now_ns();
   int err;
+  int rc = mv_thp_lock_like(a, m->scratch, MV_ARENA_SIZE, true);
+  if (rc == 0) rc = mv_thp_lock_like(a, m->staging, MV_ARENA_SIZE, false);
+  if (rc) return rc;
   if (mv_uffd_features() & UFFD_FEATURE_WP_UNPOPULATED) {
-    int rc = mv_uffd_writeprotect(a, MV_ARENA_SIZE, false, false);
+    rc = mv_uffd_writeprotect(a, MV_ARENA_SIZE, false, false);
     if (rc) return put_back(m, 0, 0, rc);
   }
 
@@ -113,8 +120,10 @@ static int move_move(struct mv_move *m) {
 
   uint64_t t1 = mv_os_now_ns();
   /* Nothing is left to zap: this only frees the empty PTE table, so that the
-   * PMD goes in whole instead of the THP being split into the table. */
-  mv_os_madvise((void *)a, MV_ARENA_SIZE, MADV_DONTNEED);
+   * PMD goes in whole instead of the THP being split into the table. The
+   * _LOCKED variant (5.18) also works on an mlock()ed arena. */
+  if (mv_os_madvise((void *)a, MV_ARENA_SIZE, MADV_DONTNEED_LOCKED) != 0)
+    mv_os_madvise((void *)a, MV_ARENA_SIZE, MADV_DONTNEED);
   size_t in = 0;
   if (m->fail_at == MV_STEP_SWAP) err = EIO;
   else in = mv_uffd_move(a, t, MV_ARENA_SIZE, UFFDIO_MOVE_MODE_DONTWAKE, &err);

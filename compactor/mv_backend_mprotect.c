@@ -60,6 +60,9 @@ static int mprotect_move(struct mv_move *m) {
   if (m->fail_at == MV_STEP_SWAP) return -EIO;
 
   uint64_t t1 = mv_os_now_ns();
+  /* The new VMA is the staging one: lock it if the arena was locked. */
+  int rc = mv_thp_lock_like(m->start, m->staging, MV_ARENA_SIZE, false);
+  if (rc) return rc;
   if (mv_os_mprotect(m->staging, MV_ARENA_SIZE, PROT_READ) != 0) return -errno;
   if (mv_os_mremap(m->staging, MV_ARENA_SIZE, MV_ARENA_SIZE, MREMAP_MAYMOVE | MREMAP_FIXED,
                    (void *)m->start) == MAP_FAILED)

@@ -5,7 +5,8 @@
  *   stage    fault a THP (staging)
  *   hold     note how many VMAs the remap will add; register the arena WP (and
  *            MISSING when the kernel lacks WP_UNPOPULATED: an empty PTE cannot
- *            be write-protected then, and a first write there must wait too);
+ *            be write-protected then, and a first write there must wait too;
+ *            so does a read of a never-touched page, in that mode only);
  *            write-protect it
  *   move     copy the pages that hold data (pagemap) into staging; mremap the
  *            staging VMA over the arena (MREMAP_FIXED): the old VMA, its pages
@@ -124,6 +125,9 @@ static int remap_move(struct mv_move *m) {
   if (m->fail_at == MV_STEP_SWAP) return -EIO;
 
   uint64_t t1 = mv_os_now_ns();
+  /* The new VMA is the staging one: lock it if the arena was locked. */
+  rc = mv_thp_lock_like(m->start, m->staging, MV_ARENA_SIZE, false);
+  if (rc) return rc;
   if (mv_os_mremap(m->staging, MV_ARENA_SIZE, MV_ARENA_SIZE, MREMAP_MAYMOVE | MREMAP_FIXED,
                    (void *)m->start) == MAP_FAILED)
     return -errno;

@@ -204,16 +204,17 @@ static void futex_wait(_Atomic uint32_t *w, uint32_t v) {
   syscall(SYS_futex, (uint32_t *)w, FUTEX_WAIT_PRIVATE, v, NULL, NULL, 0);
 }
 
+/* "uffd(wp unpop move) collapse thp", "no-uffd(errno 1) no-collapse thp", ... */
 static size_t describe_found(const struct mv_probe *p, char *buf, size_t cap) {
   size_t n;
   if (p->uffd)
-    n = mv_snprintf(buf, cap, "uffd%s%s%s%s", p->uffd_user_only ? " user-only" : "",
-                    p->uffd_wp ? " wp" : "", p->uffd_wp_unpopulated ? " unpop" : "",
+    n = mv_snprintf(buf, cap, "uffd%s(%s%s%s)", p->uffd_user_only ? "-user-only" : "",
+                    p->uffd_wp ? "wp" : "no-wp", p->uffd_wp_unpopulated ? " unpop" : "",
                     p->uffd_move ? " move" : "");
   else
-    n = mv_snprintf(buf, cap, "no uffd (errno %d)", p->uffd_errno);
-  n += mv_snprintf(buf + n, cap - n, ", %scollapse, %sthp", p->collapse ? "" : "no ",
-                   p->thp ? "" : "no ");
+    n = mv_snprintf(buf, cap, "no-uffd(errno %d)", p->uffd_errno);
+  n += mv_snprintf(buf + n, cap - n, " %scollapse %sthp", p->collapse ? "" : "no-",
+                   p->thp ? "" : "no-");
   if (probe_note) n += mv_snprintf(buf + n, cap - n, " (%s)", probe_note);
   return n;
 }
@@ -230,7 +231,7 @@ const struct mv_probe *mv_backend_probe(void) {
     enum mv_backend_kind skipped;
     const char *skip_why;
     /* select() would wait for this very probe: choose from the findings here. */
-    mv_snprintf(why + n, sizeof why - n, " -> auto: %s",
+    mv_snprintf(why + n, sizeof why - n, "; auto: %s",
                 mv_backend_name(auto_choice(&p, &skipped, &skip_why)));
     memcpy(p.why, why, sizeof why);
     probe_result = p;
@@ -238,7 +239,8 @@ const struct mv_probe *mv_backend_probe(void) {
     syscall(SYS_futex, (uint32_t *)&probe_state, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
     return &probe_result;
   }
-  while ((s = atomic_load_explicit(&probe_state, memory_order_acquire)) != 2) futex_wait(&probe_state, s);
+  while ((s = atomic_load_explicit(&probe_state, memory_order_acquire)) != 2)
+    futex_wait(&probe_state, s);
   return &probe_result;
 }
 
@@ -296,10 +298,12 @@ const struct mv_backend *mv_backend_select(enum mv_backend_kind requested, char 
   const char *lack = by_name ? lacks(p, requested, true) : NULL;
   if (by_name && !lack) {
     const struct mv_backend *b = impl(requested, p->uffd_user_only);
-    if (why)
-      mv_snprintf(why, why_len, "%s as requested (%s%s)", b->name,
-                  b->pin_safe ? "pin-safe" : "not pin-safe",
-                  b->holds_syscalls ? "" : ", syscalls writing a held arena get EFAULT");
+    if (why) {
+      size_t n = mv_snprintf(why, why_len, "%s as requested (%s%s); found ", b->name,
+                             b->pin_safe ? "pin-safe" : "not pin-safe",
+                             b->holds_syscalls ? "" : ", syscalls writing a held arena get EFAULT");
+      describe_found(p, why + n, why_len - n);
+    }
     return b;
   }
   enum mv_backend_kind skipped = MV_BACKEND_OFF;
@@ -307,6 +311,8 @@ const struct mv_backend *mv_backend_select(enum mv_backend_kind requested, char 
   enum mv_backend_kind chosen = auto_choice(p, &skipped, &skip_why);
   const struct mv_backend *b = impl(chosen, false);
   if (why) {
+    /* The choice first, then why the better ones were passed over, then what
+     * was found: a short buffer loses the end. */
     size_t n;
     if (requested == MV_BACKEND_AUTO)
       n = mv_snprintf(why, why_len, "auto: %s", b->name);
@@ -314,9 +320,11 @@ const struct mv_backend *mv_backend_select(enum mv_backend_kind requested, char 
       n = mv_snprintf(why, why_len, "%s unavailable (%s): %s", names[requested], lack, b->name);
     else
       n = mv_snprintf(why, why_len, "unknown backend %d: %s", (int)requested, b->name);
-    n += mv_snprintf(why + n, why_len - n, ", %s", b->pin_safe ? "pin-safe" : "not pin-safe");
+    n += mv_snprintf(why + n, why_len - n, " (%s)", b->pin_safe ? "pin-safe" : "not pin-safe");
     if (skip_why && requested == MV_BACKEND_AUTO)
-      mv_snprintf(why + n, why_len - n, "; %s: %s", names[skipped], skip_why);
+      n += mv_snprintf(why + n, why_len - n, "; %s: %s", names[skipped], skip_why);
+    n += mv_snprintf(why + n, why_len - n, "; found ");
+    describe_found(p, why + n, why_len - n);
   }
   return b;
 }

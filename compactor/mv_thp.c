@@ -174,6 +174,13 @@ long mv_thp_resident_pages(uintptr_t addr, size_t len) {
   return resident;
 }
 
+int mv_thp_lock_like(uintptr_t arena, void *dst, size_t len, bool onfault) {
+  /* VM_LOCKED shows nowhere cheap, but msync(MS_INVALIDATE) refuses a locked
+   * range with EBUSY, and on anonymous memory it does nothing else. */
+  if (msync((void *)arena, MV_PAGE_SIZE, MS_INVALIDATE) == 0 || errno != EBUSY) return 0;
+  return mlock2(dst, len, onfault ? MLOCK_ONFAULT : 0) == 0 ? 0 : -errno;
+}
+
 void *mv_thp_map_aligned(size_t len) {
   size_t span = len + MV_ARENA_SIZE;
   char *p = mv_os_mmap(NULL, span, PROT_READ | PROT_WRITE,

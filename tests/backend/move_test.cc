@@ -1,0 +1,138 @@
+// The move backend's pin check: an O_DIRECT read in flight and pages shared
+// copy-on-write with a child make UFFDIO_MOVE refuse (EBUSY), the move says
+// -EAGAIN, and nothing is lost.
+#include <fcntl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "tests/backend/backend_util.h"
+
+namespace mvtest {
+namespace {
+
+class MoveBackend : public testing::Test {
+ protected:
+  void SetUp() override {
+    mv_backend_mask_probe(nullptr);
+    mv_backend_forget_probe();
+    b_ = Runnable(MV_BACKEND_MOVE);
+    if (!b_) GTEST_SKIP() << "no UFFDIO_MOVE on this kernel: " << mv_backend_probe()->why;
+  }
+  const mv_backend *b_ = nullptr;
+};
+
+// A thread keeps reading a file with O_DIRECT into the arena while it is moved
+// again and again: the device's writes all land (checked after every read).
+TEST_F(MoveBackend, ODirectReadsRacingMoves) {
+  char path[] = "/var/tmp/mv_odirect_XXXXXX";
+  int wfd = mkstemp(path);
+  ASSERT_GE(wfd, 0) << strerror(errno);
+  std::vector<uint64_t> file(kArena / 8);
+  for (size_t i = 0; i < file.size(); i++) file[i] = i * 0x2545F4914F6CDD1Dull + 7;
+  ASSERT_EQ(write(wfd, file.data(), kArena), (ssize_t)kArena);
+  fsync(wfd);
+  close(wfd);
+  int fd = open(path, O_RDONLY | O_DIRECT);
+  unlink(path);
+  if (fd < 0) GTEST_SKIP() << "O_DIRECT not supported on /var/tmp: " << strerror(errno);
+
+  Region r(1);
+  constexpr size_t kChunk = 64 << 10;
+  std::atomic<bool> stop{false};
+  std::atomic<size_t> bad{0}, reads{0};
+  std::thread reader([&] {
+    for (size_t k = 0; !stop.load(); k++) {
+      size_t off = (k % (kArena / kChunk)) * kChunk;
+      ssize_t n = pread(fd, r.arena(0) + off, kChunk, (off_t)off);
+      ASSERT_EQ(n, (ssize_t)kChunk) << strerror(errno);
+      if (memcmp(r.arena(0) + off, &file[off / 8], kChunk) != 0) bad++;
+      reads++;
+    }
+  });
+  int moved = 0, refused = 0;
+  Timing t;
+  for (int i = 0; i < 5000 && (i < 60 || reads.load() < 300); i++) {
+    int rc = MoveOnce(b_, r.start(0), MV_STEP_NONE, &t);
+    if (rc == -EAGAIN) refused++;
+    else ASSERT_EQ(rc, 0);
+    moved += rc == 0;
+  }
+  stop.store(true);
+  reader.join();
+  close(fd);
+  EXPECT_EQ(bad.load(), 0u);
+  EXPECT_GE(reads.load(), 300u);
+  EXPECT_GT(moved, 0);
+  printf("[ info     ] O_DIRECT: %zu reads of 64 KiB, %d moves, %d refused (-EAGAIN: pinned)\n",
+         reads.load(), moved, refused);
+  t.Print("move under O_DIRECT");
+}
+
+// Pages shared copy-on-write with a live child are not the parent's alone:
+// refused, contents intact on both sides, writers released.
+TEST_F(MoveBackend, CowSharedAfterForkIsRefused) {
+  Region r(1);
+  int go[2], result[2];
+  ASSERT_EQ(pipe(go), 0);
+  ASSERT_EQ(pipe(result), 0);
+  pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    char c;
+    if (read(go[0], &c, 1) != 1) _exit(2);
+    char ok = r.Verify(0) == 0 ? 'y' : 'n';
+    if (write(result[1], &ok, 1) != 1) _exit(3);
+    _exit(0);
+  }
+  EXPECT_EQ(MoveOnce(b_, r.start(0)), -EAGAIN);
+  EXPECT_EQ(mv_thp_is_huge(r.start(0)), 0);
+  EXPECT_EQ(r.Verify(0), 0u);
+  // Released: a write goes through (and makes that one page exclusive again).
+  *r.TouchedCounter(0, 0) = 0;
+  char c = 'g', ok = 0;
+  ASSERT_EQ(write(go[1], &c, 1), 1);
+  ASSERT_EQ(read(result[0], &ok, 1), 1);
+  EXPECT_EQ(ok, 'y') << "the child's copy changed";
+  int status;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+
+  // With the child gone the pages are still marked shared until written.
+  int after_exit = MoveOnce(b_, r.start(0));
+  printf("[ info     ] after the child exited, before any write: move -> %d\n", after_exit);
+  if (after_exit != 0) {
+    r.Fill(0);  // a write to each page makes it exclusive again
+    EXPECT_EQ(MoveRetrying(b_, r.start(0)), 0);
+  }
+  EXPECT_EQ(mv_thp_is_huge(r.start(0)), 1);
+  EXPECT_EQ(r.Verify(0), 0u);
+  for (int fd : {go[0], go[1], result[0], result[1]}) close(fd);
+}
+
+// The child of fork() inherits the parent's userfaultfd, which describes the
+// parent's memory: after mv_backend_fork_child() it opens its own and moves its
+// own arenas, and the parent's keeps working.
+TEST_F(MoveBackend, ChildMovesWithItsOwnUserfaultfd) {
+  {
+    Region r(1);
+    ASSERT_EQ(MoveRetrying(b_, r.start(0)), 0);  // the parent's fd is open now
+  }
+  pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    mv_backend_fork_child();
+    Region mine(1);
+    bool ok = MoveRetrying(b_, mine.start(0)) == 0 && mv_thp_is_huge(mine.start(0)) == 1 &&
+              mine.Verify(0) == 0;
+    _exit(ok ? 0 : 1);
+  }
+  int status;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "status " << status;
+  Region r(1);
+  EXPECT_EQ(MoveRetrying(b_, r.start(0)), 0);
+  EXPECT_EQ(r.Verify(0), 0u);
+}
+
+}  // namespace
+}  // namespace mvtest

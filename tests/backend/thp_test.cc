@@ -1,0 +1,112 @@
+// Huge-page facts (pagemap + kpageflags, the smaps fallback, residency) and the
+// staging helper every copying backend shares.
+#include <unistd.h>
+
+#include "tests/backend/backend_util.h"
+
+namespace mvtest {
+namespace {
+
+class Thp : public testing::Test {
+ protected:
+  void SetUp() override {
+    if (!mv_backend_probe()->thp) GTEST_SKIP() << "no THP here: " << mv_backend_probe()->why;
+  }
+  void TearDown() override { mv_prim_reset(); }
+};
+
+TEST_F(Thp, StagedPageIsHuge) {
+  mv_move m;
+  memset(&m, 0, sizeof m);
+  ASSERT_EQ(mv_thp_stage(&m), 0);
+  uintptr_t s = reinterpret_cast<uintptr_t>(m.staging);
+  EXPECT_EQ(s % kArena, 0u);
+  EXPECT_EQ(m.staging_map, m.staging);
+  EXPECT_EQ(m.staging_map_len, kArena);
+  EXPECT_GT(m.stage_ns, 0u);
+  EXPECT_EQ(mv_thp_is_huge(s), 1);
+  EXPECT_EQ(mv_thp_is_huge_smaps(s), 1) << "the staged page is its own VMA: smaps can tell";
+  EXPECT_EQ(mv_thp_resident_pages(s, kArena), (long)kPages);
+  EXPECT_EQ(CountVmas(s, s + kArena), 1) << "the alignment slack is unmapped at once";
+  mv_thp_unstage(&m);
+  EXPECT_EQ(m.staging, nullptr);
+  EXPECT_EQ(m.staging_map, nullptr);
+  EXPECT_EQ(CountVmas(s, s + kArena), 0);
+}
+
+TEST_F(Thp, SmallPagesAreNotHuge) {
+  Region r(1);
+  EXPECT_EQ(mv_thp_is_huge(r.start(0)), 0);
+  EXPECT_EQ(mv_thp_resident_pages(r.start(0), kArena), (long)(kPages * 3 / 4));
+  EXPECT_EQ(mv_thp_resident_pages(r.start(0) + 3 * kPage, kPage), 0) << "a hole";
+  EXPECT_EQ(mv_thp_resident_pages(r.start(0) + 10, 100), 1) << "unaligned start";
+  r.Fill(0);
+  for (size_t p = 3; p < kPages; p += 4) r.arena(0)[p * kPage] = 1;  // no holes left
+  EXPECT_EQ(mv_thp_is_huge(r.start(0)), 0) << "all present, but 4 KiB pages";
+  EXPECT_EQ(mv_thp_is_huge_smaps(r.start(0)), 0);
+  EXPECT_EQ(mv_thp_is_huge(r.start(0) + kPage), -EINVAL);
+}
+
+// Inside a larger VMA, smaps' per-VMA AnonHugePages cannot name one range.
+TEST_F(Thp, SmapsFallbackKnowsItsLimits) {
+  if (!mv_backend_probe()->collapse) GTEST_SKIP() << "no MADV_COLLAPSE to make a THP in place";
+  Region r(2);
+  ASSERT_EQ(madvise(r.base(), 2 * kArena, MADV_COLLAPSE), 0) << strerror(errno);
+  EXPECT_EQ(mv_thp_is_huge(r.start(0)), 1);
+  EXPECT_EQ(mv_thp_is_huge_smaps(r.start(0)), -EOPNOTSUPP);
+}
+
+int NoPopulate(void *addr, size_t len, int advice) {
+  if (advice == MADV_POPULATE_WRITE) {
+    errno = EINVAL;  // a kernel before 5.14
+    return -1;
+  }
+  return madvise(addr, len, advice);
+}
+int NoHugepage(void *addr, size_t len, int advice) {
+  if (advice == MADV_HUGEPAGE) {
+    errno = EINVAL;  // THP not built in
+    return -1;
+  }
+  return madvise(addr, len, advice);
+}
+void *last_map;
+size_t last_len;
+void *RecordingMmap(void *a, size_t l, int p, int f, int fd, off_t o) {
+  last_map = mmap(a, l, p, f, fd, o);
+  last_len = l;
+  return last_map;
+}
+
+TEST_F(Thp, StageFallsBackToATouch) {
+  struct mv_prim fake = mv_prim_real;
+  fake.madvise = NoPopulate;
+  mv_prim_set(&fake);
+  mv_move m;
+  memset(&m, 0, sizeof m);
+  ASSERT_EQ(mv_thp_stage(&m), 0);
+  EXPECT_EQ(mv_thp_is_huge(reinterpret_cast<uintptr_t>(m.staging)), 1);
+  mv_thp_unstage(&m);
+}
+
+// No THP: -EAGAIN, and nothing of the 4 MiB mapped for it is left.
+TEST_F(Thp, StageFailureLeavesNothingMapped) {
+  struct mv_prim fake = mv_prim_real;
+  fake.madvise = NoHugepage;
+  fake.mmap = RecordingMmap;
+  mv_prim_set(&fake);
+  mv_move m;
+  memset(&m, 0, sizeof m);
+  EXPECT_EQ(mv_thp_stage(&m), -EAGAIN);
+  EXPECT_EQ(m.staging, nullptr);
+  EXPECT_EQ(m.staging_map, nullptr);
+  uintptr_t lo = reinterpret_cast<uintptr_t>(last_map);
+  EXPECT_EQ(CountVmas(lo, lo + last_len), 0);
+  m.fail_at = MV_STEP_STAGE;
+  mv_prim_reset();
+  EXPECT_EQ(mv_thp_stage(&m), -EAGAIN) << "injected";
+  EXPECT_EQ(m.staging, nullptr);
+}
+
+}  // namespace
+}  // namespace mvtest
