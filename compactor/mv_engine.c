@@ -57,6 +57,7 @@ static __thread bool in_callback;
 
 static struct {
   _Atomic uint64_t migrated, retries, refused, failed, staging_failed, bytes, passes, cpu_ns;
+  _Atomic uint64_t vma_capped;
   _Atomic uint64_t stall_hist[MOVALLOC_STALL_BUCKETS];
 } counters;
 
@@ -221,6 +222,26 @@ static enum outcome migrate_one(const struct mv_backend *b,
 
 /* ---- which arenas ---- */
 
+/* remap and mprotect leave each moved arena its own VMA (mv_backend.h). They
+ * stop at half of vm.max_map_count, which leaves the program the other half. */
+static bool vma_budget_left(const struct mv_backend *b) {
+  if (b->kind != MV_BACKEND_REMAP && b->kind != MV_BACKEND_MPROTECT) return true;
+  static size_t cap;
+  if (!cap) {
+    char buf[32];
+    long max = 65530;
+    if (mv_os_read_file("/proc/sys/vm/max_map_count", buf, sizeof buf) > 0) {
+      long v = 0;
+      for (const char *c = buf; *c >= '0' && *c <= '9'; c++) v = v * 10 + (*c - '0');
+      if (v > 0) max = v;
+    }
+    cap = (size_t)max / 2;
+  }
+  if (mv_backend_remap_vmas() + 2 <= cap) return true;
+  atomic_fetch_add(&counters.vma_capped, 1);
+  return false;
+}
+
 static bool dense_enough(uintptr_t start, unsigned flags) {
   if (flags & MOVALLOC_COMPACT_ALL) return true;
   long resident = mv_thp_resident_pages(start, MV_ARENA_SIZE);
@@ -276,6 +297,7 @@ static int compact_locked(unsigned flags, int max_moves) {
       mv_arena_t *a = &mv_arenas[i];
       if (moved >= max_moves) break;
       if (a->engine_gen == gen || !heap_arena_eligible(a, flags, now)) continue;
+      if (!vma_budget_left(b)) break;
       enum outcome o = migrate_one(b, &heap_ops, NULL, mv_heap_base + ((uintptr_t)i << MV_ARENA_SHIFT));
       if (o == MOVED) moved++;
       if (o == FAILED) a->backoff_until_ns = now + MV_BACKOFF_NS;
@@ -291,6 +313,7 @@ static int compact_locked(unsigned flags, int max_moves) {
         bool tracked_k = k < sizeof skip_region[r];
         if (tracked_k && skip_region[r][k]) continue;
         if (!(flags & MOVALLOC_COMPACT_ALL) && mv_thp_is_huge(start) == 1) continue;
+        if (!vma_budget_left(b)) break;
         enum outcome o = migrate_one(b, reg->ops, reg->ctx, start);
         if (o == MOVED) moved++;
         if (o == FAILED) reg->backoff_until_ns = now + MV_BACKOFF_NS;
@@ -378,6 +401,7 @@ void mv_engine_stats(struct movalloc_stats *out) {
   out->bytes_moved = atomic_load(&counters.bytes);
   out->compact_passes = atomic_load(&counters.passes);
   out->compactor_cpu_ns = atomic_load(&counters.cpu_ns);
+  out->vma_capped = atomic_load(&counters.vma_capped);
   for (int i = 0; i < MOVALLOC_STALL_BUCKETS; i++)
     out->stall_hist[i] = atomic_load(&counters.stall_hist[i]);
   mv_snprintf(out->backend, sizeof out->backend, "%s", b->name);

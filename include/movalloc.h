@@ -51,11 +51,12 @@ struct movalloc_stats {
   uint64_t stall_hist[MOVALLOC_STALL_BUCKETS]; /* isolation window lengths */
   uint64_t compact_passes;
   uint64_t compactor_cpu_ns;   /* CPU time spent by compaction */
+  uint64_t vma_capped;         /* moves skipped: remap/mprotect would near vm.max_map_count */
 
   char backend[16];          /* "move", "remap", "collapse", "mprotect" or "off" */
   char backend_reason[112];  /* why that backend was chosen */
 
-  uint64_t reserved_for_growth[32]; /* zero; later counters take these slots */
+  uint64_t reserved_for_growth[31]; /* zero; later counters take these slots */
 };
 
 /* Fills *out. Returns 0, or -EINVAL for a NULL pointer. Never allocates. */
