@@ -7,6 +7,8 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <signal.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -319,6 +321,32 @@ TEST(Engine, ForkWhileCompacting) {
     for (int k = 0; k < 300; k++) bad += p[k] != Pattern((uintptr_t)(p + k));
   EXPECT_EQ(bad, 0u);
   for (unsigned char *p : blocks) free(p);
+}
+
+// POSIX: a process whose main thread calls pthread_exit ends (status 0, atexit
+// handlers run) when its last thread does; the compactor thread must not keep
+// it alive.
+TEST(Engine, CompactorDoesNotKeepTheProcessAlive) {
+  pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    std::thread([] {
+      for (int i = 0; i < 200000; i++) memset(malloc(500), 1, 500);  // starts the compactor
+      usleep(200 * 1000);
+    }).detach();
+    // pthread_exit would unwind through GoogleTest, which catches the unwind;
+    // ending only this thread is what matters here.
+    syscall(SYS_exit, 0);
+  }
+  int status = -1;
+  for (int waited = 0; waited < 100 && waitpid(pid, &status, WNOHANG) == 0; waited++)
+    usleep(100 * 1000);
+  if (waitpid(pid, &status, WNOHANG) == 0) {
+    kill(pid, SIGKILL);
+    waitpid(pid, &status, 0);
+    FAIL() << "the process was still alive 10 s after its last program thread ended";
+  }
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
 }
 
 TEST(Engine, OffBackendRefusesToCompact) {
