@@ -1,0 +1,118 @@
+// Arena carving and placement: runs of slices come from the fullest arena with
+// room, huge spans are contiguous and reused before the heap grows, and an arena
+// that empties while isolated is freed only when it is put back.
+#include <gtest/gtest.h>
+#include <malloc.h>
+#include <string.h>
+
+extern "C" {
+#include "arena/mv_alloc.h"
+#include "arena/mv_arena.h"
+}
+
+namespace {
+
+mv_arena_t *ArenaOf(const mv_page_t *page) { return mv_arena_of(page->start); }
+
+bool FitsRun(uint32_t free_mask, unsigned n) {
+  uint32_t m = free_mask;
+  for (unsigned i = 1; i < n; i++) m &= free_mask >> i;
+  return m != 0;
+}
+
+// The fewest free slices of any active arena that has n free slices in a row
+// (the whole heap: the test process allocates too).
+unsigned FullestFit(unsigned n) {
+  unsigned best = MV_SLICES + 1;
+  for (uint32_t i = 0; i < mv_arena_frontier(); i++) {
+    mv_arena_t *a = &mv_arenas[i];
+    if (atomic_load(&a->state) != MV_ARENA_ACTIVE || a->huge) continue;
+    if (FitsRun(a->free_mask, n) && a->free_count < best) best = a->free_count;
+  }
+  return best;
+}
+
+TEST(Arena, SlicesComeFromTheFullestArenaWithRoom) {
+  bool zeroed;
+  // Arena A: 30 of 32 slices used. Arena B: 1 used.
+  mv_page_t *a_pages[4];
+  a_pages[0] = mv_arena_alloc_slices(16, &zeroed);
+  ASSERT_NE(a_pages[0], nullptr);
+  mv_arena_t *a = ArenaOf(a_pages[0]);
+  a_pages[1] = mv_arena_alloc_slices(14, &zeroed);
+  ASSERT_EQ(ArenaOf(a_pages[1]), a) << "16 free slices left in A: the run fits";
+  mv_page_t *b_page = mv_arena_alloc_slices(16, &zeroed);  // does not fit in A
+  mv_arena_t *b = ArenaOf(b_page);
+  ASSERT_NE(b, a);
+  // 2 slices fit in A and in B; A is the fuller one.
+  a_pages[2] = mv_arena_alloc_slices(2, &zeroed);
+  EXPECT_EQ(ArenaOf(a_pages[2]), a);
+  // A is full now: the next run goes to the fullest arena that fits it (B, or
+  // a fuller one the test process itself uses).
+  unsigned fullest = FullestFit(2);
+  ASSERT_LE(fullest, (unsigned)b->free_count);
+  mv_page_t *next = mv_arena_alloc_slices(2, &zeroed);
+  EXPECT_EQ(ArenaOf(next)->free_count + 2u, fullest);
+  // Every slice of a run maps to its page.
+  for (unsigned s = 0; s < a_pages[0]->slice_count; s++)
+    EXPECT_EQ(mv_page_of((void *)(a_pages[0]->start + s * MV_SLICE_SIZE + 100)), a_pages[0]);
+  for (mv_page_t *p : {a_pages[0], a_pages[1], a_pages[2], b_page, next}) mv_arena_free_slices(p);
+  EXPECT_EQ(mv_page_of((void *)(a->pages[0].start + 100))->kind, MV_PAGE_NONE);
+}
+
+TEST(Arena, FreshSlicesAreZero) {
+  malloc_trim(0);  // released arenas are zero again
+  bool zeroed = false;
+  mv_page_t *p = mv_arena_alloc_huge((size_t)3 << 20, 0, &zeroed);
+  ASSERT_NE(p, nullptr);
+  EXPECT_TRUE(zeroed);
+  memset((void *)p->start, 1, 4096);
+  mv_arena_free_huge(p);
+  mv_page_t *q = mv_arena_alloc_huge((size_t)3 << 20, 0, &zeroed);  // the same, from the cache
+  EXPECT_EQ(q->start, p->start) << "freed arenas are reused before the heap grows";
+  EXPECT_FALSE(zeroed) << "it was written: calloc must clear it";
+  mv_arena_free_huge(q);
+}
+
+TEST(Arena, HugeSpansAreContiguousAndMapped) {
+  bool zeroed;
+  mv_page_t *p = mv_arena_alloc_huge((size_t)7 << 20, 0, &zeroed);  // 4 arenas
+  ASSERT_NE(p, nullptr);
+  EXPECT_EQ(p->start % MV_ARENA_SIZE, 0u);
+  EXPECT_EQ(p->huge_size, (size_t)8 << 20);
+  for (size_t off = 0; off < p->huge_size; off += MV_SLICE_SIZE)
+    ASSERT_EQ(mv_page_of((void *)(p->start + off)), p) << off;
+  EXPECT_TRUE(mv_arena_resize_huge(p, (size_t)3 << 20));  // shrink in place
+  EXPECT_EQ(p->huge_size, (size_t)4 << 20);
+  EXPECT_EQ(mv_page_of((void *)(p->start + ((size_t)5 << 20)))->kind, MV_PAGE_NONE);
+  mv_arena_free_huge(p);
+  mv_page_t *aligned = mv_arena_alloc_huge((size_t)3 << 20, (size_t)8 << 20, &zeroed);
+  ASSERT_NE(aligned, nullptr);
+  EXPECT_EQ(aligned->start % ((size_t)8 << 20), 0u);
+  mv_arena_free_huge(aligned);
+}
+
+TEST(Arena, EmptiedWhileIsolatedIsFreedAtPutback) {
+  bool zeroed;
+  mv_page_t *p = mv_arena_alloc_slices(32, &zeroed);  // a whole arena
+  ASSERT_NE(p, nullptr);
+  mv_arena_t *a = ArenaOf(p);
+  ASSERT_TRUE(mv_arena_isolate(a));
+  EXPECT_FALSE(mv_arena_isolate(a)) << "already isolated";
+  mv_arena_free_slices(p);  // the owner frees everything meanwhile
+  EXPECT_EQ(atomic_load(&a->state), MV_ARENA_ISOLATED) << "not freed under the engine";
+  EXPECT_TRUE(a->release_pending);
+  mv_arena_unisolate(a, false);
+  EXPECT_EQ(atomic_load(&a->state), MV_ARENA_FREE);
+  EXPECT_FALSE(a->release_pending);
+}
+
+TEST(ArenaDeathTest, ImpossibleTransitionsAbort) {
+  bool zeroed;
+  mv_page_t *p = mv_arena_alloc_slices(1, &zeroed);
+  mv_arena_t *a = ArenaOf(p);
+  EXPECT_DEATH(mv_arena_set_migrating(a, true), "cannot become");  // ACTIVE -> MIGRATING
+  mv_arena_free_slices(p);
+}
+
+}  // namespace
