@@ -37,7 +37,7 @@ static _Atomic uint64_t heap_count;
 static _Atomic uint64_t invalid_frees, double_frees;
 
 #define MV_HOUSEKEEPING_EVERY 1024 /* slow calls between looks at the full list */
-#define MV_EXTEND_BYTES 8192       /* bytes of blocks carved at a time */
+#define MV_EXTEND_BYTES 4096       /* bytes of blocks carved at a time: one OS page */
 
 /* ---- misuse ---- */
 

@@ -30,7 +30,7 @@
 #define MV_PASSES 3                         /* bounded retry, like migrate_pages() */
 #define MV_BACKOFF_NS (10ull * 1000000000u) /* after a permanent failure */
 #define MV_MAX_REGIONS 64
-#define MV_MIN_RESIDENT_PAGES 256           /* of 512: a huge page would not double RSS */
+#define MV_MIN_RESIDENT_PAGES 448           /* of 512: a huge page adds at most 1/8 to RSS */
 #define MV_SETTLE_NS (1000ull * 1000000u)   /* no new pages for this long: settled */
 
 struct movalloc_migration {
