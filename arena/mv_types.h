@@ -85,7 +85,7 @@ typedef struct mv_page {
   _Atomic(uint8_t) in_full;
   uint16_t slice_count;      /* slices this page covers (SMALL, LARGE) */
   size_t huge_size;          /* HUGE/LARGE: usable bytes */
-} mv_page_t;
+} __attribute__((aligned(64))) mv_page_t; /* no two pages share a cache line */
 
 /* Arena states. Transitions are atomic (mv_arena_set_state asserts each one):
  *   FREE -> ACTIVE               handed out (arena lock)
