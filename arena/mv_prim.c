@@ -21,25 +21,14 @@ static int real_ioctl(int fd, unsigned long request, void *arg) {
 
 static int real_userfaultfd(int flags) { return (int)syscall(SYS_userfaultfd, flags); }
 
-const struct mv_prim mv_prim_real = {
-    .mmap = mmap,
-    .munmap = munmap,
-    .mprotect = mprotect,
-    .madvise = madvise,
-    .mremap = real_mremap,
-    .ioctl = real_ioctl,
-    .userfaultfd = real_userfaultfd,
-};
+#define REAL_PRIMITIVES                                                              \
+  {                                                                                  \
+    .mmap = mmap, .munmap = munmap, .mprotect = mprotect, .madvise = madvise,        \
+    .mremap = real_mremap, .ioctl = real_ioctl, .userfaultfd = real_userfaultfd,     \
+  }
 
-struct mv_prim mv_prim = {
-    .mmap = mmap,
-    .munmap = munmap,
-    .mprotect = mprotect,
-    .madvise = madvise,
-    .mremap = real_mremap,
-    .ioctl = real_ioctl,
-    .userfaultfd = real_userfaultfd,
-};
+const struct mv_prim mv_prim_real = REAL_PRIMITIVES;
+struct mv_prim mv_prim = REAL_PRIMITIVES; /* tests swap entries */
 
 void mv_prim_set(const struct mv_prim *fake) { mv_prim = *fake; }
 void mv_prim_reset(void) { mv_prim = mv_prim_real; }
