@@ -40,6 +40,40 @@ extern const struct mv_backend mv_backend_remap_user_only;
 extern const struct mv_backend mv_backend_move_impl;
 extern const struct mv_backend mv_backend_move_user_only;
 
+/* Descriptors the backends keep open, each opened once per process at a
+ * number >= 512 (half the RLIMIT_NOFILE soft limit when that is lower), away
+ * from the lowest free numbers a program counts on (it closes 0 and expects
+ * open() to give 0 back; a child expects exactly the descriptors it was
+ * given). Every use checks that the number still holds the file opened there
+ * (st_dev, st_ino) in this process (getpid(): a /proc/self file describes the
+ * process that opened it). If the program closed it or put its own file on
+ * that number, another is opened and the number is left alone; one inherited
+ * over fork() is closed and opened again. */
+enum mv_kept {
+  MV_KEPT_UFFD,       /* mv_uffd.c */
+  MV_KEPT_PAGEMAP,    /* /proc/self/pagemap */
+  MV_KEPT_KPAGEFLAGS, /* /proc/kpageflags */
+  MV_KEPT_SMAPS,      /* /proc/self/smaps: read it with pread */
+  MV_KEPT_MAPS,       /* /proc/self/maps, for PROCMAP_QUERY */
+  MV_KEPT_COUNT,
+};
+
+/* Moves fd to the lowest free number >= 512 (or half the soft limit), closing
+ * the low one; returns the new number, or fd where there is no room up there. */
+int mv_fd_high(int fd);
+
+/* The kept descriptor, opened with open_fd (a new descriptor, or -errno) when
+ * there is none or it is not ours any more; -errno if that fails. Thread-safe:
+ * one caller opens, the others wait. */
+int mv_kept_fd(enum mv_kept which, int (*open_fd)(void));
+
+/* Closes it if the number still holds it; the next use opens another. Not
+ * while another thread uses it. */
+void mv_kept_close(enum mv_kept which);
+
+/* mv_kept_fd for the /proc files above. */
+int mv_proc_fd(enum mv_kept which);
+
 /* Maps len bytes (a multiple of MV_ARENA_SIZE) at an MV_ARENA_SIZE aligned
  * address: maps len + MV_ARENA_SIZE and unmaps the ends at once, so that only
  * the aligned range is left to unmap later. NULL on failure (errno set). */

@@ -72,7 +72,18 @@ static int move_hold(struct mv_move *m) {
 }
 
 /* Moves scratch [from, to) back into the arena and write-protects the arena
- * again, so the contents are as before and writers are held. Returns rc. */
+ * again, so the contents are as before and writers are held. Returns rc.
+ *
+ * Nothing else can map a page into the arena meanwhile: it is registered
+ * MISSING, so every fault there (read or write, THP or zero page, from a
+ * thread or a system call) waits, and GUP without FAULT_FLAG_ALLOW_RETRY gets
+ * EFAULT instead. What used to make this fail with EEXIST was Linux 6.18's
+ * UFFDIO_MOVE moving pages it did not count (see mv_uffd_move): a move-in that
+ * "failed with nothing moved" had put staging pages in the arena, and a
+ * move-out had left uncounted pages in scratch, which went with it. mv_uffd_move
+ * now takes the count from the page tables, so an arena page that is still
+ * in the way here is one that cannot be explained, and guessing which copy
+ * is right would lose data silently. */
 static int put_back(struct mv_move *m, size_t from, size_t to, int rc) {
   uintptr_t a = m->start, s = (uintptr_t)m->scratch;
   size_t done = from;

@@ -22,12 +22,10 @@
  * vm.max_map_count. Between hold and release, m->scratch carries that count.
  */
 #include <errno.h>
-#include <fcntl.h>
 #include <sched.h>
 #include <stdatomic.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
-#include <unistd.h>
 
 #include "arena/mv_prim.h"
 #include "arena/mv_print.h"
@@ -72,11 +70,10 @@ static int query_vma(int fd, uintptr_t addr, uintptr_t *start, uintptr_t *end) {
 
 unsigned mv_remap_vma_delta(uintptr_t start) {
   uintptr_t end = start + MV_ARENA_SIZE, ls, le, rs, re;
-  int fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
+  int fd = mv_proc_fd(MV_KEPT_MAPS);
   if (fd < 0) return 2;
   int rc = query_vma(fd, start, &ls, &le);
   if (rc == 0) rc = query_vma(fd, end - 1, &rs, &re);
-  close(fd);
   if (rc) return 2;
   return (ls < start) + (re > end);
 }

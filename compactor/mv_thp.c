@@ -1,16 +1,126 @@
-/* Huge-page facts about ranges, and the staging page every copying backend moves
- * onto. Reads /proc files with open/pread directly: these are queries, not
- * actions worth faking through mv_prim. Fds are opened per call, because a
- * /proc/self fd kept across fork() would describe the parent's memory. */
+/* Huge-page facts about ranges, the staging page every copying backend moves
+ * onto, and the descriptors the backends keep open. Reads /proc files with
+ * pread directly: these are queries, not actions worth faking through
+ * mv_prim. */
 #include <errno.h>
 #include <fcntl.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "arena/mv_prim.h"
 #include "compactor/mv_backend.h"
 #include "compactor/mv_backend_int.h"
+
+/* ---- descriptors kept open ---- */
+
+/* Opening a file per query from the compactor thread, many times a second,
+ * takes the lowest free number for a moment, again and again: a program that
+ * closes 0 and opens /dev/null gets 3 instead, its dup2() onto that number
+ * fails with EBUSY, and its close() of a number it believes its own closes
+ * ours while we still read (so we read, or close, its next file). So each
+ * file is opened once per process and kept high. */
+#define KEPT_NONE (-1)
+#define KEPT_OPENING (-2)
+#define KEPT_FD_FLOOR 512
+
+/* fd: the descriptor once published, KEPT_NONE, or KEPT_OPENING while one
+ * thread opens it (the others wait). dev, ino and pid are stored before fd is
+ * published and change only while it is not. */
+static struct {
+  _Atomic int fd;
+  _Atomic uint64_t dev, ino;
+  _Atomic int pid;
+} kept[MV_KEPT_COUNT] = {[0 ... MV_KEPT_COUNT - 1] = {.fd = KEPT_NONE}};
+
+/* Whether fd still holds the file opened as kept[which]. */
+static bool kept_is_ours(enum mv_kept which, int fd) {
+  struct stat st;
+  return fstat(fd, &st) == 0 &&
+         (uint64_t)st.st_ino == atomic_load_explicit(&kept[which].ino, memory_order_relaxed) &&
+         (uint64_t)st.st_dev == atomic_load_explicit(&kept[which].dev, memory_order_relaxed);
+}
+
+int mv_fd_high(int fd) {
+  struct rlimit rl;
+  int floor = KEPT_FD_FLOOR;
+  if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur / 2 < (rlim_t)floor)
+    floor = (int)(rl.rlim_cur / 2);
+  if (fd >= floor) return fd;
+  int high = fcntl(fd, F_DUPFD_CLOEXEC, floor);
+  if (high < 0) return fd;
+  close(fd);
+  return high;
+}
+
+int mv_kept_fd(enum mv_kept which, int (*open_fd)(void)) {
+  for (;;) {
+    int fd = atomic_load_explicit(&kept[which].fd, memory_order_acquire);
+    if (fd == KEPT_OPENING) {
+      sched_yield();
+      continue;
+    }
+    bool ours = fd >= 0 && kept_is_ours(which, fd);
+    bool here = atomic_load_explicit(&kept[which].pid, memory_order_relaxed) == getpid();
+    if (ours && here) return fd;
+    if (!atomic_compare_exchange_strong_explicit(&kept[which].fd, &fd, KEPT_OPENING,
+                                                 memory_order_acquire, memory_order_acquire))
+      continue;
+    /* Inherited over fork(): ours to close (a /proc/self file would describe
+     * the parent). Not ours any more: forgotten, never closed, for that number
+     * may hold the program's file now. */
+    if (ours) close(fd);
+    int fresh = open_fd();
+    struct stat st;
+    if (fresh >= 0) {
+      fresh = mv_fd_high(fresh);
+      if (fstat(fresh, &st) != 0) {
+        int err = errno;
+        close(fresh);
+        fresh = -err;
+      }
+    }
+    if (fresh >= 0) {
+      atomic_store_explicit(&kept[which].dev, (uint64_t)st.st_dev, memory_order_relaxed);
+      atomic_store_explicit(&kept[which].ino, (uint64_t)st.st_ino, memory_order_relaxed);
+      atomic_store_explicit(&kept[which].pid, getpid(), memory_order_relaxed);
+    }
+    atomic_store_explicit(&kept[which].fd, fresh >= 0 ? fresh : KEPT_NONE, memory_order_release);
+    return fresh;
+  }
+}
+
+void mv_kept_close(enum mv_kept which) {
+  int fd = atomic_load(&kept[which].fd);
+  bool ours = fd >= 0 && kept_is_ours(which, fd);
+  atomic_store(&kept[which].fd, KEPT_NONE);
+  if (ours) close(fd);
+}
+
+static int open_proc(const char *path) {
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  return fd >= 0 ? fd : -errno;
+}
+static int open_pagemap(void) { return open_proc("/proc/self/pagemap"); }
+static int open_kpageflags(void) { return open_proc("/proc/kpageflags"); }
+static int open_smaps(void) { return open_proc("/proc/self/smaps"); }
+static int open_maps(void) { return open_proc("/proc/self/maps"); }
+
+int mv_proc_fd(enum mv_kept which) {
+  static int (*const openers[MV_KEPT_COUNT])(void) = {
+      [MV_KEPT_PAGEMAP] = open_pagemap,
+      [MV_KEPT_KPAGEFLAGS] = open_kpageflags,
+      [MV_KEPT_SMAPS] = open_smaps,
+      [MV_KEPT_MAPS] = open_maps,
+  };
+  return openers[which] ? mv_kept_fd(which, openers[which]) : -EINVAL;
+}
+
+/* ---- huge-page facts ---- */
 
 #define PM_PFN_MASK ((UINT64_C(1) << 55) - 1)
 #define PM_SWAP (UINT64_C(1) << 62)
@@ -33,13 +143,19 @@ static int pread_all(int fd, void *buf, size_t len, off_t off) {
   return 0;
 }
 
+/* pread_all of a kept /proc file, checked again after the read: the program
+ * may put its own file on that number in between, and pagemap read from
+ * /dev/zero would say "no page here", which the copy would believe. */
+static int proc_pread(enum mv_kept which, void *buf, size_t len, off_t off) {
+  int fd = mv_proc_fd(which);
+  if (fd < 0) return fd;
+  int rc = pread_all(fd, buf, len, off);
+  return kept_is_ours(which, fd) ? rc : -EAGAIN;
+}
+
 static int read_pagemap(uintptr_t addr, uint64_t entries[MV_ARENA_PAGES]) {
-  int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return -errno;
-  int rc = pread_all(fd, entries, MV_ARENA_PAGES * sizeof(uint64_t),
-                     (off_t)(addr / MV_PAGE_SIZE * sizeof(uint64_t)));
-  close(fd);
-  return rc;
+  return proc_pread(MV_KEPT_PAGEMAP, entries, MV_ARENA_PAGES * sizeof(uint64_t),
+                    (off_t)(addr / MV_PAGE_SIZE * sizeof(uint64_t)));
 }
 
 int mv_thp_page_map(uintptr_t addr, struct mv_page_map *map) {
@@ -80,16 +196,18 @@ static uint64_t parse_num(const char **s, unsigned base) {
 /* Scans /proc/self/smaps for the VMA holding addr: its bounds and AnonHugePages
  * (kB). Streams through a stack buffer, one line at a time. 0 or -errno. */
 static int smaps_vma(uintptr_t addr, uintptr_t *vs, uintptr_t *ve, uint64_t *ahp_kb) {
-  int fd = open("/proc/self/smaps", O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return -errno;
+  int fd = mv_proc_fd(MV_KEPT_SMAPS);
+  if (fd < 0) return fd;
   char buf[4096];
   size_t have = 0;
+  off_t off = 0; /* pread: the kept descriptor's position is nobody's */
   bool inside = false, found = false;
   int rc = -ENOENT;
   for (;;) {
-    ssize_t n = read(fd, buf + have, sizeof buf - have);
+    ssize_t n = pread(fd, buf + have, sizeof buf - have, off);
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) break;
+    off += n;
     have += (size_t)n;
     size_t pos = 0;
     for (;;) {
@@ -119,8 +237,7 @@ static int smaps_vma(uintptr_t addr, uintptr_t *vs, uintptr_t *ve, uint64_t *ahp
     if (have == sizeof buf) break; /* a line longer than the buffer: give up */
   }
 done:
-  close(fd);
-  if (found) rc = 0;
+  if (found) rc = kept_is_ours(MV_KEPT_SMAPS, fd) ? 0 : -EAGAIN; /* as proc_pread */
   return rc;
 }
 
@@ -146,14 +263,9 @@ int mv_thp_is_huge(uintptr_t addr) {
       if (pfn % MV_ARENA_PAGES) return 0;
       for (size_t i = 1; i < MV_ARENA_PAGES; i++)
         if ((pm[i] & PM_PFN_MASK) != pfn + i) return 0;
-      int fd = open("/proc/kpageflags", O_RDONLY | O_CLOEXEC);
-      if (fd >= 0) {
-        uint64_t flags = 0;
-        int rc = pread_all(fd, &flags, sizeof flags, (off_t)(pfn * sizeof flags));
-        close(fd);
-        if (rc == 0)
-          return (flags >> KPF_THP & 1) && (flags >> KPF_COMPOUND_HEAD & 1);
-      }
+      uint64_t flags = 0;
+      if (proc_pread(MV_KEPT_KPAGEFLAGS, &flags, sizeof flags, (off_t)(pfn * sizeof flags)) == 0)
+        return (flags >> KPF_THP & 1) && (flags >> KPF_COMPOUND_HEAD & 1);
     }
   }
   return mv_thp_is_huge_smaps(addr);

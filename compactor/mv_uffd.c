@@ -8,16 +8,16 @@
 
 #include "arena/mv_prim.h"
 #include "compactor/mv_backend.h"
+#include "compactor/mv_backend_int.h"
 
-/* fd >= 0 once opened; features is what UFFDIO_API enabled on it and is stored
- * before fd is published. */
-static _Atomic int uffd_fd = -1;
+/* What UFFDIO_API enabled on the kept descriptor (MV_KEPT_UFFD), stored
+ * before it is published. */
 static _Atomic uint64_t uffd_features;
 
 int mv_uffd_open(bool user_only) {
   int flags = O_CLOEXEC | O_NONBLOCK | (user_only ? UFFD_USER_MODE_ONLY : 0);
   int fd = mv_os_userfaultfd(flags);
-  if (fd >= 0) return fd;
+  if (fd >= 0) return mv_fd_high(fd);
   int err = errno;
   /* Linux >= 6.1: access to /dev/userfaultfd is a file permission, not the
    * vm.unprivileged_userfaultfd sysctl, and seccomp filters on the system call
@@ -26,7 +26,7 @@ int mv_uffd_open(bool user_only) {
   if (dev >= 0) {
     fd = mv_os_ioctl(dev, USERFAULTFD_IOC_NEW, (void *)(uintptr_t)flags);
     close(dev);
-    if (fd >= 0) return fd;
+    if (fd >= 0) return mv_fd_high(fd);
   }
   return -err;
 }
@@ -38,16 +38,15 @@ int mv_uffd_api(int fd, uint64_t want, uint64_t *got) {
   return 0;
 }
 
-int mv_uffd_get(void) {
-  int fd = atomic_load_explicit(&uffd_fd, memory_order_acquire);
-  if (fd >= 0) return fd;
+/* Opens the process-wide descriptor with the features the probe found. */
+static int open_process_fd(void) {
   const struct mv_probe *p = mv_backend_probe();
   if (!p->uffd) return -(p->uffd_errno ? p->uffd_errno : ENOSYS);
   uint64_t want = 0;
   if (p->uffd_wp) want |= UFFD_FEATURE_PAGEFAULT_FLAG_WP;
   if (p->uffd_wp && p->uffd_wp_unpopulated) want |= UFFD_FEATURE_WP_UNPOPULATED;
   if (p->uffd_move) want |= UFFD_FEATURE_MOVE;
-  fd = mv_uffd_open(p->uffd_user_only);
+  int fd = mv_uffd_open(p->uffd_user_only);
   if (fd < 0) return fd;
   uint64_t got;
   int rc = mv_uffd_api(fd, want, &got);
@@ -56,23 +55,18 @@ int mv_uffd_get(void) {
     return rc;
   }
   atomic_store_explicit(&uffd_features, want, memory_order_relaxed);
-  int expected = -1;
-  if (!atomic_compare_exchange_strong_explicit(&uffd_fd, &expected, fd, memory_order_acq_rel,
-                                               memory_order_acquire)) {
-    close(fd); /* another thread opened it first, with the same features */
-    return expected;
-  }
   return fd;
 }
+
+int mv_uffd_get(void) { return mv_kept_fd(MV_KEPT_UFFD, open_process_fd); }
 
 uint64_t mv_uffd_features(void) {
   return atomic_load_explicit(&uffd_features, memory_order_relaxed);
 }
 
 void mv_uffd_drop(void) {
-  int fd = atomic_exchange(&uffd_fd, -1);
+  mv_kept_close(MV_KEPT_UFFD);
   atomic_store(&uffd_features, 0);
-  if (fd >= 0) close(fd);
 }
 
 static int uffd_ioctl(unsigned long request, void *arg) {
@@ -108,6 +102,33 @@ int mv_uffd_wake(uintptr_t start, size_t len) {
   return uffd_ioctl(UFFDIO_WAKE, &r);
 }
 
+/* Linux 6.18 (mm/userfaultfd.c move_pages(), since the batched TLB flush of
+ * UFFDIO_MOVE) can move pages without counting them. move_pages_ptes() sets
+ * the loop's err only when it fails; once one step met -EAGAIN (a large folio
+ * locked or not splittable yet, a migration entry, a PTE that changed under
+ * it: compaction and writers make these common), every later step that
+ * succeeds is taken as that -EAGAIN again: its pages are moved but neither
+ * counted nor stepped over, and the retry at the same address finds dst taken
+ * and stops with -EEXIST. The caller is then told "0 bytes, EEXIST" (or fewer
+ * bytes than moved) while up to a PMD's worth of pages sits at dst.
+ *
+ * So after a failure the page tables say how far it got, not the count: from
+ * the first page not counted, the pages with nothing left at src have moved
+ * (dst holds them) or were holes (when holes are allowed). Returns the bytes of
+ * that run. pagemap shows present pages, zero pages, swap and migration
+ * entries alike, so nothing in flight is taken for a hole. */
+static size_t moved_uncounted(uintptr_t dst, uintptr_t src, size_t len, uint64_t mode) {
+  struct mv_page_map s, d;
+  if (mv_thp_page_map(src, &s) != 0 || mv_thp_page_map(dst, &d) != 0) return 0;
+  bool holes = mode & UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES;
+  size_t pages = len / MV_PAGE_SIZE < MV_ARENA_PAGES ? len / MV_PAGE_SIZE : MV_ARENA_PAGES, n;
+  for (n = 0; n < pages; n++) {
+    bool at_src = s.bits[n / 64] >> (n % 64) & 1, at_dst = d.bits[n / 64] >> (n % 64) & 1;
+    if (at_src || !(at_dst || holes)) break;
+  }
+  return n * MV_PAGE_SIZE;
+}
+
 size_t mv_uffd_move(uintptr_t dst, uintptr_t src, size_t len, uint64_t mode, int *err) {
   *err = 0;
   int fd = mv_uffd_get();
@@ -125,6 +146,11 @@ size_t mv_uffd_move(uintptr_t dst, uintptr_t src, size_t len, uint64_t mode, int
      * there says what stopped it. */
     if (mv.move > 0) {
       done += (size_t)mv.move;
+      continue;
+    }
+    size_t uncounted = moved_uncounted(dst + done, src + done, len - done, mode);
+    if (uncounted) {
+      done += uncounted;
       continue;
     }
     /* Nothing moved and EAGAIN: a folio lock or a migration entry in the way. */

@@ -2,9 +2,13 @@
  *
  * One descriptor per process, opened on first use (O_CLOEXEC | O_NONBLOCK) the
  * way the probe found to work, with the features the probe found (and did not
- * mask). Nobody reads it: every fault it catches is a thread held until the
- * backend wakes the range, and no event feature (fork, remap, remove, unmap) is
- * ever requested, because an unread event would block the thread that caused it.
+ * mask), and kept at a number >= 512 (MV_KEPT_UFFD in mv_backend_int.h): away
+ * from the lowest free numbers the program counts on, checked before each use
+ * (the program may close it or dup2() over it) and opened again if it is not
+ * ours any more. Nobody reads it: every fault it catches is a thread held
+ * until the backend wakes the range, and no event feature (fork, remap,
+ * remove, unmap) is ever requested, because an unread event would block the
+ * thread that caused it.
  *
  * A range is registered only around one migration: registration splits the VMA
  * and stops khugepaged and MADV_COLLAPSE on it, so arenas not being moved must
@@ -52,23 +56,26 @@ struct uffdio_move {
 #endif
 
 /* Opens a fresh userfaultfd: the system call, else /dev/userfaultfd and
- * USERFAULTFD_IOC_NEW. user_only adds UFFD_USER_MODE_ONLY. Returns the fd or
- * -errno of the system call (the first reason it failed). No UFFDIO_API yet. */
+ * USERFAULTFD_IOC_NEW. user_only adds UFFD_USER_MODE_ONLY. Returns the fd (at
+ * a high number, as mv_fd_high) or -errno of the system call (the first reason
+ * it failed). No UFFDIO_API yet. */
 int mv_uffd_open(bool user_only);
 
 /* UFFDIO_API on a fresh fd asking for `want`; *got receives what the kernel
  * offers (with want == 0: every feature it has). 0 or -errno. */
 int mv_uffd_api(int fd, uint64_t want, uint64_t *got);
 
-/* The process-wide fd, opened on first call; -errno when userfaultfd is not
- * usable here (the probe said no, or opening failed now). */
+/* The process-wide fd, opened on first call and again when the program
+ * closed or replaced it; -errno when userfaultfd is not usable here (the
+ * probe said no, or opening failed now). One fstat() per call. */
 int mv_uffd_get(void);
 
 /* Features enabled on the process-wide fd (0 before it is open). */
 uint64_t mv_uffd_features(void);
 
-/* Closes the process-wide fd: after fork() in the child, and when a test
- * forgets the probe. Never while a range is held. */
+/* Closes the process-wide fd (if that number still holds it): after fork() in
+ * the child, and when a test forgets the probe. Never while a range is held,
+ * nor while another thread uses the fd. */
 void mv_uffd_drop(void);
 
 /* Thin wrappers over the ioctls, on the process-wide fd. 0 or -errno. */
@@ -79,7 +86,8 @@ int mv_uffd_wake(uintptr_t start, size_t len);
 
 /* UFFDIO_MOVE of [src, src + len) to dst. Returns the bytes moved (== len on
  * success); on failure *err gets the errno and the return value says how far
- * it got (0 if nothing moved). */
+ * it got (0 if nothing moved). After a failure the page tables, not the
+ * kernel's count, say how far (Linux 6.18 moves pages it does not count). */
 size_t mv_uffd_move(uintptr_t dst, uintptr_t src, size_t len, uint64_t mode, int *err);
 
 #ifdef __cplusplus

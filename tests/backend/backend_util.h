@@ -20,6 +20,7 @@ extern "C" {
 #include "arena/mv_prim.h"
 #include "compactor/mv_backend.h"
 #include "compactor/mv_backend_int.h"
+#include "compactor/mv_uffd.h"
 }
 
 namespace mvtest {
@@ -285,6 +286,45 @@ inline int MoveRetrying(const mv_backend *b, uintptr_t start, Timing *t = nullpt
   }
   return rc;
 }
+
+// What Linux 6.18's UFFDIO_MOVE reports once a step of its PTE path met
+// -EAGAIN: later pages move but are not counted, and the call ends with
+// EEXIST (nothing counted) or EAGAIN (fewer bytes counted than moved). While
+// one of these lives, every UFFDIO_MOVE of more than kMoved pages really moves
+// kMoved pages, then reports alternately "EEXIST, 0 bytes" and "EAGAIN, one
+// page". The kernel's own answer, when the real move fails, is passed on.
+class UncountedMoves {
+ public:
+  static constexpr size_t kMoved = 3;
+  UncountedMoves() {
+    faked_ = 0;
+    struct mv_prim fake = mv_prim_real;
+    fake.ioctl = Ioctl;
+    mv_prim_set(&fake);
+  }
+  ~UncountedMoves() { mv_prim_reset(); }
+  UncountedMoves(const UncountedMoves &) = delete;
+  UncountedMoves &operator=(const UncountedMoves &) = delete;
+  static unsigned faked() { return faked_.load(); }
+
+ private:
+  static int Ioctl(int fd, unsigned long request, void *arg) {
+    auto *mv = static_cast<uffdio_move *>(arg);
+    if (request != UFFDIO_MOVE || mv->len <= kMoved * kPage)
+      return mv_prim_real.ioctl(fd, request, arg);
+    uffdio_move part = *mv;
+    part.len = kMoved * kPage;
+    if (mv_prim_real.ioctl(fd, UFFDIO_MOVE, &part) != 0) {
+      mv->move = part.move;
+      return -1;
+    }
+    bool eexist = faked_++ % 2 == 0;
+    mv->move = eexist ? -EEXIST : (int64_t)kPage;
+    errno = eexist ? EEXIST : EAGAIN;
+    return -1;
+  }
+  static inline std::atomic<unsigned> faked_{0};
+};
 
 // VMAs of /proc/self/maps that overlap [lo, hi).
 inline int CountVmas(uintptr_t lo, uintptr_t hi) {
