@@ -205,7 +205,8 @@ static enum outcome migrate_one(const struct mv_backend *b,
     rc = ops->migrate(ctx, &m);
     in_callback = false;
     b->release(&m.move);
-    stall = mv_os_now_ns() - t0;
+    /* Writers wait from held_at_ns; a pre-copy before it let them run. */
+    stall = mv_os_now_ns() - (m.move.held_at_ns ? m.move.held_at_ns : t0);
     count_stall(stall);
   }
   if (rc != 0) {
