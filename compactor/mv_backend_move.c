@@ -183,6 +183,17 @@ static int move_move(struct mv_move *m) {
   return 0;
 }
 
+/* The old pages go first, with MADV_DONTNEED (which takes only the VMA's lock
+ * since Linux 6.16), so that munmap, holding the mmap lock every other
+ * thread's mmap() needs, has nothing left to free. */
+static void free_scratch(struct mv_move *m) {
+  if (!m->scratch) return;
+  if (mv_os_madvise(m->scratch, MV_ARENA_SIZE, MADV_DONTNEED_LOCKED) != 0)
+    mv_os_madvise(m->scratch, MV_ARENA_SIZE, MADV_DONTNEED);
+  mv_os_munmap(m->scratch, MV_ARENA_SIZE);
+  m->scratch = NULL;
+}
+
 static void move_release(struct mv_move *m) {
   if (m->held) {
     /* A range left registered MISSING would hang the next fault on a hole.
@@ -196,14 +207,12 @@ static void move_release(struct mv_move *m) {
     mv_uffd_wake(m->start, MV_ARENA_SIZE);
     m->held = false;
   }
-  if (m->scratch) mv_os_munmap(m->scratch, MV_ARENA_SIZE);
-  m->scratch = NULL;
+  free_scratch(m);
   if (!m->staging) mv_thp_unstage(m);
 }
 
 static void move_unstage(struct mv_move *m) {
-  if (m->scratch) mv_os_munmap(m->scratch, MV_ARENA_SIZE);
-  m->scratch = NULL;
+  free_scratch(m);
   mv_thp_unstage(m);
 }
 
