@@ -76,8 +76,9 @@ struct mv_move {
   void *scratch;            /* backend-private (move: where old pages went) */
   bool held;
   /* Pre-copy (mv_precopy.c): staging holds the pages in copied as they were
-   * when copied; of those, only the ones in dirty can have been written since.
-   * Both empty when there was no pre-copy. */
+   * when copied; of those, only the ones in dirty can have been written since
+   * (dirty: every page whose writer was served since hold() began). Both
+   * empty when there was no pre-copy. */
   struct mv_page_map copied, dirty;
   /* timings, filled by the backend (ns) */
   uint64_t stage_ns, hold_ns, copy_ns, swap_ns;

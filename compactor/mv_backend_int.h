@@ -99,6 +99,13 @@ void mv_thp_copy_pages(void *dst, const void *src, const struct mv_page_map *map
  * caller unregisters). */
 int mv_precopy(struct mv_move *m, const struct mv_page_map *data);
 
+/* Serves every fault pending on the userfaultfd: a fault in the range marks its
+ * page dirty, unprotects it (or maps the zero page into a hole) and wakes the
+ * thread; one outside it (none should exist: one migration at a time) is only
+ * woken. For a backend that lets writers run before mv_precopy() (the move
+ * backend's pin check). 0 or -errno. */
+int mv_precopy_serve(struct mv_move *m);
+
 /* With writers held: removes the protection, without waking anyone, from the
  * pages that mv_precopy_finish() will copy whatever happens to them (not
  * pre-copied, or dirty); the pre-copied clean ones stay protected, because a

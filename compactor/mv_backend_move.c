@@ -35,6 +35,7 @@
  */
 #include <errno.h>
 #include <sched.h>
+#include <string.h>
 #include <sys/mman.h>
 
 #include "arena/mv_prim.h"
@@ -62,8 +63,7 @@ static int move_stage(struct mv_move *m) {
   return 0;
 }
 
-/* Moves scratch [from, to) back into the arena and write-protects the arena
- * again, so the contents are as before and writers are held. Returns rc.
+/* Moves scratch [from, to) back into the arena.
  *
  * Nothing else can map a page into the arena meanwhile: it is registered
  * MISSING, so every fault there (read or write, THP or zero page, from a
@@ -75,7 +75,7 @@ static int move_stage(struct mv_move *m) {
  * now takes the count from the page tables, so an arena page that is still
  * in the way here is one that cannot be explained, and guessing which copy
  * is right would lose data silently. */
-static int put_back(struct mv_move *m, size_t from, size_t to, int rc) {
+static void move_back(struct mv_move *m, size_t from, size_t to) {
   uintptr_t a = m->start, s = (uintptr_t)m->scratch;
   size_t done = from;
   for (int tries = 0; done < to; tries++) {
@@ -87,7 +87,13 @@ static int put_back(struct mv_move *m, size_t from, size_t to, int rc) {
                (void *)(a + done), err);
     if (done < to) sched_yield();
   }
-  mv_uffd_writeprotect(a, MV_ARENA_SIZE, true, true);
+}
+
+/* Moves scratch [from, to) back and write-protects the arena again, so the
+ * contents are as before and writers are held. Returns rc. */
+static int put_back(struct mv_move *m, size_t from, size_t to, int rc) {
+  move_back(m, from, to);
+  mv_uffd_writeprotect(m->start, MV_ARENA_SIZE, true, true);
   return rc;
 }
 
@@ -98,21 +104,40 @@ static int temporary_or(int err) { return err == EBUSY || err == EAGAIN ? -EAGAI
  * UFFDIO_MOVE refuses a pinned page (EBUSY), and once the protection is armed
  * a new write pin has to fault first (GUP for write breaks the protection),
  * which the pre-copy sees. So after this no device writes the arena behind
- * the pre-copy's back. 0, or -EAGAIN with the contents as before. */
+ * the pre-copy's back: a pin taken before the protection and dropped before
+ * its page's check had its DMA done before the pre-copy began.
+ *
+ * PIN_CHECK_PAGES at a time, serving faults in between, so that a reader or
+ * writer of a page that is out waits for one batch only; a THP goes whole (one
+ * PMD, a few microseconds). Fills data with the pages that hold data (from
+ * scratch's page map: the arena's own would count write-protect markers, swap
+ * entries to pagemap, as data, and a read of a hole there waits on ourselves).
+ * 0, or -EAGAIN (pinned or shared) / -errno with the contents as before. */
+#define PIN_CHECK_PAGES 64
+
 static int check_pins(struct mv_move *m, struct mv_page_map *data) {
   uintptr_t a = m->start, s = (uintptr_t)m->scratch;
-  int err;
-  if (mv_uffd_features() & UFFD_FEATURE_WP_UNPOPULATED) {
-    int rc = mv_precopy_unprotect_recopied(m);
-    if (rc) return put_back(m, 0, 0, rc);
+  bool markers = mv_uffd_features() & UFFD_FEATURE_WP_UNPOPULATED;
+  size_t step = mv_thp_is_huge(a) == 1 ? MV_ARENA_SIZE : PIN_CHECK_PAGES * MV_PAGE_SIZE;
+  memset(data, 0, sizeof *data);
+  for (size_t off = 0; off < MV_ARENA_SIZE; off += step) {
+    int rc = mv_precopy_serve(m);
+    if (rc) return rc;
+    /* UFFDIO_MOVE refuses WP_UNPOPULATED's markers (EFAULT): unprotected,
+     * without waking, for as long as the batch is out. */
+    if (markers && (rc = mv_uffd_writeprotect(a + off, step, false, false)) != 0) return rc;
+    int err;
+    size_t out = mv_uffd_move(s + off, a + off, step,
+                              UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES | UFFDIO_MOVE_MODE_DONTWAKE, &err);
+    struct mv_page_map here;
+    rc = err ? temporary_or(err) : mv_thp_page_map(s, &here);
+    for (size_t w = off / MV_PAGE_SIZE / 64; rc == 0 && w < (off + step) / MV_PAGE_SIZE / 64; w++)
+      data->bits[w] = here.bits[w];
+    move_back(m, off, off + out);
+    int wp = mv_uffd_writeprotect(a + off, step, true, true);
+    if (rc || wp) return rc ? rc : wp;
   }
-  size_t out = mv_uffd_move(s, a, MV_ARENA_SIZE,
-                            UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES | UFFDIO_MOVE_MODE_DONTWAKE, &err);
-  /* While the pages are in scratch, its page map says which hold data: the
-   * arena's own would count its write-protect markers (swap entries to
-   * pagemap) as data, and a read of a hole there waits on ourselves. */
-  int rc = err ? temporary_or(err) : mv_thp_page_map(s, data);
-  return put_back(m, 0, out, rc);
+  return 0;
 }
 
 static int move_hold(struct mv_move *m) {

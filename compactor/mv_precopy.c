@@ -52,9 +52,7 @@ static size_t count_bits(const struct mv_page_map *map) {
   return n;
 }
 
-/* Serves every fault pending on the userfaultfd. Faults outside the range are
- * not the engine's (none should exist: one migration at a time): woken as is. */
-static int serve_faults(struct mv_move *m) {
+int mv_precopy_serve(struct mv_move *m) {
   uintptr_t addrs[16];
   bool wp[16];
   int n;
@@ -83,7 +81,7 @@ static int copy_serving(struct mv_move *m, const struct mv_page_map *want) {
   char *dst = m->staging;
   const char *src = (const char *)m->start;
   for (size_t first = 0; first < MV_ARENA_PAGES; first += BATCH_PAGES) {
-    int rc = serve_faults(m);
+    int rc = mv_precopy_serve(m);
     if (rc) return rc;
     for (size_t i = first; i < first + BATCH_PAGES; i++)
       if (test_bit(want, i) && !test_bit(&m->dirty, i)) {
@@ -91,7 +89,7 @@ static int copy_serving(struct mv_move *m, const struct mv_page_map *want) {
         set_bit(&m->copied, i);
       }
   }
-  return serve_faults(m);
+  return mv_precopy_serve(m);
 }
 
 /* Protects (or unprotects, without waking) the runs of pages in map. */
@@ -112,9 +110,6 @@ static int protect_pages(struct mv_move *m, const struct mv_page_map *map, bool 
 }
 
 int mv_precopy(struct mv_move *m, const struct mv_page_map *data) {
-  memset(&m->copied, 0, sizeof m->copied);
-  memset(&m->dirty, 0, sizeof m->dirty);
-  m->precopy_faults = 0;
   struct mv_page_map map;
   int rc = data ? 0 : mv_thp_page_map(m->start, &map);
   if (rc == 0) rc = copy_serving(m, data ? data : &map);
