@@ -543,6 +543,12 @@ static void *small_alloc(mv_heap_t *h, size_t size) {
   }
   mv_block_t *b = page->free;
   page->free = mv_ptr_decode(b->next_enc);
+  if (MV_UNLIKELY(mv_options.check) && page->free) {
+    uintptr_t off = (uintptr_t)page->free - page->start;
+    if (off >= (uintptr_t)page->capacity * page->block_size || off % page->block_size != 0)
+      mv_fatal("malloc: heap corruption: the free block %p has a damaged link (written after "
+               "it was freed, or past the end of the block before it)", (void *)b);
+  }
   page->used++;
   return b;
 }
