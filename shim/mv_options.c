@@ -36,8 +36,7 @@ const struct mv_option mv_option_table[] = {
     {"MOVALLOC_RESERVE_GIB", MV_OPT_UINT, NULL, 1, 65536, 1024, FIELD(reserve_gib),
      "virtual address space reserved for the heap, in GiB"},
     {"MOVALLOC_TRACE", MV_OPT_PATH, NULL, 0, 0, 0, FIELD(trace),
-     "append a CSV line per migration to this file (created mode 0600; links and files\n"
-     "    others can read are refused)"},
+     "append a CSV line per migration to this file (mode 0600, its owner's only)"},
     {"MOVALLOC_ARENA_CACHE", MV_OPT_UINT, NULL, 0, 64, 8, FIELD(arena_cache),
      "empty 2 MiB arenas kept for reuse before returning them to the kernel"},
 };
