@@ -503,6 +503,51 @@ TEST(MisuseTableDoc, ReadmeAgreesWithTheTest) {
   }
 }
 
+// The glibc-block row again, for real: a program with libmovalloc.so preloaded
+// frees a block glibc's own malloc handed out.
+std::string RunPreloaded(bool check, int *status) {
+  std::string dir = std::string(getenv("TEST_SRCDIR")) + "/movalloc/";
+  std::string prog = dir + "tests/foreign_free", preload = "LD_PRELOAD=" + dir + "shim/libmovalloc.so";
+  int out[2];
+  EXPECT_EQ(pipe(out), 0);
+  pid_t pid = fork();
+  if (pid == 0) {
+    dup2(out[1], 1);
+    dup2(out[1], 2);
+    char *argv[] = {(char *)prog.c_str(), nullptr};
+    char *envp[] = {(char *)preload.c_str(),
+                    (char *)(check ? "MOVALLOC_CHECK=1" : "MOVALLOC_CHECK=0"), nullptr};
+    execve(prog.c_str(), argv, envp);
+    _exit(127);
+  }
+  close(out[1]);
+  std::string text;
+  char buf[512];
+  for (ssize_t n; (n = read(out[0], buf, sizeof buf)) > 0;) text.append(buf, n);
+  close(out[0]);
+  waitpid(pid, status, 0);
+  return text;
+}
+
+TEST(MisusePreloaded, FreeOfAGlibcBlockIsIgnored) {
+  int status;
+  std::string out = RunPreloaded(false, &status);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << out;
+  EXPECT_TRUE(::testing::internal::RE::PartialMatch(
+      out, "movalloc: ignored free" PTR ": not allocated by movalloc"))
+      << out;
+  EXPECT_NE(out.find("intact usable=0\n"), std::string::npos) << out;
+}
+
+TEST(MisusePreloaded, FreeOfAGlibcBlockAbortsInCheckMode) {
+  int status;
+  std::string out = RunPreloaded(true, &status);
+  EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGABRT) << out;
+  EXPECT_TRUE(::testing::internal::RE::PartialMatch(
+      out, "^movalloc: free" PTR ": not allocated by movalloc\n$"))
+      << out;
+}
+
 // ---- canaries under MOVALLOC_CHECK=1 ----
 
 class Canary : public ::testing::Test {
