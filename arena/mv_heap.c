@@ -424,29 +424,26 @@ uint64_t mv_heap_count(void) { return atomic_load(&heap_count); }
 
 /* ---- frees that left the fast path ---- */
 
-/* Is b on one of the owner's lists? (owner only) */
-static bool block_is_free(const mv_page_t *page, const mv_block_t *b) {
-  uint32_t limit = page->capacity + 1;
-  const mv_block_t *lists[2] = {page->free, page->local_free};
-  for (int l = 0; l < 2; l++) {
-    uint32_t n = 0;
-    for (const mv_block_t *x = lists[l]; x && n < limit; x = mv_ptr_decode(x->next_enc), n++)
-      if (x == b) return true;
+/* Is b on the free list starting at head? Bounded, and it stops at a link that
+ * leaves the page, so it is safe on a list that another thread is changing
+ * (then it may miss). */
+static bool block_on_list(const mv_page_t *page, const mv_block_t *head, const mv_block_t *b) {
+  uint32_t limit = page->capacity + 1, n = 0;
+  uintptr_t carved = (uintptr_t)page->capacity * page->block_size;
+  for (const mv_block_t *x = head; x && n < limit; n++) {
+    if (x == b) return true;
+    if ((uintptr_t)x - page->start >= carved) return false;
+    x = mv_ptr_decode(x->next_enc);
   }
   return false;
 }
 
-/* Same for another thread's frees, bounded, racing with the owner: may miss. */
-static bool block_in_xthread(const mv_page_t *page, const mv_block_t *b) {
-  uint32_t limit = page->capacity + 1, n = 0;
-  for (const mv_block_t *x = (const mv_block_t *)atomic_load(&page->xthread_free);
-       x && n < limit; n++) {
-    if (x == b) return true;
-    uintptr_t off = (uintptr_t)x - page->start;
-    if (off >= (uintptr_t)page->capacity * page->block_size) return false;
-    x = mv_ptr_decode(x->next_enc);
-  }
-  return false;
+/* Is b free: on the owner's lists or on other threads' frees? Exact for the
+ * owner; for another thread it races with the owner and may miss. */
+static bool block_is_free(const mv_page_t *page, const mv_block_t *b) {
+  return block_on_list(page, __atomic_load_n(&page->free, __ATOMIC_RELAXED), b) ||
+         block_on_list(page, __atomic_load_n(&page->local_free, __ATOMIC_RELAXED), b) ||
+         block_on_list(page, (const mv_block_t *)atomic_load(&page->xthread_free), b);
 }
 
 static void free_small(mv_page_t *page, mv_block_t *b) {
@@ -468,7 +465,7 @@ static void free_small(mv_page_t *page, mv_block_t *b) {
       mv_page_emptied(page);
     return;
   }
-  if (mv_looks_freed(b) && block_in_xthread(page, b)) {
+  if (mv_looks_freed(b) && block_is_free(page, b)) {
     report_misuse("free", b, "double free", true);
     return;
   }
@@ -699,8 +696,7 @@ void *mv_realloc(void *p, size_t size) {
     return NULL;
   }
   if (page->kind == MV_PAGE_SMALL) {
-    if (atomic_load_explicit(&page->heap, memory_order_relaxed) == mv_tls_heap &&
-        mv_looks_freed(p) && block_is_free(page, p)) {
+    if (mv_looks_freed(p) && block_is_free(page, p)) {
       report_misuse("realloc", p, "a freed block (use after free)", true);
       errno = EINVAL;
       return NULL;

@@ -23,6 +23,7 @@
 #include <set>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 extern "C" {
@@ -88,6 +89,23 @@ std::string DoubleFreeSmall() {
   free(p);
   return IgnoredFree(p, true) + NoBlockTwice(64);
 }
+
+// The two frees from different threads: the block sits on the other list.
+std::string DoubleFreeAcrossThreads(bool owner_first) {
+  void *p = Opaque(malloc(64));
+  struct movalloc_stats before = Stats();
+  if (owner_first) {
+    free(p);
+    std::thread([p] { free(p); }).join();
+  } else {
+    std::thread([p] { free(p); }).join();
+    free(p);
+  }
+  return Expect(Stats().double_frees == before.double_frees + 1, "not counted in double_frees") +
+         NoBlockTwice(64);
+}
+std::string DoubleFreeOwnerThenOther() { return DoubleFreeAcrossThreads(true); }
+std::string DoubleFreeOtherThenOwner() { return DoubleFreeAcrossThreads(false); }
 
 std::string DoubleFreeLarge() {
   void *p = Opaque(malloc(200000));
@@ -358,6 +376,10 @@ struct Row {
 
 const Row kTable[] = {
     {"`free(p)` twice, small block", DoubleFreeSmall,
+     IGNORED("double free", "double_frees"), ABORTS("free", "double free")},
+    {"`free(p)` twice, small block, by its thread then another", DoubleFreeOwnerThenOther,
+     IGNORED("double free", "double_frees"), ABORTS("free", "double free")},
+    {"`free(p)` twice, small block, by another thread then its own", DoubleFreeOtherThenOwner,
      IGNORED("double free", "double_frees"), ABORTS("free", "double free")},
     {"`free(p)` twice, large block (64 KiB to 1 MiB)", DoubleFreeLarge,
      IGNORED("double free, or never allocated", "double_frees"),
