@@ -3,11 +3,14 @@
  * (a pattern from its seed); every byte is verified before the block is freed
  * or reallocated, and every new block is checked for alignment, usable size
  * and overlap with the other live blocks. movalloc_compact(MOVALLOC_COMPACT_ALL)
- * moves the arenas under the live blocks in the middle of it all. Any mismatch
+ * moves the arenas under the live blocks in the middle of it all, and a second
+ * thread frees and reallocates some blocks (cross-thread frees). Any mismatch
  * aborts, which libFuzzer reports as a crash. Built by tests/fuzz/run.sh with
  * clang from the repository's sources; movalloc is the process's malloc. */
 #include <errno.h>
 #include <malloc.h>
+#include <pthread.h>
+#include <semaphore.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -116,6 +119,40 @@ static size_t take_size(struct input *in) {
 
 static int absurd(size_t size) { return size >= ((size_t)1 << 40); }
 
+/* The other thread: runs one call at a time for the fuzzing thread, which
+ * waits for it (the model stays sequential). */
+static struct {
+  pthread_t thread;
+  sem_t go, done;
+  void *p;
+  size_t size; /* 0: free(p); otherwise p = realloc(p, size) */
+} other;
+
+static void *other_main(void *unused) {
+  for (;;) {
+    while (sem_wait(&other.go) != 0) continue;
+    if (other.size) other.p = realloc(other.p, other.size);
+    else free(other.p);
+    sem_post(&other.done);
+  }
+  return NULL;
+}
+
+int LLVMFuzzerInitialize(int *argc, char ***argv) {
+  sem_init(&other.go, 0, 0);
+  sem_init(&other.done, 0, 0);
+  if (pthread_create(&other.thread, NULL, other_main, NULL) != 0) fail("no second thread", NULL, 0);
+  return 0;
+}
+
+static void *on_other_thread(void *p, size_t size) {
+  other.p = p;
+  other.size = size;
+  sem_post(&other.go);
+  while (sem_wait(&other.done) != 0) continue;
+  return other.p;
+}
+
 /* Frees s after verifying it. */
 static void release(struct slot *s) {
   verify(s, s->size);
@@ -217,8 +254,29 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t n) {
       case 3: case 4:
         if (s->p) resize(s, take_size(&in), op & 8);
         break;
-      case 5:
-        if (s->p) release(s);
+      case 5: /* free or resize from the other thread */
+        if (s->p && s->how == BY_MALLOC) {
+          verify(s, s->size);
+          size_t size = op & 8 ? take_size(&in) % ((1 << 20) + 1) : 0;
+          if (size && live_bytes + size > LIVE_BUDGET) break;
+          void *q = on_other_thread(s->p, size);
+          if (!size) {
+            live_bytes -= s->size;
+            s->p = NULL;
+            break;
+          }
+          if (!q) fail("realloc on the other thread failed", s, size);
+          size_t old = s->size;
+          s->p = q;
+          s->size = size;
+          s->align = 16;
+          verify(s, old < size ? old : size);
+          check_new(s);
+          fill(s);
+          live_bytes += size - old;
+        } else if (s->p) {
+          release(s);
+        }
         break;
       case 6: /* rewrite: new content, same block */
         if (s->p) {
