@@ -14,6 +14,13 @@ enum mv_thp_mode {
   MV_THP_NEVER,   /* MADV_NOHUGEPAGE on the heap, no migration onto huge pages */
 };
 
+/* MOVALLOC_PURGE: when free slices inside arenas go back to the kernel. */
+enum mv_purge_mode {
+  MV_PURGE_NEVER,    /* they stay resident (huge pages stay whole); whole arenas still go */
+  MV_PURGE_PRESSURE, /* when the machine is short of memory, and on malloc_trim */
+  MV_PURGE_ALWAYS,   /* every compactor round */
+};
+
 struct mv_options {
   bool stats;             /* MOVALLOC_STATS: summary on stderr at exit */
   bool check;             /* MOVALLOC_CHECK: full misuse checks, abort on misuse */
@@ -23,6 +30,10 @@ struct mv_options {
   bool compact;           /* MOVALLOC_COMPACT: background compactor */
   unsigned compact_period_ms; /* MOVALLOC_COMPACT_PERIOD_MS: between compactor rounds */
   unsigned compact_mbps;  /* MOVALLOC_COMPACT_MBPS: bandwidth budget, MB/s of arenas moved */
+  unsigned compact_cpu_pct; /* MOVALLOC_COMPACT_CPU: CPU budget, percent of one core */
+  unsigned compact_density; /* MOVALLOC_COMPACT_DENSITY: min % of 4 KiB pages resident to move */
+  enum mv_purge_mode purge; /* MOVALLOC_PURGE */
+  unsigned purge_free_pct; /* MOVALLOC_PURGE_FREE_PCT: pressure below this % available */
   bool compact_stress;    /* MOVALLOC_COMPACT_STRESS: move everything, constantly (tests) */
   enum mv_thp_mode thp;   /* MOVALLOC_THP */
   size_t reserve_gib;     /* MOVALLOC_RESERVE_GIB: virtual reservation for the heap */
