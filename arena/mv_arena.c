@@ -102,6 +102,11 @@ static bool commit_upto(uint32_t upto) {
   size_t len = (size_t)(to - committed_upto) << MV_ARENA_SHIFT;
   if (mv_os_mprotect((void *)from_addr, len, PROT_READ | PROT_WRITE) != 0) return false;
   if (mv_options.thp == MV_THP_FAULT) mv_os_madvise((void *)from_addr, len, MADV_HUGEPAGE);
+  if (mv_options.thp == MV_THP_AUTO && to > MV_THP_AUTO_FROM) {
+    uint32_t from = committed_upto > MV_THP_AUTO_FROM ? committed_upto : MV_THP_AUTO_FROM;
+    mv_os_madvise((void *)(mv_heap_base + ((uintptr_t)from << MV_ARENA_SHIFT)),
+                  (size_t)(to - from) << MV_ARENA_SHIFT, MADV_HUGEPAGE);
+  }
   if (mv_options.thp == MV_THP_NEVER) mv_os_madvise((void *)from_addr, len, MADV_NOHUGEPAGE);
   /* Descriptors: page-granular, rounded out to whole pages. */
   uintptr_t m0 = (uintptr_t)&mv_arenas[committed_upto] & ~(uintptr_t)4095;

@@ -30,7 +30,8 @@ TARGET = 0.95
 # name -> (LD_PRELOAD or None, extra environment); "{movalloc}" is --movalloc.
 ALLOCATORS = {
     "movalloc": ("{movalloc}", {}),
-    "movalloc-nocompact": ("{movalloc}", {"MOVALLOC_COMPACT": "0"}),
+    # The RSS baseline: no compactor and no huge pages at fault time (4 KiB pages only).
+    "movalloc-nocompact": ("{movalloc}", {"MOVALLOC_COMPACT": "0", "MOVALLOC_THP": "compact"}),
     "glibc": (None, {}),
     "glibc-hugetlb": (None, {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}),
     "jemalloc-thp": (f"{LIBDIR}/libjemalloc.so.2", {"MALLOC_CONF": "thp:always"}),

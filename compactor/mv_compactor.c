@@ -92,7 +92,8 @@ static void *compactor_main(void *unused) {
   /* What one move costs this thread (staging fault, copy, the scan around it),
    * measured: a moving average over the rounds that moved something. */
   uint64_t cost_per_move = MV_FIRST_COST_NS;
-  bool can_move = true; /* false with the "off" backend: then it only decays */
+  /* false with the "off" backend or MOVALLOC_THP=never: then it only decays */
+  bool can_move = mv_options.thp != MV_THP_NEVER;
   uint64_t last_alone_check = 0, last = mv_os_now_ns();
   atomic_store(&stats.started_ns, last);
   for (;;) {

@@ -54,8 +54,9 @@ static const struct opt opts[] = {
      "memory pressure: MemAvailable below this percent of MemTotal"},
     {"MOVALLOC_COMPACT_STRESS", OPT_BOOL, NULL, 0, 1, 0, FIELD(compact_stress),
      "move every arena as often as possible (a torture mode for tests)"},
-    {"MOVALLOC_THP", OPT_ENUM, "compact|fault|never", 0, 0, 0, FIELD(thp),
-     "where huge pages come from: the compactor, also page faults, or nowhere"},
+    {"MOVALLOC_THP", OPT_ENUM, "compact|fault|never|auto", 0, 0, 3, FIELD(thp),
+     "where huge pages come from: the compactor, also page faults, nowhere, or page faults "
+     "once the heap passes 32 MiB and the compactor for the rest"},
     {"MOVALLOC_RESERVE_GIB", OPT_UINT, NULL, 1, 65536, 1024, FIELD(reserve_gib),
      "virtual address space reserved for the heap, in GiB"},
     {"MOVALLOC_TRACE", OPT_PATH, NULL, 0, 0, 0, FIELD(trace),

@@ -12,6 +12,7 @@ enum mv_thp_mode {
   MV_THP_COMPACT, /* huge pages come from the compactor (arenas fault 4 KiB pages) */
   MV_THP_FAULT,   /* also ask for huge pages at fault time (MADV_HUGEPAGE) */
   MV_THP_NEVER,   /* MADV_NOHUGEPAGE on the heap, no migration onto huge pages */
+  MV_THP_AUTO,    /* FAULT beyond the first MV_THP_AUTO_FROM arenas, COMPACT below */
 };
 
 /* MOVALLOC_PURGE: when free slices inside arenas go back to the kernel. */
@@ -20,6 +21,12 @@ enum mv_purge_mode {
   MV_PURGE_PRESSURE, /* when the machine is short of memory, and on malloc_trim */
   MV_PURGE_ALWAYS,   /* every compactor round */
 };
+
+/* MOVALLOC_THP=auto: arenas below this index fault 4 KiB pages, so a small
+ * program's RSS gets no huge page it half uses; above it the heap is big, and
+ * placement fills arenas fullest first, so huge pages at fault time cost little
+ * RSS and spare the compactor most moves. */
+#define MV_THP_AUTO_FROM 16u
 
 struct mv_options {
   bool stats;             /* MOVALLOC_STATS: summary on stderr at exit */

@@ -5,6 +5,7 @@
 #include <string.h>
 #include <sys/mman.h>
 
+#include <string>
 #include <vector>
 
 extern "C" {
@@ -241,6 +242,38 @@ TEST(Release, ReleasedArenasAreReusedBeforeTheHeapGrows) {
   EXPECT_LE(mv_arena_of(q->start)->index, index) << "lowest free index first";
   EXPECT_TRUE(zeroed) << "a released arena reads as zero";
   mv_arena_free_slices(q);
+}
+
+// VmFlags of the VMA holding addr, from /proc/self/smaps ("" if not found).
+std::string VmFlagsAt(uintptr_t addr) {
+  FILE *f = fopen("/proc/self/smaps", "r");
+  char line[512];
+  bool inside = false;
+  std::string flags;
+  while (f && fgets(line, sizeof line, f)) {
+    unsigned long lo, hi;
+    if (sscanf(line, "%lx-%lx ", &lo, &hi) == 2 && strchr(line, '-') < strchr(line, ' ')) {
+      inside = addr >= lo && addr < hi;
+    } else if (inside && strncmp(line, "VmFlags:", 8) == 0) {
+      flags = line + 8;
+      break;
+    }
+  }
+  if (f) fclose(f);
+  return flags;
+}
+
+TEST(Placement, AutoAsksForHugePagesAtFaultOnlyBeyondTheFirstArenas) {
+  if (mv_options.thp != MV_THP_AUTO) GTEST_SKIP() << "MOVALLOC_THP is not auto here";
+  bool zeroed;
+  std::vector<mv_page_t *> whole;
+  while (mv_arena_frontier() < MV_THP_AUTO_FROM + 4)
+    whole.push_back(mv_arena_alloc_slices(MV_SLICES, &zeroed));
+  uintptr_t low = mv_heap_base + ((uintptr_t)(MV_THP_AUTO_FROM - 1) << MV_ARENA_SHIFT);
+  uintptr_t high = mv_heap_base + ((uintptr_t)(MV_THP_AUTO_FROM + 1) << MV_ARENA_SHIFT);
+  EXPECT_EQ(VmFlagsAt(low).find(" hg"), std::string::npos) << VmFlagsAt(low);
+  EXPECT_NE(VmFlagsAt(high).find(" hg"), std::string::npos) << VmFlagsAt(high);
+  for (mv_page_t *p : whole) mv_arena_free_slices(p);
 }
 
 }  // namespace
