@@ -3,7 +3,10 @@
 // released arenas coming back before the heap grows.
 #include <gtest/gtest.h>
 #include <string.h>
+#include <dirent.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <string>
 #include <vector>
@@ -12,6 +15,7 @@ extern "C" {
 #include "arena/mv_alloc.h"
 #include "arena/mv_arena.h"
 #include "arena/mv_prim.h"
+#include "compactor/mv_engine.h"
 #include "compactor/mv_policy.h"
 #include "shim/mv_options.h"
 }
@@ -198,7 +202,9 @@ TEST(Purge, ReleasesExactlyTheDirtyFreeSlicesOfActiveArenas) {
 
   // A zeroed slice handed out again is reported zeroed (no memset needed).
   mv_page_t *p3 = mv_arena_alloc_slices(8, &zeroed);
-  if (mv_arena_of(p3->start) == a) EXPECT_TRUE(zeroed);
+  if (mv_arena_of(p3->start) == a) {
+    EXPECT_TRUE(zeroed);
+  }
   for (mv_page_t *p : {p0, p2, p3}) mv_arena_free_slices(p);
   for (mv_page_t *p : filler) mv_arena_free_slices(p);
 }
@@ -274,6 +280,49 @@ TEST(Placement, AutoAsksForHugePagesAtFaultOnlyBeyondTheFirstArenas) {
   EXPECT_EQ(VmFlagsAt(low).find(" hg"), std::string::npos) << VmFlagsAt(low);
   EXPECT_NE(VmFlagsAt(high).find(" hg"), std::string::npos) << VmFlagsAt(high);
   for (mv_page_t *p : whole) mv_arena_free_slices(p);
+}
+
+// Threads of this process named movalloc-cmpct.
+int CompactorThreads() {
+  int n = 0;
+  DIR *d = opendir("/proc/self/task");
+  while (struct dirent *e = d ? readdir(d) : nullptr) {
+    if (e->d_name[0] == '.') continue;
+    char path[320], name[32] = "";
+    snprintf(path, sizeof path, "/proc/self/task/%s/comm", e->d_name);
+    FILE *f = fopen(path, "r");
+    if (f && fgets(name, sizeof name, f)) n += strncmp(name, "movalloc-cmpct", 14) == 0;
+    if (f) fclose(f);
+  }
+  if (d) closedir(d);
+  return n;
+}
+
+TEST(Compactor, StopsAtForkAndStartsAgainInTheChild) {
+  if (!mv_options.compact) GTEST_SKIP() << "MOVALLOC_COMPACT=0 here";
+  std::vector<void *> big;
+  for (int i = 0; i < 12 && !mv_compactor_running(); i++) big.push_back(malloc(3 << 20));
+  ASSERT_TRUE(mv_compactor_running());
+  for (int i = 0; i < 100 && CompactorThreads() == 0; i++) usleep(10000);
+  ASSERT_EQ(CompactorThreads(), 1);
+  pid_t pid = fork();
+  if (pid == 0) {
+    int code = 0;
+    if (mv_compactor_running() || CompactorThreads() != 0) code = 1;  // none in the child
+    void *volatile p = malloc(3 << 20);  // the heap grows: the next poke starts one
+    if (!mv_compactor_running()) code = 2;
+    for (int i = 0; i < 100 && CompactorThreads() == 0; i++) usleep(10000);
+    if (CompactorThreads() != 1) code = 3;
+    if (code == 3) system("grep . /proc/$PPID/task/*/comm /proc/self/task/*/comm >&2; echo child $$ >&2");
+    free(p);
+    _exit(code);
+  }
+  int status = 0;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  EXPECT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "1: a compactor in the child at once, 2: not restarted, "
+                                       "3: no thread";
+  for (void *p : big) free(p);
 }
 
 }  // namespace
