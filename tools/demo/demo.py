@@ -40,19 +40,20 @@ def rollup(pid):
 
 
 def run(label, cmd, env, csv_path):
-    """Runs cmd, sampling it; returns (samples [(t, rss_kib, coverage)], phases [(name, t)], wall)."""
+    """Runs cmd, sampling it; returns (samples [(t, rss_kib, coverage)], phases [(name, t)],
+    operations per phase, wall)."""
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
     phases = []
-    out_tail = []
+    ops = {}  # phase -> operations, from "tick T PHASE OPS ..." lines (bench/wl_phased)
 
     def reader():
         for line in proc.stdout:
             w = line.split()
             if len(w) >= 2 and w[0] == "phase":
                 phases.append((w[1], time.monotonic() - t0))
-            elif w and w[0] != "tick":
-                out_tail.append(line.rstrip())
+            elif len(w) >= 4 and w[0] == "tick":
+                ops[w[2]] = ops.get(w[2], 0) + int(w[3])
 
     th = threading.Thread(target=reader, daemon=True)
     th.start()
@@ -73,11 +74,11 @@ def run(label, cmd, env, csv_path):
             f.write("%.2f,%d,%.4f\n" % s)
     if not phases or phases[0][1] > INTERVAL * 2:
         phases.insert(0, ("run" if not phases else "start", 0.0))
-    return samples, phases, wall
+    return samples, phases, ops, wall
 
 
-def per_phase(samples, phases, wall):
-    """{name: (seconds, coverage at end, mean coverage, peak RSS MiB)} in phase order."""
+def per_phase(samples, phases, ops, wall):
+    """{name: (seconds, coverage at end, mean coverage, peak RSS MiB, Mops/s or None)}."""
     result = {}
     ends = [t for _, t in phases[1:]] + [wall]
     for (name, start), end in zip(phases, ends):
@@ -89,7 +90,9 @@ def per_phase(samples, phases, wall):
         cov_end = inside[-1][2] if inside else 0.0
         mean = sum(s[2] for s in inside) / len(inside) if inside else 0.0
         peak = max((s[1] for s in inside), default=0) / 1024
-        result[name] = (end - start, cov_end, mean, peak)
+        # Ticks come once a second and count the second before: only long phases have a rate.
+        rate = ops[name] / (end - start) / 1e6 if name in ops and end - start >= 3 else None
+        result[name] = (end - start, cov_end, mean, peak, rate)
     return result
 
 
@@ -144,22 +147,25 @@ def main():
         if label == "movalloc":
             e["LD_PRELOAD"] = args.movalloc
         print(f"  running under {label}...", file=sys.stderr, flush=True)
-        samples, phases, wall = run(label, cmd, e, out / f"{label}.csv")
-        res[label] = per_phase(samples, phases, wall)
+        samples, phases, ops, wall = run(label, cmd, e, out / f"{label}.csv")
+        res[label] = per_phase(samples, phases, ops, wall)
         walls[label] = wall
     names = list(res["movalloc"])
     names += [n for n in res["glibc"] if n not in names]
-    print("%-8s | %-36s | %-36s" % ("", "glibc", "movalloc"))
-    print("%-8s | %7s %9s %8s %9s | %7s %9s %8s %9s" % (
-        "phase", "time s", "cov end", "cov avg", "peak MiB", "time s", "cov end", "cov avg", "peak MiB"))
+    print("%-8s | %-43s | %-43s" % ("", "glibc", "movalloc"))
+    print("%-8s | %s | %s" % ("phase", *["%7s %9s %8s %9s %6s" % (
+        "time s", "cov end", "cov avg", "peak MiB", "Mop/s")] * 2))
     for n in names:
         cells = []
         for label in ("glibc", "movalloc"):
             r = res[label].get(n)
-            cells.append("%7.1f %8.1f%% %7.1f%% %9.0f" % (r[0], 100 * r[1], 100 * r[2], r[3]) if r else
-                         "%36s" % "-")
+            rate = "-" if not r or r[4] is None else "%.2f" % r[4]
+            cells.append("%7.1f %8.1f%% %7.1f%% %9.0f %6s" % (r[0], 100 * r[1], 100 * r[2], r[3], rate)
+                         if r else "%43s" % "-")
         print("%-8s | %s | %s" % (n, cells[0], cells[1]))
-    print("%-8s | %7.1f %28s | %7.1f" % ("total", walls["glibc"], "", walls["movalloc"]))
+    print("%-8s | %7.1f %35s | %7.1f" % ("total", walls["glibc"], "", walls["movalloc"]))
+    print("(Mop/s: the workload's operations per second in phases of 3 s or more, where it reports")
+    print(" them; the churn phases run for a fixed time, so compare their Mop/s, not their time)")
     png = plot(out, "huge-page coverage over time: " + (what[0] if len(what) == 1 else os.path.basename(what[0])))
     if png:
         print(f"\nplot of coverage over time: {png}")
