@@ -17,6 +17,7 @@ extern "C" {
 #include "arena/mv_prim.h"
 #include "compactor/mv_engine.h"
 #include "compactor/mv_policy.h"
+#include "include/movalloc.h"
 #include "shim/mv_options.h"
 }
 
@@ -248,6 +249,39 @@ TEST(Release, ReleasedArenasAreReusedBeforeTheHeapGrows) {
   EXPECT_LE(mv_arena_of(q->start)->index, index) << "lowest free index first";
   EXPECT_TRUE(zeroed) << "a released arena reads as zero";
   mv_arena_free_slices(q);
+}
+
+TEST(Purge, TheCompactorMovesAPurgedArenaBackOnceItIsDenseAgain) {
+  struct movalloc_stats st;
+  movalloc_stats_get(&st);
+  if (strcmp(st.backend, "off") == 0) GTEST_SKIP() << "no migration backend: " << st.backend_reason;
+  bool zeroed;
+  std::vector<mv_page_t *> filler;
+  mv_page_t *p0 = FreshArenaRun(8, &filler);
+  mv_arena_t *a = mv_arena_of(p0->start);
+  mv_page_t *p1 = mv_arena_alloc_slices(8, &zeroed);
+  mv_page_t *p2 = mv_arena_alloc_slices(16, &zeroed);
+  ASSERT_EQ(mv_arena_of(p1->start), a);
+  ASSERT_EQ(mv_arena_of(p2->start), a);
+  for (mv_page_t *p : {p0, p1, p2}) memset((void *)p->start, 7, p->slice_count * MV_SLICE_SIZE);
+  movalloc_compact(0);
+  ASSERT_TRUE(a->thp) << "a dense arena moves onto a huge page";
+
+  mv_arena_free_slices(p1);
+  mv_arena_purge();  // a quarter of it goes back: no longer huge, and too sparse to move
+  EXPECT_FALSE(a->thp);
+  movalloc_compact(0);
+  EXPECT_FALSE(a->thp) << "75% resident is below MOVALLOC_COMPACT_DENSITY (88%)";
+
+  mv_page_t *p3 = mv_arena_alloc_slices(8, &zeroed);  // the fullest arena with room: a
+  ASSERT_EQ(mv_arena_of(p3->start), a);
+  memset((void *)p3->start, 9, 8 * MV_SLICE_SIZE);
+  movalloc_compact(0);
+  EXPECT_TRUE(a->thp) << "dense again: repaired";
+  EXPECT_EQ(((unsigned char *)p0->start)[4096], 7);
+  EXPECT_EQ(((unsigned char *)p3->start)[4096], 9);
+  for (mv_page_t *p : {p0, p2, p3}) mv_arena_free_slices(p);
+  for (mv_page_t *p : filler) mv_arena_free_slices(p);
 }
 
 // VmFlags of the VMA holding addr, from /proc/self/smaps ("" if not found).
