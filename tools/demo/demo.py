@@ -164,8 +164,9 @@ def main():
                          if r else "%43s" % "-")
         print("%-8s | %s | %s" % (n, cells[0], cells[1]))
     print("%-8s | %7.1f %35s | %7.1f" % ("total", walls["glibc"], "", walls["movalloc"]))
-    print("(Mop/s: the workload's operations per second in phases of 3 s or more, where it reports")
-    print(" them; the churn phases run for a fixed time, so compare their Mop/s, not their time)")
+    if any(r[4] is not None for lab in res.values() for r in lab.values()):
+        print("(Mop/s: the workload's operations per second in phases of 3 s or more; the churn")
+        print(" phases run for a fixed time, so compare their Mop/s, not their time)")
     png = plot(out, "huge-page coverage over time: " + (what[0] if len(what) == 1 else os.path.basename(what[0])))
     if png:
         print(f"\nplot of coverage over time: {png}")
