@@ -44,6 +44,7 @@ static uint64_t cached_at[MV_CACHE_MAX]; /* when each went into the cache */
 static uint32_t cache_len;
 static uint64_t last_decay_ns;
 static uint64_t released_total;
+static uint64_t purged_total;     /* bytes, by mv_arena_purge */
 static uint64_t huge_live;
 
 static const uint32_t all_slices = 0xffffffffu;
@@ -101,6 +102,11 @@ static bool commit_upto(uint32_t upto) {
   size_t len = (size_t)(to - committed_upto) << MV_ARENA_SHIFT;
   if (mv_os_mprotect((void *)from_addr, len, PROT_READ | PROT_WRITE) != 0) return false;
   if (mv_options.thp == MV_THP_FAULT) mv_os_madvise((void *)from_addr, len, MADV_HUGEPAGE);
+  if (mv_options.thp == MV_THP_AUTO && to > MV_THP_AUTO_FROM) {
+    uint32_t from = committed_upto > MV_THP_AUTO_FROM ? committed_upto : MV_THP_AUTO_FROM;
+    mv_os_madvise((void *)(mv_heap_base + ((uintptr_t)from << MV_ARENA_SHIFT)),
+                  (size_t)(to - from) << MV_ARENA_SHIFT, MADV_HUGEPAGE);
+  }
   if (mv_options.thp == MV_THP_NEVER) mv_os_madvise((void *)from_addr, len, MADV_NOHUGEPAGE);
   /* Descriptors: page-granular, rounded out to whole pages. */
   uintptr_t m0 = (uintptr_t)&mv_arenas[committed_upto] & ~(uintptr_t)4095;
@@ -542,6 +548,40 @@ size_t mv_arena_trim(void) {
   }
 }
 
+/* Partial release (MOVALLOC_PURGE): the free slices of active arenas that may
+ * hold data go back to the kernel. This breaks the huge page under such an
+ * arena, so it runs only when the purge rule says so; the compactor moves the
+ * arena back onto a huge page once it is dense again. One arena at a time under
+ * the lock: a slice handed out between the check and the madvise would lose
+ * its new contents, and an isolated arena is never touched. */
+size_t mv_arena_purge(void) {
+  size_t bytes = 0;
+  for (uint32_t i = 0; i < mv_arena_frontier(); i++) {
+    mv_lock(&mv_arena_lock);
+    mv_arena_t *a = &mv_arenas[i];
+    uint32_t dirty = a->free_mask & ~a->zero_mask;
+    if (atomic_load(&a->state) == MV_ARENA_ACTIVE && !a->huge && a->committed) {
+      uintptr_t base = mv_heap_base + ((uintptr_t)i << MV_ARENA_SHIFT);
+      while (dirty) {
+        unsigned first = (unsigned)__builtin_ctz(dirty);
+        uint32_t rest = ~(dirty >> first); /* its lowest set bit ends the run */
+        unsigned n = rest ? (unsigned)__builtin_ctz(rest) : MV_SLICES;
+        uint32_t run = run_mask(first, n);
+        dirty &= ~run;
+        if (mv_os_madvise((void *)(base + ((uintptr_t)first << MV_SLICE_SHIFT)),
+                          (size_t)n << MV_SLICE_SHIFT, MADV_DONTNEED) != 0)
+          continue;
+        a->zero_mask |= run;
+        a->thp = false;
+        bytes += (size_t)n << MV_SLICE_SHIFT;
+        purged_total += (size_t)n << MV_SLICE_SHIFT;
+      }
+    }
+    mv_unlock(&mv_arena_lock);
+  }
+  return bytes;
+}
+
 /* ---- isolation support for the engine ---- */
 
 bool mv_arena_isolate(mv_arena_t *a) {
@@ -585,6 +625,7 @@ void mv_arena_counts(struct mv_arena_counts *out) {
   out->frontier = frontier;
   out->cached = cache_len;
   out->released = released_total;
+  out->purged_bytes = purged_total;
   out->huge_objects = huge_live;
   for (uint32_t i = 0; i < frontier; i++) {
     mv_arena_t *a = &mv_arenas[i];

@@ -20,6 +20,7 @@ struct mv_arena_counts {
   uint64_t released;     /* releases so far */
   uint64_t huge_objects;
   uint64_t thp;          /* active arenas known to sit on a huge page */
+  uint64_t purged_bytes; /* free slices returned inside arenas (MOVALLOC_PURGE) so far */
 };
 
 void mv_arena_counts(struct mv_arena_counts *out);
@@ -28,6 +29,11 @@ void mv_arena_counts(struct mv_arena_counts *out);
  * every round; allocation paths call it too when no compactor runs). */
 void mv_arena_decay(void);
 size_t mv_arena_reserved_bytes(void);
+
+/* MADV_DONTNEED of the free slices inside active arenas that are not known to
+ * be zero (breaking their huge pages); returns the bytes released. Only the
+ * purge rule (MOVALLOC_PURGE) calls it. */
+size_t mv_arena_purge(void);
 uint32_t mv_arena_frontier(void);
 
 /* The engine's transitions (see the state diagram in mv_types.h).

@@ -1,7 +1,9 @@
 /* The background compactor: the "VM" side of the contract. It wakes up every
- * period, returns cached empty arenas nobody reused to the kernel, and moves the
- * arenas that gain from a huge page (dense, settled, not yet huge, not backing
- * off) within a bandwidth budget, through the engine.
+ * period, returns cached empty arenas nobody reused to the kernel, purges free
+ * slices inside arenas when MOVALLOC_PURGE says so, and moves the arenas that
+ * gain from a huge page (dense, settled, not yet huge, not backing off)
+ * through the engine, within a bandwidth budget and a CPU budget measured with
+ * its own thread's CPU clock (mv_policy.h).
  *
  * Started lazily, once the heap is big enough to be worth it (small programs
  * never get a thread), with every signal blocked so the program's signals go to
@@ -22,6 +24,7 @@
 #include "arena/mv_prim.h"
 #include "arena/mv_print.h"
 #include "compactor/mv_engine.h"
+#include "compactor/mv_policy.h"
 #include "shim/mv_options.h"
 
 #define MV_COMPACTOR_MIN_ARENAS 8 /* 16 MiB of heap before a thread is worth it */
@@ -63,14 +66,36 @@ static void sleep_ms(unsigned ms) {
   }
 }
 
+/* The compactor's own counters (movalloc_stats); written by its thread only. */
+static struct {
+  _Atomic uint64_t rounds, throttled, thread_ns, scan_ns, started_ns;
+} stats;
+
+#define MV_FIRST_COST_NS 2000000u /* CPU per move assumed before one is measured */
+
+static bool pressure_now(void) {
+  char buf[4096];
+  uint64_t avail, total;
+  return mv_os_read_file("/proc/meminfo", buf, sizeof buf) > 0 &&
+         mv_policy_parse_meminfo(buf, &avail, &total) &&
+         mv_policy_under_pressure(avail, total, mv_options.purge_free_pct);
+}
+
 static void *compactor_main(void *unused) {
   unsigned period = mv_options.compact_stress ? 10 : mv_options.compact_period_ms;
   unsigned flags = mv_options.compact_stress ? MOVALLOC_COMPACT_ALL : MV_COMPACT_SETTLED;
   /* The bandwidth budget in arenas per period, at least one. */
   uint64_t per_period = (uint64_t)mv_options.compact_mbps * period / 1000 / 2;
   int max_moves = mv_options.compact_stress ? INT32_MAX : (int)(per_period ? per_period : 1);
-  bool can_move = true; /* false with the "off" backend: then it only decays */
-  uint64_t last_alone_check = 0;
+  struct mv_cpu_budget budget;
+  mv_budget_init(&budget, mv_options.compact_cpu_pct, MV_BUDGET_WINDOW_NS);
+  /* What one move costs this thread (staging fault, copy, the scan around it),
+   * measured: a moving average over the rounds that moved something. */
+  uint64_t cost_per_move = MV_FIRST_COST_NS;
+  /* false with the "off" backend or MOVALLOC_THP=never: then it only decays */
+  bool can_move = mv_options.thp != MV_THP_NEVER;
+  uint64_t last_alone_check = 0, last = mv_os_now_ns();
+  atomic_store(&stats.started_ns, last);
   for (;;) {
     sleep_ms(period);
     /* POSIX: the process exits (status 0) when its last thread ends; the last
@@ -80,9 +105,39 @@ static void *compactor_main(void *unused) {
       last_alone_check = now;
       if (alone()) pthread_exit(NULL);
     }
+    mv_budget_earn(&budget, now - last);
+    last = now;
+    uint64_t cpu0 = mv_os_thread_cpu_ns();
     mv_arena_decay();
-    if (can_move) can_move = mv_engine_compact(flags, max_moves) != -ENOSYS;
+    if (mv_policy_should_purge(mv_options.purge, pressure_now)) mv_arena_purge();
+    int moved = 0;
+    if (can_move) {
+      int allowed = mv_options.compact_stress ? max_moves
+                                              : mv_budget_moves(&budget, cost_per_move, max_moves);
+      if (allowed == 0) {
+        atomic_fetch_add(&stats.throttled, 1);
+      } else {
+        int rc = mv_engine_compact(flags, allowed);
+        can_move = rc != -ENOSYS;
+        moved = rc > 0 ? rc : 0;
+      }
+    }
+    uint64_t spent = mv_os_thread_cpu_ns() - cpu0;
+    mv_budget_spend(&budget, spent);
+    if (moved) cost_per_move = (cost_per_move * 3 + spent / (uint64_t)moved) / 4;
+    else atomic_fetch_add(&stats.scan_ns, spent);
+    atomic_fetch_add(&stats.thread_ns, spent);
+    atomic_fetch_add(&stats.rounds, 1);
   }
+}
+
+void mv_compactor_stats(struct movalloc_stats *out) {
+  uint64_t started = atomic_load(&stats.started_ns);
+  out->compactor_rounds = atomic_load(&stats.rounds);
+  out->compactor_throttled = atomic_load(&stats.throttled);
+  out->compactor_thread_ns = atomic_load(&stats.thread_ns);
+  out->compactor_scan_ns = atomic_load(&stats.scan_ns);
+  out->compactor_wall_ns = started ? mv_os_now_ns() - started : 0;
 }
 
 void mv_compactor_poke(void) {
@@ -106,7 +161,7 @@ void mv_compactor_poke(void) {
     if (mv_options.verbose) mv_log("no background compactor: pthread_create failed (%d)", rc);
     return;
   }
-  pthread_setname_np(tid, "movalloc-compact");
+  pthread_setname_np(tid, "movalloc-cmpct"); /* 15 characters at most */
   atomic_store(&state, RUNNING);
   if (mv_options.verbose) mv_log("background compactor started");
 }

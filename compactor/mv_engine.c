@@ -30,7 +30,6 @@
 #define MV_PASSES 3                         /* bounded retry, like migrate_pages() */
 #define MV_BACKOFF_NS (10ull * 1000000000u) /* after a permanent failure */
 #define MV_MAX_REGIONS 64
-#define MV_MIN_RESIDENT_PAGES 448           /* of 512: a huge page adds at most 1/8 to RSS */
 #define MV_SETTLE_NS (1000ull * 1000000u)   /* no new pages for this long: settled */
 
 struct movalloc_migration {
@@ -247,7 +246,8 @@ static bool vma_budget_left(const struct mv_backend *b) {
 static bool dense_enough(uintptr_t start, unsigned flags) {
   if (flags & MOVALLOC_COMPACT_ALL) return true;
   long resident = mv_thp_resident_pages(start, MV_ARENA_SIZE);
-  return resident >= MV_MIN_RESIDENT_PAGES;
+  /* MOVALLOC_COMPACT_DENSITY: a huge page adds at most the rest to RSS. */
+  return resident * 100 >= (long)(MV_ARENA_SIZE / 4096) * (long)mv_options.compact_density;
 }
 
 static bool heap_arena_eligible(mv_arena_t *a, unsigned flags, uint64_t now) {

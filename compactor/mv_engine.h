@@ -47,6 +47,8 @@ const char *mv_engine_backend_name(void);
 void mv_compactor_poke(void);
 void mv_compactor_fork_child(void);
 bool mv_compactor_running(void);
+/* The compactor's counters into *out (movalloc_stats_get). */
+void mv_compactor_stats(struct movalloc_stats *out);
 
 /* Copies the engine's counters, backend name and reason into *out. */
 void mv_engine_stats(struct movalloc_stats *out);

@@ -56,7 +56,16 @@ struct movalloc_stats {
   char backend[16];          /* "move", "remap", "collapse", "mprotect" or "off" */
   char backend_reason[112];  /* why that backend was chosen */
 
-  uint64_t reserved_for_growth[31]; /* zero; later counters take these slots */
+  /* the background compactor (zero until it starts) and partial release */
+  uint64_t coverage_ppm;       /* huge_page_bytes per million bytes of arenas in use */
+  uint64_t compactor_rounds;
+  uint64_t compactor_throttled;  /* rounds that moved nothing: CPU budget spent */
+  uint64_t compactor_thread_ns;  /* the thread's CPU time: moves, scans, decay, purges */
+  uint64_t compactor_scan_ns;    /* of which rounds that moved nothing: the cost of looking */
+  uint64_t compactor_wall_ns;    /* since it started: migrated / this = migrations per second */
+  uint64_t purged_bytes;         /* free slices returned inside arenas (MOVALLOC_PURGE) */
+
+  uint64_t reserved_for_growth[24]; /* zero; later counters take these slots */
 };
 
 /* Fills *out. Returns 0, or -EINVAL for a NULL pointer. Never allocates. */

@@ -29,10 +29,21 @@ const struct mv_option mv_option_table[] = {
      "milliseconds between background compaction rounds"},
     {"MOVALLOC_COMPACT_MBPS", MV_OPT_UINT, NULL, 1, 100000, 512, FIELD(compact_mbps),
      "background compaction budget: MB of arenas moved per second"},
+    {"MOVALLOC_COMPACT_CPU", MV_OPT_UINT, NULL, 1, 100, 2, FIELD(compact_cpu_pct),
+     "background compaction budget: percent of one core, averaged over five minutes"},
+    {"MOVALLOC_COMPACT_DENSITY", MV_OPT_UINT, NULL, 1, 100, 88, FIELD(compact_density),
+     "an arena moves onto a huge page only with at least this percent of its 4 KiB pages "
+     "resident (so a huge page adds at most the rest to RSS)"},
+    {"MOVALLOC_PURGE", MV_OPT_ENUM, "never|pressure|always", 0, 0, 1, FIELD(purge),
+     "return free slices inside arenas to the kernel (breaks their huge pages): never, "
+     "under memory pressure or on malloc_trim, or every compactor round"},
+    {"MOVALLOC_PURGE_FREE_PCT", MV_OPT_UINT, NULL, 1, 99, 5, FIELD(purge_free_pct),
+     "memory pressure: MemAvailable below this percent of MemTotal"},
     {"MOVALLOC_COMPACT_STRESS", MV_OPT_BOOL, NULL, 0, 1, 0, FIELD(compact_stress),
      "move every arena as often as possible (a torture mode for tests)"},
-    {"MOVALLOC_THP", MV_OPT_ENUM, "compact|fault|never", 0, 0, 0, FIELD(thp),
-     "where huge pages come from: the compactor, also page faults, or nowhere"},
+    {"MOVALLOC_THP", MV_OPT_ENUM, "compact|fault|never|auto", 0, 0, 3, FIELD(thp),
+     "where huge pages come from: the compactor, also page faults, nowhere, or page faults "
+     "once the heap passes 32 MiB and the compactor for the rest"},
     {"MOVALLOC_RESERVE_GIB", MV_OPT_UINT, NULL, 1, 65536, 1024, FIELD(reserve_gib),
      "virtual address space reserved for the heap, in GiB"},
     {"MOVALLOC_TRACE", MV_OPT_PATH, NULL, 0, 0, 0, FIELD(trace),

@@ -12,7 +12,21 @@ enum mv_thp_mode {
   MV_THP_COMPACT, /* huge pages come from the compactor (arenas fault 4 KiB pages) */
   MV_THP_FAULT,   /* also ask for huge pages at fault time (MADV_HUGEPAGE) */
   MV_THP_NEVER,   /* MADV_NOHUGEPAGE on the heap, no migration onto huge pages */
+  MV_THP_AUTO,    /* FAULT beyond the first MV_THP_AUTO_FROM arenas, COMPACT below */
 };
+
+/* MOVALLOC_PURGE: when free slices inside arenas go back to the kernel. */
+enum mv_purge_mode {
+  MV_PURGE_NEVER,    /* they stay resident (huge pages stay whole); whole arenas still go */
+  MV_PURGE_PRESSURE, /* when the machine is short of memory, and on malloc_trim */
+  MV_PURGE_ALWAYS,   /* every compactor round */
+};
+
+/* MOVALLOC_THP=auto: arenas below this index fault 4 KiB pages, so a small
+ * program's RSS gets no huge page it half uses; above it the heap is big, and
+ * placement fills arenas fullest first, so huge pages at fault time cost little
+ * RSS and spare the compactor most moves. */
+#define MV_THP_AUTO_FROM 16u
 
 struct mv_options {
   bool stats;             /* MOVALLOC_STATS: summary on stderr at exit */
@@ -23,6 +37,10 @@ struct mv_options {
   bool compact;           /* MOVALLOC_COMPACT: background compactor */
   unsigned compact_period_ms; /* MOVALLOC_COMPACT_PERIOD_MS: between compactor rounds */
   unsigned compact_mbps;  /* MOVALLOC_COMPACT_MBPS: bandwidth budget, MB/s of arenas moved */
+  unsigned compact_cpu_pct; /* MOVALLOC_COMPACT_CPU: CPU budget, percent of one core */
+  unsigned compact_density; /* MOVALLOC_COMPACT_DENSITY: min % of 4 KiB pages resident to move */
+  enum mv_purge_mode purge; /* MOVALLOC_PURGE */
+  unsigned purge_free_pct; /* MOVALLOC_PURGE_FREE_PCT: pressure below this % available */
   bool compact_stress;    /* MOVALLOC_COMPACT_STRESS: move everything, constantly (tests) */
   enum mv_thp_mode thp;   /* MOVALLOC_THP */
   size_t reserve_gib;     /* MOVALLOC_RESERVE_GIB: virtual reservation for the heap */

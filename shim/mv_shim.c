@@ -11,6 +11,7 @@
 #include "arena/mv_arena.h"
 #include "arena/mv_heap.h"
 #include "include/movalloc.h"
+#include "shim/mv_options.h"
 
 #define PAGE_SIZE_BYTES 4096u
 
@@ -81,7 +82,9 @@ MV_EXPORT size_t malloc_usable_size(void *p) { return mv_usable_size(p); }
 
 MV_EXPORT int malloc_trim(size_t pad) {
   mv_heap_collect_all();
-  return mv_arena_trim() > 0;
+  /* An explicit request: free slices inside arenas go too, unless MOVALLOC_PURGE=never. */
+  size_t purged = mv_options.purge != MV_PURGE_NEVER ? mv_arena_purge() : 0;
+  return mv_arena_trim() > 0 || purged > 0;
 }
 
 MV_EXPORT struct mallinfo2 mallinfo2(void) {

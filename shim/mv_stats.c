@@ -27,8 +27,11 @@ MV_EXPORT int movalloc_stats_get(struct movalloc_stats *out) {
   out->huge_objects = c.huge_objects;
   out->heaps = mv_heap_count();
   out->huge_page_bytes = c.thp << MV_ARENA_SHIFT;
+  out->coverage_ppm = c.active ? c.thp * 1000000 / c.active : 0;
+  out->purged_bytes = c.purged_bytes;
   mv_heap_misuse_counts(&out->invalid_frees, &out->double_frees);
   mv_engine_stats(out);
+  mv_compactor_stats(out);
   return 0;
 }
 
@@ -63,9 +66,23 @@ size_t mv_stats_format(char *buf, size_t cap, const char *title) {
                    "%llu released\n",
                    human(s.committed_bytes, a, sizeof a), human(s.reserved_bytes, b, sizeof b),
                    (unsigned long long)s.arenas_cached, (unsigned long long)s.arenas_released);
-  unsigned pct = s.committed_bytes ? (unsigned)(s.huge_page_bytes * 100 / s.committed_bytes) : 0;
-  n += mv_snprintf(buf + n, cap - n, "movalloc:   huge pages  %s (%u%% of committed)\n",
-                   human(s.huge_page_bytes, a, sizeof a), pct);
+  n += mv_snprintf(buf + n, cap - n,
+                   "movalloc:   huge pages  %s (%llu.%llu%% of arenas in use); %s purged inside "
+                   "arenas\n",
+                   human(s.huge_page_bytes, a, sizeof a),
+                   (unsigned long long)(s.coverage_ppm / 10000),
+                   (unsigned long long)(s.coverage_ppm / 1000 % 10),
+                   human(s.purged_bytes, b, sizeof b));
+  uint64_t wall_s = s.compactor_wall_ns / 1000000000u;
+  n += mv_snprintf(buf + n, cap - n,
+                   "movalloc:   compactor   %llu rounds (%llu throttled by the CPU budget) in "
+                   "%llu s; CPU %llu ms (%llu ms looking); %llu.%02llu migrations/s\n",
+                   (unsigned long long)s.compactor_rounds,
+                   (unsigned long long)s.compactor_throttled, (unsigned long long)wall_s,
+                   (unsigned long long)(s.compactor_thread_ns / 1000000),
+                   (unsigned long long)(s.compactor_scan_ns / 1000000),
+                   (unsigned long long)(wall_s ? s.migrated / wall_s : 0),
+                   (unsigned long long)(wall_s ? s.migrated * 100 / wall_s % 100 : 0));
   n += mv_snprintf(buf + n, cap - n,
                    "movalloc:   migration   backend %s (%s)\n"
                    "movalloc:               %llu migrated (%s), %llu retried, %llu refused, "

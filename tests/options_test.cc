@@ -46,7 +46,7 @@ TEST(Options, Defaults) {
   EXPECT_FALSE(o.check);
   EXPECT_EQ(o.migrate, MV_BACKEND_AUTO);
   EXPECT_TRUE(o.compact);
-  EXPECT_EQ(o.thp, MV_THP_COMPACT);
+  EXPECT_EQ(o.thp, MV_THP_AUTO);
   EXPECT_EQ(o.reserve_gib, 1024u);
   EXPECT_EQ(o.arena_cache, 8u);
 }
