@@ -18,6 +18,7 @@
 #include "arena/mv_prim.h"
 #include "arena/mv_print.h"
 #include "compactor/mv_engine.h"
+#include "shim/mv_channel.h"
 #include "shim/mv_init.h"
 #include "shim/mv_options.h"
 
@@ -192,6 +193,7 @@ static void heap_rescan_full(mv_heap_t *h) {
 
 static mv_page_t *page_fresh(mv_heap_t *h, unsigned bin) {
   mv_compactor_poke();
+  mv_channel_poke();
   bool zeroed;
   mv_page_t *page = mv_arena_alloc_slices(mv_bin_slices(bin), &zeroed);
   if (!page) return NULL;
@@ -455,6 +457,7 @@ void mv_free_slow(void *p) {
 
 static void *alloc_big(size_t size, size_t align, bool *zeroed) {
   mv_compactor_poke();
+  mv_channel_poke();
   bool z;
   if (size > PTRDIFF_MAX) {
     errno = ENOMEM;

@@ -22,6 +22,7 @@
 #include "arena/mv_prim.h"
 #include "arena/mv_print.h"
 #include "compactor/mv_engine.h"
+#include "shim/mv_channel.h"
 #include "shim/mv_options.h"
 
 #define MV_COMPACTOR_MIN_ARENAS 8 /* 16 MiB of heap before a thread is worth it */
@@ -82,6 +83,7 @@ static void *compactor_main(void *unused) {
     }
     mv_arena_decay();
     if (can_move) can_move = mv_engine_compact(flags, max_moves) != -ENOSYS;
+    mv_channel_publish(); /* what `movalloc stat` reads (shim/mv_channel.h) */
   }
 }
 

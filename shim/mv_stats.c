@@ -14,8 +14,13 @@
 
 MV_EXPORT int movalloc_stats_get(struct movalloc_stats *out) {
   if (!out) return -EINVAL;
+  mv_stats_fill(out, true);
+  return 0;
+}
+
+void mv_stats_fill(struct movalloc_stats *out, bool engine) {
   memset(out, 0, sizeof *out);
-  if (!mv_arenas) return 0; /* not started: everything is zero */
+  if (!mv_arenas) return; /* not started: everything is zero */
   struct mv_arena_counts c;
   mv_arena_counts(&c);
   out->reserved_bytes = mv_arena_reserved_bytes();
@@ -28,8 +33,8 @@ MV_EXPORT int movalloc_stats_get(struct movalloc_stats *out) {
   out->heaps = mv_heap_count();
   out->huge_page_bytes = c.thp << MV_ARENA_SHIFT;
   mv_heap_misuse_counts(&out->invalid_frees, &out->double_frees);
-  mv_engine_stats(out);
-  return 0;
+  if (engine) mv_engine_stats(out);
+  else mv_snprintf(out->backend_reason, sizeof out->backend_reason, "not chosen yet");
 }
 
 /* "12.3 MiB" without floating point. */
