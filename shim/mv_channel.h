@@ -33,6 +33,10 @@
 
 #include "include/movalloc.h"
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 #define MV_CHANNEL_NAME "movalloc"
 #define MV_CHANNEL_MAGIC 0x314e414843564d4dull /* "MMVCHAN1" little-endian */
 #define MV_CHANNEL_VERSION 1
@@ -105,5 +109,9 @@ void mv_channel_event(const char *backend, uintptr_t arena, int outcome, int rc,
 
 /* The descriptor of this process's channel, or -1 when it has none (tests). */
 int mv_channel_fd(void);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif /* MV_CHANNEL_H */
