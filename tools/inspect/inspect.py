@@ -542,26 +542,23 @@ def plot_script(inputs, out, tmp):
                 rows = data["summary"]
             except (ValueError, KeyError, OSError):
                 fail(f"{path}: not the JSON that `movalloc bench --json FILE` writes")
-            allocs = [a for a in data["meta"]["allocators"]]
-            df = os.path.join(tmp, name + ".dat")
-            with open(df, "w") as f:
-                f.write("workload " + " ".join(allocs) + "\n")
-                for r in rows:
-                    cells = r.get("cells", {})
-                    g = cells.get("glibc", {})
-                    vals = []
-                    for a in allocs:
-                        c = cells.get(a, {})
-                        ok = c.get("wall_s") and g.get("wall_s")
-                        vals.append(f"{c['wall_s'] / g['wall_s']:.3f}" if ok else "NaN")
-                    f.write(r["workload"] + " " + " ".join(vals) + "\n")
-            cols = ", ".join(f"'' using {i + 2}:xtic(1) title {q(a)}" if i else
-                             f"{q(df)} using {i + 2}:xtic(1) title {q(a)}" for i, a in enumerate(allocs))
-            panels.append(
-                f"set title {q('wall time relative to glibc: ' + name)}\n"
-                "set style data histograms\nset style histogram clustered\nset style fill solid 0.7\n"
-                "set ylabel 'x glibc'\nset xlabel ''\nset key top right\nset yrange [0:*]\n"
-                f"plot {cols}\nset style data lines\nset autoscale y\n")
+            allocs = list(data["meta"]["allocators"])
+            for key, what in (("wall_s", "wall time"), ("rss_mib", "peak RSS")):
+                df = os.path.join(tmp, f"{name}.{key}.dat")
+                with open(df, "w") as f:
+                    for r in rows:
+                        cells = r.get("cells", {})
+                        g = cells.get("glibc", {}).get(key)
+                        vals = [f"{cells[a][key] / g:.3f}" if g and cells.get(a, {}).get(key) else "NaN"
+                                for a in allocs]
+                        f.write(r["workload"] + " " + " ".join(vals) + "\n")
+                cols = ", ".join(f"{q(df) if i == 0 else chr(39) * 2} using {i + 2}:xtic(1) title {q(a)}"
+                                 for i, a in enumerate(allocs))
+                panels.append(
+                    f"set title {q(what + ' relative to glibc: ' + name)}\n"
+                    "set style data histograms\nset style histogram clustered\nset style fill solid 0.7\n"
+                    "set ylabel 'x glibc'\nset xlabel ''\nset key top right\nset yrange [0:*]\n"
+                    f"plot {cols}\nset style data lines\nset autoscale y\n")
     ext = os.path.splitext(out)[1].lower()
     height = 360 * len(panels)
     term = (f"set terminal pngcairo size 1000,{height}" if ext == ".png"
