@@ -485,6 +485,8 @@ def detect(path):
         return "observe"
     if first.startswith("{"):
         return "bench"
+    if not first:
+        fail(f"{path} is empty: nothing to plot yet")
     fail(f"{path}: not a MOVALLOC_TRACE file, a tools/observe CSV (-o) or a bench JSON "
          f"(movalloc bench --json FILE); cannot plot it")
 
