@@ -38,6 +38,10 @@ static struct mv_channel *ch;
 static int ch_fd = -1, ch_pid, failed_pid;
 static uint64_t ch_dev, ch_ino;
 static _Atomic int busy; /* pid of the process whose thread is inside, 0: none */
+/* The last snapshot's time and process, for mv_channel_poke's pacing without
+ * the lock (ch may be unmapped under it in a child after fork). */
+static _Atomic uint64_t last_ns;
+static _Atomic int last_pid;
 
 /* A value of busy from another process was left by a thread that does not
  * exist here (the parent's, across fork): the child takes over. */
@@ -161,14 +165,18 @@ void mv_channel_publish(void) {
     c->publishes++;
     c->published_ns = mv_os_now_ns();
     __atomic_store_n(&c->seq, seq + 2, __ATOMIC_RELEASE);
+    atomic_store_explicit(&last_ns, c->published_ns, memory_order_relaxed);
+    atomic_store_explicit(&last_pid, me, memory_order_relaxed);
   }
   unlock();
 }
 
 void mv_channel_poke(void) {
   if (mv_compactor_running()) return; /* it publishes every round */
-  struct mv_channel *c = ch;
-  if (c && c->pid == getpid() && mv_os_now_ns() - c->published_ns < MV_CHANNEL_PACE_NS) return;
+  uint64_t last = atomic_load_explicit(&last_ns, memory_order_relaxed);
+  if (mv_os_now_ns() - last < MV_CHANNEL_PACE_NS &&
+      atomic_load_explicit(&last_pid, memory_order_relaxed) == getpid())
+    return;
   mv_channel_publish();
 }
 
