@@ -150,8 +150,12 @@ def find_channel(pid):
         if len(head) == 56:
             magic, version = struct.unpack_from("<QI", head, 0)
             (owner,) = struct.unpack_from("<i", head, 48)
-            if magic == MAGIC and version == VERSION and owner == pid:
-                return fd  # not a parent's channel inherited over fork()
+            if magic == MAGIC and owner == pid:  # not a parent's inherited over fork()
+                if version == VERSION:
+                    return fd
+                os.close(fd)
+                fail(f"process {pid}'s movalloc writes channel version {version}; this CLI reads "
+                     f"version {VERSION}: use the movalloc command that came with its library")
         os.close(fd)
     return None
 
@@ -168,6 +172,9 @@ def read_snapshot(fd):
         if seq & 1:
             time.sleep(0.001)
             continue
+        if (u("I", head, 16), u("I", head, 20)) != (32, 48):
+            fail("the channel's entry sizes are not those of shim/mv_channel.h version 1: "
+                 "use the movalloc command that came with the process's library")
         count, arenas_off = u("I", head, 80), u("Q", head, 32)
         raw = os.pread(fd, count * 32, arenas_off) if count else b""
         if u("Q", os.pread(fd, 8, SEQ_OFF), 0) == seq:
@@ -230,7 +237,7 @@ def mib(kib):
     return f"{kib / 1024:.1f}"
 
 
-def gather(pid, with_arenas=True):
+def gather(pid):
     vmas = read_smaps(pid)
     fd = find_channel(pid)
     snap = None
