@@ -52,13 +52,14 @@ wait_ready() { # fifo-less: poll the output file for "ready"
 
 # ---- a movalloc process and a glibc one --------------------------------------
 MOVALLOC_TRACE=$tmp/trace.csv PYTHONMALLOC=malloc LD_PRELOAD=$lib \
-  "$observe" -i 100 -o "$tmp/observe.csv" -- python3 "$tmp/hold.py" 400000 20 >"$tmp/mov.out" 2>&1 &
+  "$observe" -i 100 -o "$tmp/observe.csv" -- python3 "$tmp/hold.py" 400000 120 >"$tmp/mov.out" 2>&1 &
 pids+=($!)
-python3 -c 'import time; x = bytearray(64 << 20); x[::4096] = b"x" * len(x[::4096]); print("ready", flush=True); time.sleep(20)' >"$tmp/glibc.out" 2>&1 &
+python3 -c 'import time; x = bytearray(64 << 20); x[::4096] = b"x" * len(x[::4096]); print("ready", flush=True); time.sleep(120)' >"$tmp/glibc.out" 2>&1 &
 glibc_pid=$!
 pids+=("$glibc_pid")
 wait_ready "$tmp/mov.out" && wait_ready "$tmp/glibc.out" || { echo "FAIL cli: start test programs"; exit 1; }
-mov_pid=$(pgrep -f "hold.py 400000 20" -P "${pids[0]}")
+mov_pid=$(pgrep -f "hold.py 400000 120" -P "${pids[0]}")
+pids+=("$mov_pid") # ends the observe run too
 
 stat_glibc() {
   local json
@@ -237,14 +238,17 @@ options_documented() {
 import re
 code = re.findall(r'\{"(MOVALLOC_[A-Z_]+)"', open("shim/mv_options.c").read())
 readme = re.findall(r"^\| `(MOVALLOC_[A-Z_]+)` \|", open("README.md").read(), re.M)
-man = re.findall(r"^\.B (MOVALLOC_[A-Z_]+)$", open("docs/man/movalloc.3").read(), re.M)
+import subprocess
+page = subprocess.run(["/usr/bin/python3", "docs/man/fill_options.py", "README.md", "docs/man/movalloc.3.in"],
+                      capture_output=True, text=True, check=True).stdout
+man = re.findall(r"^\.B (MOVALLOC_[A-Z_]+)$", page, re.M)
 assert code, "no options found in shim/mv_options.c"
-for where, names in (("README.md's option table", readme), ("docs/man/movalloc.3", man)):
+for where, names in (("README.md's option table", readme), ("movalloc(3), made from it", man)):
     missing, extra = set(code) - set(names), set(names) - set(code)
     assert not missing and not extra, f"{where}: missing {sorted(missing)}, not in the code {sorted(extra)}"
 EOF
 }
-check "every MOVALLOC_* option is in README and movalloc(3)" options_documented
+check "every MOVALLOC_* option in shim/mv_options.c is in README's table and movalloc(3)" options_documented
 
 # ---- packaging --------------------------------------------------------------------
 install_prefix() {
