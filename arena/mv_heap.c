@@ -193,7 +193,6 @@ static void heap_rescan_full(mv_heap_t *h) {
 
 static mv_page_t *page_fresh(mv_heap_t *h, unsigned bin) {
   mv_compactor_poke();
-  mv_channel_poke();
   bool zeroed;
   mv_page_t *page = mv_arena_alloc_slices(mv_bin_slices(bin), &zeroed);
   if (!page) return NULL;
@@ -203,6 +202,7 @@ static mv_page_t *page_fresh(mv_heap_t *h, unsigned bin) {
   page->reserved = (uint32_t)(((size_t)page->slice_count << MV_SLICE_SHIFT) / page->block_size);
   atomic_store_explicit(&page->heap, h, memory_order_release);
   queue_push_front(&h->queues[bin], page);
+  mv_channel_poke(); /* the heap grew: the inspection channel may publish */
   return page;
 }
 
@@ -457,7 +457,6 @@ void mv_free_slow(void *p) {
 
 static void *alloc_big(size_t size, size_t align, bool *zeroed) {
   mv_compactor_poke();
-  mv_channel_poke();
   bool z;
   if (size > PTRDIFF_MAX) {
     errno = ENOMEM;
@@ -475,6 +474,7 @@ static void *alloc_big(size_t size, size_t align, bool *zeroed) {
     if (!page) return NULL;
   }
   if (zeroed) *zeroed = z;
+  mv_channel_poke(); /* the heap grew: the inspection channel may publish */
   return (void *)page->start;
 }
 

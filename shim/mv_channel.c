@@ -42,6 +42,7 @@ static _Atomic int busy; /* pid of the process whose thread is inside, 0: none *
  * the lock (ch may be unmapped under it in a child after fork). */
 static _Atomic uint64_t last_ns;
 static _Atomic int last_pid;
+static _Atomic uint32_t last_arenas; /* arenas handed out at the last snapshot */
 
 /* A value of busy from another process was left by a thread that does not
  * exist here (the parent's, across fork): the child takes over. */
@@ -167,14 +168,17 @@ void mv_channel_publish(void) {
     __atomic_store_n(&c->seq, seq + 2, __ATOMIC_RELEASE);
     atomic_store_explicit(&last_ns, c->published_ns, memory_order_relaxed);
     atomic_store_explicit(&last_pid, me, memory_order_relaxed);
+    atomic_store_explicit(&last_arenas, n, memory_order_relaxed);
   }
   unlock();
 }
 
 void mv_channel_poke(void) {
   if (mv_compactor_running()) return; /* it publishes every round */
-  uint64_t last = atomic_load_explicit(&last_ns, memory_order_relaxed);
-  if (mv_os_now_ns() - last < MV_CHANNEL_PACE_NS &&
+  /* A new arena always publishes (a small program's table is then complete
+   * even if it never grows again); more pages, at most every PACE. */
+  if (mv_arena_frontier() == atomic_load_explicit(&last_arenas, memory_order_relaxed) &&
+      mv_os_now_ns() - atomic_load_explicit(&last_ns, memory_order_relaxed) < MV_CHANNEL_PACE_NS &&
       atomic_load_explicit(&last_pid, memory_order_relaxed) == getpid())
     return;
   mv_channel_publish();

@@ -23,8 +23,9 @@
  *   its own sequence number).
  *
  * Publishing: the compactor thread publishes every round; a process without
- * one publishes when its heap grows, at most every MV_CHANNEL_PACE_NS. The
- * snapshot carries its time, so a reader can say how old it is.
+ * one publishes when its heap grows: at once when it took a new arena, else
+ * at most every MV_CHANNEL_PACE_NS. The snapshot carries its time, so a
+ * reader can say how old it is.
  */
 #ifndef MV_CHANNEL_H
 #define MV_CHANNEL_H
@@ -98,8 +99,9 @@ struct mv_channel {
  * allocates. */
 void mv_channel_publish(void);
 
-/* The allocator's heap grew: publishes if no compactor thread does and the
- * last snapshot is older than MV_CHANNEL_PACE_NS. */
+/* The allocator's heap grew (called after it did): publishes if no compactor
+ * thread does and the heap has more arenas than in the last snapshot, or that
+ * snapshot is older than MV_CHANNEL_PACE_NS. */
 void mv_channel_poke(void);
 
 /* The engine's record of one migration attempt (same fields as the trace).

@@ -16,6 +16,9 @@
 #include <gtest/gtest.h>
 
 #include "arena/mv_alloc.h"
+extern "C" {
+#include "arena/mv_arena.h"
+}
 #include "include/movalloc.h"
 #include "shim/mv_channel.h"
 
@@ -102,6 +105,26 @@ TEST(Channel, PokePublishesAtMostOncePerPace) {
   usleep((MV_CHANNEL_PACE_NS / 1000) + 20000);
   mv_channel_poke();
   EXPECT_EQ(r.header().publishes, before + 1);
+}
+
+TEST(Channel, ANewArenaPublishesAtOnce) {
+  mv_channel_publish();
+  int fd = mv_channel_fd();
+  ASSERT_GE(fd, 0);
+  Reader r(getpid(), fd);
+  if (r.header().compactor) GTEST_SKIP() << "a compactor thread publishes here";
+  uint64_t before = r.header().publishes;
+  uint32_t arenas = mv_arena_frontier();
+  void *big = malloc(64 << 20); // a span of 32 arenas: more than any freed run here
+  ASSERT_NE(big, nullptr);
+  ASSERT_GT(mv_arena_frontier(), arenas) << "the test needs the heap to take new arenas";
+  mv_channel h = r.header();
+  EXPECT_EQ(h.publishes, before + 1) << "a new arena must publish without waiting for the pace";
+  EXPECT_EQ(h.arenas_total, mv_arena_frontier());
+  mv_channel_arena last = r.arena(h, (uint32_t)h.arenas_total - 1);
+  EXPECT_EQ(last.huge, 1);
+  EXPECT_EQ(last.state, 1);
+  free(big);
 }
 
 TEST(Channel, MigrationsGoToTheRingAndTheArenaTable) {

@@ -256,6 +256,7 @@ def gather(pid):
         comm = "?"
     return {"pid": pid, "command": comm, "mappings": heap_summary(vmas, arena_range),
             "vmas_total": len(vmas), "movalloc": snap,
+            "libmovalloc_mapped": any("libmovalloc" in os.path.basename(v["path"]) for v in vmas),
             "heap_vmas": [v for v in vmas if classify(v, arena_range)]}
 
 
@@ -295,6 +296,10 @@ def format_stat(info, arenas_shown=20, show_vmas=False):
                          f"{f.get('AnonHugePages', 0):>9} {'yes' if v['thp_eligible'] else 'no'}")
     snap = info["movalloc"]
     lines.append("")
+    if snap is None and info["libmovalloc_mapped"]:
+        lines.append("libmovalloc is loaded but has no channel open: its heap never grew "
+                     "(nothing allocated yet), or memfd_create was refused (seccomp)")
+        return "\n".join(lines)
     if snap is None:
         lines.append("not a movalloc process (no movalloc channel among its descriptors)")
         return "\n".join(lines)
