@@ -159,6 +159,27 @@ top_frames() {
 }
 check "top without a terminal prints frames" top_frames
 
+top_tty() { # on a terminal (a pty): redraws, and q ends it at once with status 0
+  python3 - "$mov_pid" <<'EOF'
+import os, pty, select, sys, time
+pid, fd = pty.fork()
+if pid == 0:
+    os.execv("tools/movalloc", ["movalloc", "top", "-i", "0.2", sys.argv[1]])
+out = b""
+deadline = time.time() + 10
+while out.count(b"movalloc top") < 2 and time.time() < deadline:
+    if select.select([fd], [], [], 1)[0]:
+        out += os.read(fd, 65536)
+assert out.count(b"\x1b[H\x1b[2J") >= 2, f"no screen redraws: {out[:300]!r}"
+os.write(fd, b"q")
+t0 = time.time()
+_, status = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0, status
+assert time.time() - t0 < 1, "q took more than a second"
+EOF
+}
+check "top on a terminal redraws and quits on q" top_tty
+
 plots() {
   local out
   out=$($cli plot "$tmp/trace.csv" "$tmp/observe.csv" -o "$tmp/p.png") || return 1
