@@ -26,6 +26,10 @@
  * one publishes when its heap grows: at once when it took a new arena, else
  * at most every MV_CHANNEL_PACE_NS. The snapshot carries its time, so a
  * reader can say how old it is.
+ *
+ * Only a heap of MV_CHANNEL_MIN_ARENAS or more (or a migration) opens the
+ * channel: a small program's descriptors stay exactly its own (test suites
+ * compare them: python's test_subprocess checks what a child inherits).
  */
 #ifndef MV_CHANNEL_H
 #define MV_CHANNEL_H
@@ -44,6 +48,7 @@ extern "C" {
 #define MV_CHANNEL_ARENAS 65536 /* 128 GiB of heap; arenas beyond are counted, not listed */
 #define MV_CHANNEL_EVENTS 1024  /* the ring keeps the last this many migrations */
 #define MV_CHANNEL_PACE_NS (100ull * 1000000u)
+#define MV_CHANNEL_MIN_ARENAS 8 /* 16 MiB, where the compactor starts too */
 
 /* One arena. Invariant: entries [0, arena_count) describe arenas 0.. of the
  * heap as of published_ns; later entries are stale or zero. */
@@ -99,9 +104,10 @@ struct mv_channel {
  * allocates. */
 void mv_channel_publish(void);
 
-/* The allocator's heap grew (called after it did): publishes if no compactor
- * thread does and the heap has more arenas than in the last snapshot, or that
- * snapshot is older than MV_CHANNEL_PACE_NS. */
+/* The allocator's heap grew (called after it did): publishes if the heap has
+ * MV_CHANNEL_MIN_ARENAS, no compactor thread publishes, and the heap has more
+ * arenas than in the last snapshot or that snapshot is older than
+ * MV_CHANNEL_PACE_NS. */
 void mv_channel_poke(void);
 
 /* The engine's record of one migration attempt (same fields as the trace).

@@ -80,6 +80,20 @@ EOF
 }
 check "stat of a glibc process" stat_glibc
 
+small_no_channel() { # a heap under 16 MiB: no descriptor beyond the program's own
+  LD_PRELOAD=$lib sleep 5 &
+  local p=$! out
+  pids+=("$p")
+  sleep 0.5
+  if ls -l /proc/$p/fd | grep -q memfd:movalloc; then
+    echo "sleep under movalloc has a channel open: $(ls -l /proc/$p/fd)"
+    return 1
+  fi
+  out=$($cli stat "$p") || return 1
+  grep -q "libmovalloc is loaded but has no channel" <<<"$out" || { echo "$out"; return 1; }
+}
+check "a small movalloc program keeps only its own descriptors" small_no_channel
+
 # The compactor moves settled arenas about a second after they fill.
 wait_migrated() {
   for _ in $(seq 50); do

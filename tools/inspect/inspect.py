@@ -297,8 +297,8 @@ def format_stat(info, arenas_shown=20, show_vmas=False):
     snap = info["movalloc"]
     lines.append("")
     if snap is None and info["libmovalloc_mapped"]:
-        lines.append("libmovalloc is loaded but has no channel open: its heap never grew "
-                     "(nothing allocated yet), or memfd_create was refused (seccomp)")
+        lines.append("libmovalloc is loaded but has no channel open: its heap never reached "
+                     "16 MiB (small programs get none), or memfd_create was refused (seccomp)")
         return "\n".join(lines)
     if snap is None:
         lines.append("not a movalloc process (no movalloc channel among its descriptors)")
