@@ -354,6 +354,23 @@ def cmd_stat(args):
     return 0
 
 
+def totals(info):
+    """RSS and AnonHugePages (KiB) over the heap-like mappings, and migrations."""
+    rss = sum(r["rss_kib"] for r in info["mappings"])
+    huge = sum(r["anon_huge_kib"] for r in info["mappings"])
+    moved = info["movalloc"]["stats"]["migrated"] if info["movalloc"] else 0
+    return rss, huge, moved
+
+
+def changes(prev, info):
+    """top's line about what changed since the last frame."""
+    if prev is None:
+        return ""
+    (r0, h0, m0), (r1, h1, m1) = totals(prev), totals(info)
+    return (f"since the last frame: heap RSS {(r1 - r0) / 1024:+.1f} MiB, on huge pages "
+            f"{(h1 - h0) / 1024:+.1f} MiB, {m1 - m0} arenas moved\n")
+
+
 def cmd_top(args):
     tty = sys.stdin.isatty() and sys.stdout.isatty()
     old = None
@@ -362,11 +379,13 @@ def cmd_top(args):
         import tty as ttymod
         old = termios.tcgetattr(sys.stdin)
         ttymod.setcbreak(sys.stdin.fileno())
-    frames = 0
+    frames, prev = 0, None
     try:
         while True:
             try:
-                text = format_stat(gather(args.pid), args.arenas)
+                info = gather(args.pid)
+                text = changes(prev, info) + format_stat(info, args.arenas)
+                prev = info
             except Failure as e:
                 if frames:  # it was there: say so and end
                     print(f"movalloc top: {e}")
