@@ -434,16 +434,21 @@ def parse_trace_line(line, where):
     return ev
 
 
-def read_trace_file(path):
+def open_trace_file(path):
+    """The file, positioned after its checked header line."""
     try:
         f = open(path)
     except OSError as e:
         fail(f"cannot open {path}: {e.strerror}; pass a PID or a MOVALLOC_TRACE file")
-    with f:
-        header = f.readline().strip()
-        if header != ",".join(TRACE_COLUMNS):
-            fail(f"{path}: not a MOVALLOC_TRACE file (its first line is not "
-                 f"'{','.join(TRACE_COLUMNS)}')")
+    if f.readline().strip() != ",".join(TRACE_COLUMNS):
+        f.close()
+        fail(f"{path}: not a MOVALLOC_TRACE file (its first line is not "
+             f"'{','.join(TRACE_COLUMNS)}')")
+    return f
+
+
+def read_trace_file(path):
+    with open_trace_file(path) as f:
         return [parse_trace_line(l, f"{path}:{i + 2}") for i, l in enumerate(f) if l.strip()]
 
 
@@ -454,50 +459,55 @@ def emit(ev, as_json):
         print(",".join(str(ev[k]) for k in TRACE_COLUMNS), flush=True)
 
 
-def cmd_trace(args):
-    src = args.source
+def trace_process(pid, args):
+    check_pid(pid)
+    fd = find_channel(pid)
+    if fd is None:
+        fail(f"process {pid} has no movalloc channel: it is not a movalloc process (run it with "
+             f"`movalloc run` or LD_PRELOAD=$(movalloc lib)), or its heap never reached 16 MiB "
+             f"(nothing migrates below that)")
     if not args.json:
         print(",".join(TRACE_COLUMNS), flush=True)
-    if src.isdigit():
-        pid = int(src)
-        check_pid(pid)
-        fd = find_channel(pid)
-        if fd is None:
-            fail(f"process {pid} is not a movalloc process (no movalloc channel among its "
-                 f"descriptors); run it with `movalloc run` or LD_PRELOAD=$(movalloc lib)")
-        nxt = 0
-        try:
-            while True:
-                events, nxt, missed = read_events(fd, nxt)
-                if missed:
-                    print(f"movalloc trace: {missed} events were overwritten before they were read",
-                          file=sys.stderr)
-                for ev in events:
-                    emit(ev, args.json)
-                if not args.follow:
-                    return 0
-                if not os.path.exists(proc_path(pid, "")):
-                    return 0
-                time.sleep(0.2)
-        except KeyboardInterrupt:
-            return 0
-        finally:
-            os.close(fd)
-    for ev in read_trace_file(src):
-        emit(ev, args.json)
-    if args.follow:
-        with open(src) as f:
-            f.seek(0, os.SEEK_END)
-            try:
-                while True:
-                    line = f.readline()
-                    if not line:
-                        time.sleep(0.2)
-                        continue
-                    emit(parse_trace_line(line, src), args.json)
-            except KeyboardInterrupt:
+    nxt = 0
+    try:
+        while True:
+            events, nxt, missed = read_events(fd, nxt)
+            if missed:
+                print(f"movalloc trace: {missed} events were overwritten before they were read",
+                      file=sys.stderr)
+            for ev in events:
+                emit(ev, args.json)
+            if not args.follow or not os.path.exists(proc_path(pid, "")):
                 return 0
-    return 0
+            time.sleep(0.2)
+    finally:
+        os.close(fd)
+
+
+def trace_file(path, args):
+    with open_trace_file(path) as f:
+        if not args.json:
+            print(",".join(TRACE_COLUMNS), flush=True)
+        n = 1
+        while True:
+            line = f.readline()
+            if line.endswith("\n"):  # a line still being written is read again later
+                n += 1
+                emit(parse_trace_line(line, f"{path}:{n}"), args.json)
+                continue
+            if not args.follow:
+                return 0
+            f.seek(f.tell() - len(line.encode()))
+            time.sleep(0.2)
+
+
+def cmd_trace(args):
+    try:
+        if args.source.isdigit():
+            return trace_process(int(args.source), args)
+        return trace_file(args.source, args)
+    except KeyboardInterrupt:
+        return 0
 
 
 # ---- plot ---------------------------------------------------------------------
