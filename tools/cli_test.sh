@@ -198,7 +198,8 @@ plots() {
   local out
   out=$($cli plot "$tmp/trace.csv" "$tmp/observe.csv" -o "$tmp/p.png") || return 1
   [[ $out == "$tmp/p.png" ]] || { echo "printed '$out', not the path written"; return 1; }
-  $cli plot "$tmp/trace.csv" -o "$tmp/p.svg" >/dev/null || return 1
+  # Relative paths are the caller's, not the source tree's.
+  (cd "$tmp" && "$OLDPWD/$cli" plot trace.csv -o p.svg >/dev/null) || return 1
   python3 - "$tmp/p.png" "$tmp/p.svg" <<'EOF'
 import struct, sys, xml.etree.ElementTree as ET
 png = open(sys.argv[1], "rb").read()
