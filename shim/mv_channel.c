@@ -177,8 +177,8 @@ void mv_channel_poke(void) {
   if (mv_compactor_running()) return; /* it publishes every round */
   uint32_t arenas = mv_arena_frontier();
   if (arenas < MV_CHANNEL_MIN_ARENAS) return;
-  /* A new arena always publishes (a small program's table is then complete
-   * even if it never grows again); more pages, at most every PACE. */
+  /* A new arena always publishes (a program that stops growing has its last
+   * arena listed); more pages in the same arenas, at most every PACE. */
   if (arenas == atomic_load_explicit(&last_arenas, memory_order_relaxed) &&
       mv_os_now_ns() - atomic_load_explicit(&last_ns, memory_order_relaxed) < MV_CHANNEL_PACE_NS &&
       atomic_load_explicit(&last_pid, memory_order_relaxed) == getpid())
