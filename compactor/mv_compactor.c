@@ -83,7 +83,7 @@ static void *compactor_main(void *unused) {
     }
     mv_arena_decay();
     if (can_move) can_move = mv_engine_compact(flags, max_moves) != -ENOSYS;
-    mv_channel_publish(); /* what `movalloc stat` reads (shim/mv_channel.h) */
+    mv_channel_refresh(); /* what `movalloc stat` reads (shim/mv_channel.h) */
   }
 }
 

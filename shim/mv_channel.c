@@ -173,8 +173,7 @@ void mv_channel_publish(void) {
   unlock();
 }
 
-void mv_channel_poke(void) {
-  if (mv_compactor_running()) return; /* it publishes every round */
+void mv_channel_refresh(void) {
   uint32_t arenas = mv_arena_frontier();
   if (arenas < MV_CHANNEL_MIN_ARENAS) return;
   /* A new arena always publishes (a program that stops growing has its last
@@ -184,6 +183,11 @@ void mv_channel_poke(void) {
       atomic_load_explicit(&last_pid, memory_order_relaxed) == getpid())
     return;
   mv_channel_publish();
+}
+
+void mv_channel_poke(void) {
+  if (mv_compactor_running()) return; /* it refreshes every round */
+  mv_channel_refresh();
 }
 
 void mv_channel_event(const char *backend, uintptr_t arena, int outcome, int rc,

@@ -22,9 +22,10 @@
  *   migration, outside the seqlock (relaxed counters; each ring slot carries
  *   its own sequence number).
  *
- * Publishing: the compactor thread publishes every round; a process without
- * one publishes when its heap grows: at once when it took a new arena, else
- * at most every MV_CHANNEL_PACE_NS. The snapshot carries its time, so a
+ * Publishing: the compactor thread refreshes it every round, a process
+ * without one when its heap grows: at once when the heap took a new arena,
+ * else at most every MV_CHANNEL_PACE_NS (a 1 ms compaction period must not
+ * cost a snapshot per millisecond). The snapshot carries its time, so a
  * reader can say how old it is.
  *
  * Only a heap of MV_CHANNEL_MIN_ARENAS or more (or a migration) opens the
@@ -104,10 +105,13 @@ struct mv_channel {
  * allocates. */
 void mv_channel_publish(void);
 
-/* The allocator's heap grew (called after it did): publishes if the heap has
- * MV_CHANNEL_MIN_ARENAS, no compactor thread publishes, and the heap has more
- * arenas than in the last snapshot or that snapshot is older than
- * MV_CHANNEL_PACE_NS. */
+/* Publishes if the heap has MV_CHANNEL_MIN_ARENAS and more arenas than in
+ * the last snapshot, or that snapshot is older than MV_CHANNEL_PACE_NS. The
+ * compactor thread calls it every round. */
+void mv_channel_refresh(void);
+
+/* The allocator's heap grew (called after it did): mv_channel_refresh() unless
+ * a compactor thread does that. */
 void mv_channel_poke(void);
 
 /* The engine's record of one migration attempt (same fields as the trace).

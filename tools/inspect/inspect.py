@@ -309,7 +309,7 @@ def format_stat(info, arenas_shown=20, show_vmas=False):
         lines.append("movalloc: no snapshot published yet (the heap has not grown since start-up)")
     else:
         lines.append(f"movalloc: snapshot {age:.1f} s old, "
-                     f"{'published by the compactor every round' if snap['compactor'] else 'no compactor thread: published when the heap grows'}")
+                     f"{'refreshed by the compactor every round' if snap['compactor'] else 'no compactor thread: published when the heap grows'}")
     lines.append(f"  heap       {mib(s['in_use_bytes'] / 1024)} MiB in use in {s['arena_count']} arenas; "
                  f"committed {mib(s['committed_bytes'] / 1024)} MiB; {s['arenas_cached']} cached, "
                  f"{s['arenas_released']} released")
