@@ -26,7 +26,11 @@ extern __thread mv_heap_t *mv_tls_heap __attribute__((tls_model("initial-exec"))
 /* ---- free-list link encoding ----
  * A link is the next block's address XOR a secret, rotated, XOR a second
  * secret: a heap overflow that plants a plain address plants garbage, and NULL
- * does not encode to 0. Rotating by a constant compiles to one instruction. */
+ * does not encode to 0. Rotating by a constant compiles to one instruction.
+ * MV_FREELIST_PLAIN (a build flag, never set by the build files) stores plain
+ * addresses instead: it exists only to build the library that measures what
+ * the encoding costs (docs/RESULTS.md, "Hardening cost"). */
+#ifndef MV_FREELIST_PLAIN
 static inline uintptr_t mv_ptr_encode(const void *p) {
   uintptr_t x = (uintptr_t)p ^ mv_keys[0];
   return ((x << 17) | (x >> 47)) ^ mv_keys[1];
@@ -35,6 +39,10 @@ static inline mv_block_t *mv_ptr_decode(uintptr_t e) {
   uintptr_t x = e ^ mv_keys[1];
   return (mv_block_t *)(((x >> 17) | (x << 47)) ^ mv_keys[0]);
 }
+#else
+static inline uintptr_t mv_ptr_encode(const void *p) { return (uintptr_t)p; }
+static inline mv_block_t *mv_ptr_decode(uintptr_t e) { return (mv_block_t *)e; }
+#endif
 
 /* ---- lookup ---- */
 

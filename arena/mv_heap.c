@@ -42,10 +42,60 @@ static _Atomic uint64_t invalid_frees, double_frees;
 
 /* ---- misuse ---- */
 
-static MV_COLD void report_misuse(const void *p, const char *what, bool is_double) {
+/* op: the call that was misused ("free", "realloc"). */
+static MV_COLD void report_misuse(const char *op, const void *p, const char *what,
+                                  bool is_double) {
   uint64_t n = atomic_fetch_add(is_double ? &double_frees : &invalid_frees, 1);
-  if (mv_options.check) mv_fatal("free(%p): %s", p, what);
-  if (n < 8) mv_log("ignored free(%p): %s (MOVALLOC_CHECK=1 aborts here)", p, what);
+  if (mv_options.check) mv_fatal("%s(%p): %s", op, p, what);
+  if (n < 8) mv_log("ignored %s(%p): %s (MOVALLOC_CHECK=1 aborts here)", op, p, what);
+}
+
+/* ---- canaries (MOVALLOC_CHECK=1) ----
+ * Under CHECK every block is MV_CANARY_EXTRA bytes larger than asked for. Its
+ * last word, the trailer, holds the requested size n XOR a key made from the
+ * block's address (a stray write, or a trailer copied from another block, does
+ * not decode to a plausible size); bytes [n, n + MV_CANARY_SPAN) up to the
+ * trailer hold MV_CANARY_BYTE. free, realloc and malloc_usable_size verify both
+ * and abort naming the block. The fast paths never see any of it: under CHECK
+ * every free is slow (mv_free_fast_mask) and no heap's direct[] holds a page, so
+ * every malloc is slow too. */
+#define MV_CANARY_TRAILER sizeof(uintptr_t)
+#define MV_CANARY_EXTRA (MV_CANARY_TRAILER + 1) /* at least one canary byte */
+#define MV_CANARY_SPAN 4096 /* canary bytes past n: bounds the cost for big blocks */
+#define MV_CANARY_BYTE 0xcb
+
+static inline uintptr_t canary_key(const void *p) {
+  return mv_keys[0] ^ ((uintptr_t)p * 0x9e3779b97f4a7c15u);
+}
+
+static inline size_t canary_end(size_t n, size_t usable) {
+  size_t trailer = usable - MV_CANARY_TRAILER;
+  return trailer - n > MV_CANARY_SPAN ? n + MV_CANARY_SPAN : trailer;
+}
+
+/* p: a block start with usable bytes; n + MV_CANARY_EXTRA <= usable. */
+static void canary_arm(void *p, size_t usable, size_t n) {
+  unsigned char *b = p;
+  memset(b + n, MV_CANARY_BYTE, canary_end(n, usable) - n);
+  uintptr_t t = n ^ canary_key(p);
+  memcpy(b + usable - MV_CANARY_TRAILER, &t, sizeof t);
+}
+
+/* The size requested for block p (usable bytes); aborts when anything past it
+ * was overwritten. op: the call that found it. */
+static size_t canary_verify(const char *op, const void *p, size_t usable) {
+  const unsigned char *b = p;
+  uintptr_t t;
+  memcpy(&t, b + usable - MV_CANARY_TRAILER, sizeof t);
+  size_t n = t ^ canary_key(p);
+  if (usable < MV_CANARY_EXTRA || n > usable - MV_CANARY_EXTRA)
+    mv_fatal("%s(%p): write past the end of the block (its size record in the last %zu "
+             "of its %zu usable bytes was overwritten)", op, p, MV_CANARY_TRAILER, usable);
+  for (size_t i = n, end = canary_end(n, usable); i < end; i++)
+    if (b[i] != MV_CANARY_BYTE)
+      mv_fatal("%s(%p): write past the end of a %zu-byte block (byte %zu changed)", op, p, n,
+               i);
+  return n;
 }
 
 void mv_heap_misuse_counts(uint64_t *invalid, uint64_t *dbl) {
@@ -79,8 +129,10 @@ static void queue_push_back(mv_page_queue_t *q, mv_page_t *page) {
   q->last = page;
 }
 
+/* Under CHECK direct[] stays empty, so every malloc takes the slow path. */
 static inline void update_direct(mv_heap_t *h, unsigned bin) {
-  h->direct[bin] = h->queues[bin].first ? h->queues[bin].first : &mv_page_empty;
+  h->direct[bin] =
+      h->queues[bin].first && !mv_options.check ? h->queues[bin].first : &mv_page_empty;
 }
 
 /* ---- pages ---- */
@@ -261,7 +313,7 @@ static mv_page_t *heap_page_for(mv_heap_t *h, unsigned bin) {
     queue_remove(q, page);
     queue_push_front(q, page);
   }
-  h->direct[bin] = page;
+  update_direct(h, bin);
   return page;
 }
 
@@ -374,53 +426,52 @@ uint64_t mv_heap_count(void) { return atomic_load(&heap_count); }
 
 /* ---- frees that left the fast path ---- */
 
-/* Is b on one of the owner's lists? (owner only) */
-static bool block_is_free(const mv_page_t *page, const mv_block_t *b) {
-  uint32_t limit = page->capacity + 1;
-  const mv_block_t *lists[2] = {page->free, page->local_free};
-  for (int l = 0; l < 2; l++) {
-    uint32_t n = 0;
-    for (const mv_block_t *x = lists[l]; x && n < limit; x = mv_ptr_decode(x->next_enc), n++)
-      if (x == b) return true;
-  }
-  return false;
-}
-
-/* Same for another thread's frees, bounded, racing with the owner: may miss. */
-static bool block_in_xthread(const mv_page_t *page, const mv_block_t *b) {
+/* Is b on the free list starting at head? Bounded, and it stops at a link that
+ * leaves the page, so it is safe on a list that another thread is changing
+ * (then it may miss). */
+static bool block_on_list(const mv_page_t *page, const mv_block_t *head, const mv_block_t *b) {
   uint32_t limit = page->capacity + 1, n = 0;
-  for (const mv_block_t *x = (const mv_block_t *)atomic_load(&page->xthread_free);
-       x && n < limit; n++) {
+  uintptr_t carved = (uintptr_t)page->capacity * page->block_size;
+  for (const mv_block_t *x = head; x && n < limit; n++) {
     if (x == b) return true;
-    uintptr_t off = (uintptr_t)x - page->start;
-    if (off >= (uintptr_t)page->capacity * page->block_size) return false;
+    if ((uintptr_t)x - page->start >= carved) return false;
     x = mv_ptr_decode(x->next_enc);
   }
   return false;
 }
 
+/* Is b free: on the owner's lists or on other threads' frees? Exact for the
+ * owner; for another thread it races with the owner and may miss. */
+static bool block_is_free(const mv_page_t *page, const mv_block_t *b) {
+  return block_on_list(page, __atomic_load_n(&page->free, __ATOMIC_RELAXED), b) ||
+         block_on_list(page, __atomic_load_n(&page->local_free, __ATOMIC_RELAXED), b) ||
+         block_on_list(page, (const mv_block_t *)atomic_load(&page->xthread_free), b);
+}
+
 static void free_small(mv_page_t *page, mv_block_t *b) {
   uintptr_t off = (uintptr_t)b - page->start;
   if (off % page->block_size != 0 || off >= (uintptr_t)page->capacity * page->block_size) {
-    report_misuse(b, "not the start of a block (interior pointer)", false);
+    report_misuse("free", b, "not the start of a block (interior pointer)", false);
     return;
   }
   mv_heap_t *h = mv_tls_heap;
   if (atomic_load_explicit(&page->heap, memory_order_relaxed) == h) {
     if (mv_looks_freed(b) && block_is_free(page, b)) {
-      report_misuse(b, "double free", true);
+      report_misuse("free", b, "double free", true);
       return;
     }
+    if (MV_UNLIKELY(mv_options.check)) canary_verify("free", b, page->block_size);
     b->next_enc = mv_ptr_encode(page->local_free);
     page->local_free = b;
     if (--page->used == 0 || atomic_load_explicit(&page->in_full, memory_order_relaxed))
       mv_page_emptied(page);
     return;
   }
-  if (mv_looks_freed(b) && block_in_xthread(page, b)) {
-    report_misuse(b, "double free", true);
+  if (mv_looks_freed(b) && block_is_free(page, b)) {
+    report_misuse("free", b, "double free", true);
     return;
   }
+  if (MV_UNLIKELY(mv_options.check)) canary_verify("free", b, page->block_size);
   uintptr_t head = atomic_load_explicit(&page->xthread_free, memory_order_relaxed);
   do b->next_enc = mv_ptr_encode((void *)head);
   while (!atomic_compare_exchange_weak(&page->xthread_free, &head, (uintptr_t)b));
@@ -431,7 +482,7 @@ void mv_free_slow(void *p) {
   if (!p) return;
   mv_page_t *page = mv_page_of(p);
   if (!page) {
-    report_misuse(p, "not allocated by movalloc", false);
+    report_misuse("free", p, "not allocated by movalloc", false);
     return;
   }
   switch (page->kind) {
@@ -441,14 +492,15 @@ void mv_free_slow(void *p) {
     case MV_PAGE_LARGE:
     case MV_PAGE_HUGE:
       if ((uintptr_t)p != page->start) {
-        report_misuse(p, "not the start of a block (interior pointer)", false);
+        report_misuse("free", p, "not the start of a block (interior pointer)", false);
         return;
       }
+      if (MV_UNLIKELY(mv_options.check)) canary_verify("free", p, page->huge_size);
       if (page->kind == MV_PAGE_LARGE) mv_arena_free_slices(page);
       else mv_arena_free_huge(page);
       return;
     default:
-      report_misuse(p, "double free, or never allocated (no live block there)", true);
+      report_misuse("free", p, "double free, or never allocated (no live block there)", true);
       return;
   }
 }
@@ -478,13 +530,8 @@ static void *alloc_big(size_t size, size_t align, bool *zeroed) {
   return (void *)page->start;
 }
 
-void *mv_malloc_slow(size_t size) {
-  mv_heap_t *h = mv_heap_get();
-  if (!h) {
-    errno = ENOMEM;
-    return NULL;
-  }
-  if (size > MV_SMALL_MAX) return alloc_big(size, 0, NULL);
+/* A block of the size class of size (<= MV_SMALL_MAX) from h. */
+static void *small_alloc(mv_heap_t *h, size_t size) {
   unsigned bin = mv_bin_of(size);
   mv_page_t *page = h->direct[bin];
   if (!page->free) {
@@ -496,8 +543,47 @@ void *mv_malloc_slow(size_t size) {
   }
   mv_block_t *b = page->free;
   page->free = mv_ptr_decode(b->next_enc);
+  if (MV_UNLIKELY(mv_options.check) && page->free) {
+    uintptr_t off = (uintptr_t)page->free - page->start;
+    if (off >= (uintptr_t)page->capacity * page->block_size || off % page->block_size != 0)
+      mv_fatal("malloc: heap corruption: the free block %p has a damaged link (written after "
+               "it was freed, or past the end of the block before it)", (void *)b);
+  }
   page->used++;
   return b;
+}
+
+/* Under CHECK: every allocation, with its canary armed. align: 0, or a power
+ * of two. zeroed (optional): whether the block came zeroed. */
+static void *check_alloc(mv_heap_t *h, size_t n, size_t align, bool *zeroed) {
+  if (n > PTRDIFF_MAX) {
+    errno = ENOMEM;
+    return NULL;
+  }
+  size_t real = n + MV_CANARY_EXTRA;
+  size_t rounded = align > MV_ALIGN ? (real + align - 1) & ~(align - 1) : real;
+  bool z = false;
+  void *p;
+  if (rounded <= MV_SMALL_MAX && align <= MV_SLICE_SIZE)
+    p = small_alloc(h, rounded); /* as mv_aligned: bin sizes keep the alignment */
+  else
+    p = alloc_big(real, align > MV_ALIGN ? align : 0, &z);
+  if (!p) return NULL;
+  if (zeroed) *zeroed = z;
+  mv_page_t *page = mv_page_of(p);
+  canary_arm(p, page->kind == MV_PAGE_SMALL ? page->block_size : page->huge_size, n);
+  return p;
+}
+
+void *mv_malloc_slow(size_t size) {
+  mv_heap_t *h = mv_heap_get();
+  if (!h) {
+    errno = ENOMEM;
+    return NULL;
+  }
+  if (MV_UNLIKELY(mv_options.check)) return check_alloc(h, size, 0, NULL);
+  if (size > MV_SMALL_MAX) return alloc_big(size, 0, NULL);
+  return small_alloc(h, size);
 }
 
 void *mv_calloc(size_t n, size_t size) {
@@ -511,12 +597,13 @@ void *mv_calloc(size_t n, size_t size) {
     if (p) memset(p, 0, total);
     return p;
   }
-  if (!mv_heap_get()) {
+  mv_heap_t *h = mv_heap_get();
+  if (!h) {
     errno = ENOMEM;
     return NULL;
   }
   bool zeroed;
-  void *p = alloc_big(total, 0, &zeroed);
+  void *p = mv_options.check ? check_alloc(h, total, 0, &zeroed) : alloc_big(total, 0, &zeroed);
   if (p && !zeroed) memset(p, 0, total);
   return p;
 }
@@ -527,10 +614,12 @@ void *mv_aligned(size_t align, size_t size) {
     errno = ENOMEM;
     return NULL;
   }
-  if (!mv_heap_get()) {
+  mv_heap_t *h = mv_heap_get();
+  if (!h) {
     errno = ENOMEM;
     return NULL;
   }
+  if (MV_UNLIKELY(mv_options.check)) return check_alloc(h, size, align, NULL);
   if (align <= MV_SLICE_SIZE) {
     /* Bin sizes that are multiples of align give aligned blocks in slice-aligned
      * pages (mv_sizeclass.h). */
@@ -543,6 +632,13 @@ void *mv_aligned(size_t align, size_t size) {
 size_t mv_usable_size(const void *p) {
   mv_page_t *page = p ? mv_page_of(p) : NULL;
   if (!page) return 0;
+  if (MV_UNLIKELY(mv_options.check)) { /* the size asked for: more is canary */
+    if (page->kind == MV_PAGE_SMALL && ((uintptr_t)p - page->start) % page->block_size == 0)
+      return canary_verify("malloc_usable_size", p, page->block_size);
+    if (page->kind != MV_PAGE_NONE && (uintptr_t)p == page->start)
+      return canary_verify("malloc_usable_size", p, page->huge_size);
+    return 0;
+  }
   switch (page->kind) {
     case MV_PAGE_SMALL: {
       uintptr_t off = ((uintptr_t)p - page->start) % page->block_size;
@@ -567,6 +663,28 @@ bool mv_owns(const void *p) {
   return page && page->kind != MV_PAGE_NONE;
 }
 
+/* realloc under CHECK: p is a live block start of page (a freed small block
+ * has been refused). Verifies p's canary, keeps the new block's armed. */
+static void *check_realloc(void *p, mv_page_t *page, size_t size) {
+  bool small = page->kind == MV_PAGE_SMALL;
+  size_t usable = small ? page->block_size : page->huge_size;
+  size_t old = canary_verify("realloc", p, usable);
+  if (size <= PTRDIFF_MAX) {
+    size_t real = size + MV_CANARY_EXTRA;
+    bool fits = page->kind == MV_PAGE_HUGE ? real > MV_LARGE_MAX && mv_arena_resize_huge(page, real)
+                                           : real <= usable && real > usable / 2;
+    if (fits) {
+      canary_arm(p, small ? usable : page->huge_size, size);
+      return p;
+    }
+  }
+  void *q = mv_malloc(size);
+  if (!q) return NULL; /* p is untouched */
+  memcpy(q, p, size < old ? size : old);
+  mv_free(p);
+  return q;
+}
+
 void *mv_realloc(void *p, size_t size) {
   if (!p) return mv_malloc(size);
   if (size == 0) { /* glibc: realloc(p, 0) frees p and returns NULL */
@@ -576,18 +694,27 @@ void *mv_realloc(void *p, size_t size) {
   mv_page_t *page = mv_page_of(p);
   if (!page || page->kind == MV_PAGE_NONE ||
       (page->kind != MV_PAGE_SMALL && (uintptr_t)p != page->start)) {
-    report_misuse(p, "realloc of a pointer that is not a live block", false);
+    report_misuse("realloc", p, "not a live block", false);
     errno = EINVAL;
     return NULL;
   }
-  size_t usable = mv_usable_size(p);
   if (page->kind == MV_PAGE_SMALL) {
-    if (atomic_load_explicit(&page->heap, memory_order_relaxed) == mv_tls_heap &&
-        mv_looks_freed(p) && block_is_free(page, p)) {
-      report_misuse(p, "realloc of a freed block", true);
+    if (mv_looks_freed(p) && block_is_free(page, p)) {
+      report_misuse("realloc", p, "a freed block (use after free)", true);
       errno = EINVAL;
       return NULL;
     }
+  }
+  if (MV_UNLIKELY(mv_options.check)) {
+    if (page->kind == MV_PAGE_SMALL && ((uintptr_t)p - page->start) % page->block_size != 0) {
+      report_misuse("realloc", p, "not the start of a block (interior pointer)", false);
+      errno = EINVAL;
+      return NULL;
+    }
+    return check_realloc(p, page, size);
+  }
+  size_t usable = mv_usable_size(p);
+  if (page->kind == MV_PAGE_SMALL) {
     if (size <= usable && size >= usable / 2) return p;
   } else if (page->kind == MV_PAGE_HUGE) {
     if (size > MV_LARGE_MAX && mv_arena_resize_huge(page, size)) return p;

@@ -1,11 +1,14 @@
 /* The real OS primitives behind mv_prim.h. */
 #include "arena/mv_prim.h"
 
+#include "arena/mv_print.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/random.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -91,4 +94,31 @@ long mv_os_read_file(const char *path, char *buf, size_t cap) {
   close(fd);
   buf[got] = 0;
   return (long)got;
+}
+
+int mv_os_open_private(const char *path, char *why, size_t cap) {
+  /* O_NOFOLLOW: a planted symlink cannot aim our writes at another file;
+   * O_NONBLOCK: a FIFO cannot hang start-up (refused below anyway). */
+  int fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK, 0600);
+  if (fd < 0) {
+    int e = errno;
+    if (e == ELOOP) mv_snprintf(why, cap, "is a symbolic link: refused (give the file itself)");
+    else mv_snprintf(why, cap, "cannot open it (errno %d)", e);
+    return -1;
+  }
+  struct stat st;
+  const char *bad = NULL;
+  if (fstat(fd, &st) != 0) bad = "cannot stat it";
+  else if (!S_ISREG(st.st_mode)) bad = "not a regular file";
+  else if (st.st_uid != geteuid()) bad = "owned by another user";
+  else if (st.st_mode & 077) bad = "open to group or others";
+  if (bad) {
+    unsigned m = (unsigned)st.st_mode;
+    mv_snprintf(why, cap, "%s (owner uid %u, mode %u%u%u): refused; movalloc writes only to a "
+                "regular file of its own user with mode 600 (or one it creates)",
+                bad, (unsigned)st.st_uid, (m >> 6) & 7, (m >> 3) & 7, m & 7);
+    close(fd);
+    return -1;
+  }
+  return fd;
 }

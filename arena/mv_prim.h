@@ -65,5 +65,10 @@ void mv_os_write_all(int fd, const char *buf, size_t len);
 /* Reads a small file (e.g. under /proc or /sys) into buf, NUL-terminated.
  * Returns the length or -errno. Never allocates. */
 long mv_os_read_file(const char *path, char *buf, size_t cap);
+/* Opens path for appending (created mode 0600), only if it is a regular file,
+ * not a symbolic link, owned by the effective user and closed to group and
+ * others: what movalloc writes must not land in, or be readable from, anyone
+ * else's file. Returns the fd, or -1 with the reason in why. */
+int mv_os_open_private(const char *path, char *why, size_t cap);
 
 #endif /* MV_PRIM_H */

@@ -139,7 +139,9 @@ typedef struct mv_page_queue {
 /* A thread heap. Heaps are never freed: a thread that exits abandons its heap,
  * and the next new thread adopts it (so a cross-thread free may always write to
  * a page's heap, even a dead thread's).
- * Invariants: direct[b] == queues[b].first, or &mv_page_empty when that is NULL;
+ * Invariants: direct[b] == queues[b].first, or &mv_page_empty when that is NULL
+ * or under MOVALLOC_CHECK (so that every malloc takes the slow path, which arms
+ * the block's canary);
  * only the owning thread (owned == 1) touches anything but xthread_pages. */
 typedef struct mv_heap {
   mv_page_t *direct[MV_BINS];         /* the fast path's page per bin */

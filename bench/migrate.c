@@ -15,7 +15,7 @@
  *
  * The engine runs each backend through a forwarding copy of it that timestamps
  * stage/hold/release/unstage: that gives the staging time and every isolation
- * window (hold to release, what the engine's stall histogram counts) exactly.
+ * window (hold to release, including any pre-copy) exactly.
  *
  * On a shared machine preemption dwarfs what migration costs, so every latency
  * is also reported less the time the threads involved sat runnable without a
@@ -237,6 +237,9 @@ static void timed_unstage(struct mv_move *m) {
   stage_sum_ns += now_ns() - t0;
 }
 
+/* The window starts with hold(), not when writers begin to wait after a
+ * pre-copy: a writer stalled by anything the backend does (a write served
+ * during the pre-copy, the move backend's pin check) counts. */
 static int timed_hold(struct mv_move *m) {
   hold_start_wait_ns = run_delay_ns(compactor_schedstat);
   hold_start_ns = now_ns();

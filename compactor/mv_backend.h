@@ -7,6 +7,7 @@
  *
  *   stage()            before anything is isolated; may be slow (faults a THP)
  *   hold()             from its return on, every write to the range waits
+ *                      (it may first pre-copy while writers run: mv_precopy.c)
  *   move()             contents onto the staged page, same virtual address
  *   release()          held writers run again (after move, success or not)
  *   unstage()          frees a staged page that move() did not consume
@@ -14,7 +15,8 @@
  * Contract of every backend:
  * - stage() returns 0 with a page verified to be a real THP (mv_thp_is_huge),
  *   or -EAGAIN when the kernel cannot give one now; nothing is held then.
- * - hold() returns 0, or -errno with nothing held. Writes from other threads,
+ * - hold() returns 0 with m->held_at_ns set to when writers began to wait, or
+ *   -errno with nothing held. Writes from other threads,
  *   and where the backend says so in mv_backend.holds_syscalls, writes by system
  *   calls (read() into the range), wait until release(); reads never wait.
  * - move() returns 0, -EAGAIN (temporary: a pinned or shared page, a race) or
@@ -56,6 +58,13 @@ enum mv_move_step {
   MV_STEP_SWAP,     /* the swap (mremap / UFFDIO_MOVE in / MADV_COLLAPSE) fails: -EIO */
 };
 
+#define MV_ARENA_PAGES (MV_ARENA_SIZE / 4096)
+
+/* One bit per 4 KiB page of a 2 MiB range. */
+struct mv_page_map {
+  uint64_t bits[MV_ARENA_PAGES / 64];
+};
+
 /* One range being moved. The engine zeroes it and sets start and fail_at; the
  * backend owns the rest. */
 struct mv_move {
@@ -66,8 +75,15 @@ struct mv_move {
   size_t staging_map_len;
   void *scratch;            /* backend-private (move: where old pages went) */
   bool held;
+  /* Pre-copy (mv_precopy.c): staging holds the pages in copied as they were
+   * when copied; of those, only the ones in dirty can have been written since
+   * (dirty: every page whose writer was served since hold() began). Both
+   * empty when there was no pre-copy. */
+  struct mv_page_map copied, dirty;
   /* timings, filled by the backend (ns) */
   uint64_t stage_ns, hold_ns, copy_ns, swap_ns;
+  uint64_t held_at_ns;      /* when writers started to wait (CLOCK_MONOTONIC) */
+  unsigned precopy_faults;  /* writes served (not held) during the pre-copy */
 };
 
 struct mv_backend {

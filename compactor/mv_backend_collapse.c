@@ -25,6 +25,7 @@ static int collapse_stage(struct mv_move *m) {
 static int collapse_hold(struct mv_move *m) {
   if (m->fail_at == MV_STEP_HOLD) return -EIO;
   m->held = true;
+  m->held_at_ns = mv_os_now_ns();
   return 0;
 }
 

@@ -21,13 +21,6 @@ extern "C" {
 #endif
 
 #define MV_PAGE_SIZE ((size_t)4096)
-#define MV_ARENA_PAGES (MV_ARENA_SIZE / MV_PAGE_SIZE)
-
-/* One bit per 4 KiB page of a 2 MiB range: set when the page holds data (present
- * or swapped out), clear for a page never touched (or zapped): a hole. */
-struct mv_page_map {
-  uint64_t bits[MV_ARENA_PAGES / 64];
-};
 
 /* The backends, one per kind. The *_user_only variants are the same code for a
  * userfaultfd opened with UFFD_USER_MODE_ONLY: system calls writing the range
@@ -96,6 +89,33 @@ int mv_thp_page_map(uintptr_t addr, struct mv_page_map *map);
 /* Copies the 4 KiB pages marked in *map (all of them when map is NULL) from src
  * to dst, both MV_ARENA_SIZE long. */
 void mv_thp_copy_pages(void *dst, const void *src, const struct mv_page_map *map);
+
+/* Pre-copy (mv_precopy.c), for a range registered on the userfaultfd and
+ * write-protected: copies its pages that hold data (data; NULL: read from the
+ * range's page map, which must then not be registered MISSING) into
+ * m->staging while serving its writers, fills m->copied and m->dirty, then
+ * write-protects the whole range again and sets m->held_at_ns: from its return
+ * on, writers wait. 0, or -errno of the last step (nothing is released: the
+ * caller unregisters). */
+int mv_precopy(struct mv_move *m, const struct mv_page_map *data);
+
+/* Serves every fault pending on the userfaultfd: a fault in the range marks its
+ * page dirty, unprotects it (or maps the zero page into a hole) and wakes the
+ * thread; one outside it (none should exist: one migration at a time) is only
+ * woken. For a backend that lets writers run before mv_precopy() (the move
+ * backend's pin check). 0 or -errno. */
+int mv_precopy_serve(struct mv_move *m);
+
+/* With writers held: removes the protection, without waking anyone, from the
+ * pages that mv_precopy_finish() will copy whatever happens to them (not
+ * pre-copied, or dirty); the pre-copied clean ones stay protected, because a
+ * write to them from now on would be seen by nobody. 0 or -errno. */
+int mv_precopy_unprotect_recopied(struct mv_move *m);
+
+/* With writers held: brings staging up to date from src (the range, or where
+ * its pages went), whose pages with data are in present (NULL: all of them):
+ * copies the ones not pre-copied or dirty, zeroes the ones zapped since. */
+void mv_precopy_finish(struct mv_move *m, const void *src, const struct mv_page_map *present);
 
 /* mlock()ed arenas must stay locked, and UFFDIO_MOVE only moves between VMAs
  * that are both locked or both not: if the arena's VMA is VM_LOCKED, locks

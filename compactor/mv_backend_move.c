@@ -3,17 +3,22 @@
  *
  *   stage    fault a THP (staging); map a 2 MiB scratch range registered on the
  *            userfaultfd (UFFDIO_MOVE only moves into registered ranges)
- *   hold     register the arena MISSING|WP, write-protect it
+ *   hold     register the arena MISSING|WP, write-protect it; check for pins
+ *            (every page moved out to scratch and back: EBUSY means pinned,
+ *            -EAGAIN); pre-copy it into staging while serving its writers
+ *            (mv_precopy.c), then hold them
  *   move     1. drop the protection without waking (WP_UNPOPULATED left markers
- *               in empty PTEs, and UFFDIO_MOVE refuses markers with EFAULT); from
- *               here a page still in the arena takes its writes with it when it
- *               is moved out, and a write to a moved-out page waits (MISSING)
+ *               in empty PTEs, and UFFDIO_MOVE refuses markers with EFAULT) from
+ *               the pages step 3 copies anyway: not pre-copied, or dirty. From
+ *               here such a page still in the arena takes its writes with it
+ *               when it is moved out, and a write to a moved-out page waits
+ *               (MISSING). Pre-copied clean pages hold data, so no marker.
  *            2. move the arena's pages out to scratch: the kernel refuses a
  *               pinned or copy-on-write shared page with EBUSY, which is the pin
  *               check; then everything moved goes back and the answer is -EAGAIN
- *            3. copy scratch -> staging: nothing can reach those pages any more,
- *               so a DMA write in flight before the hold is either in the copy or
- *               was refused in step 2
+ *            3. copy what the pre-copy missed or writers dirtied, scratch ->
+ *               staging: nothing can reach those pages any more, and no device
+ *               was writing them (the pin check at hold)
  *            4. MADV_DONTNEED the (now empty) arena so its PTE table is freed
  *               (CONFIG_PT_RECLAIM), then UFFDIO_MOVE the staged THP in as one PMD
  *   release  unregister (clears the protection, wakes the range, merges the VMA
@@ -23,12 +28,14 @@
  * are locked like it, because UFFDIO_MOVE refuses to move between a locked and
  * an unlocked VMA (EINVAL).
  *
- * Readers wait too, from the moment their page is moved out until release:
- * the data is not in the arena then. That window is steps 2 to 4.
+ * Readers wait too, from the moment their page is moved out until it is back
+ * (the pin check) or until release: the data is not in the arena then. That
+ * window is the pin check, and steps 2 to 4.
  * Timings: copy_ns covers steps 1 to 3, swap_ns step 4.
  */
 #include <errno.h>
 #include <sched.h>
+#include <string.h>
 #include <sys/mman.h>
 
 #include "arena/mv_prim.h"
@@ -56,23 +63,7 @@ static int move_stage(struct mv_move *m) {
   return 0;
 }
 
-static int move_hold(struct mv_move *m) {
-  if (m->fail_at == MV_STEP_HOLD) return -EIO;
-  uint64_t t0 = mv_os_now_ns();
-  int rc = mv_uffd_register(m->start, MV_ARENA_SIZE, true, true);
-  if (rc) return rc;
-  rc = mv_uffd_writeprotect(m->start, MV_ARENA_SIZE, true, true);
-  if (rc) {
-    mv_uffd_unregister(m->start, MV_ARENA_SIZE);
-    return rc;
-  }
-  m->held = true;
-  m->hold_ns = mv_os_now_ns() - t0;
-  return 0;
-}
-
-/* Moves scratch [from, to) back into the arena and write-protects the arena
- * again, so the contents are as before and writers are held. Returns rc.
+/* Moves scratch [from, to) back into the arena.
  *
  * Nothing else can map a page into the arena meanwhile: it is registered
  * MISSING, so every fault there (read or write, THP or zero page, from a
@@ -84,7 +75,7 @@ static int move_hold(struct mv_move *m) {
  * now takes the count from the page tables, so an arena page that is still
  * in the way here is one that cannot be explained, and guessing which copy
  * is right would lose data silently. */
-static int put_back(struct mv_move *m, size_t from, size_t to, int rc) {
+static void move_back(struct mv_move *m, size_t from, size_t to) {
   uintptr_t a = m->start, s = (uintptr_t)m->scratch;
   size_t done = from;
   for (int tries = 0; done < to; tries++) {
@@ -96,23 +87,91 @@ static int put_back(struct mv_move *m, size_t from, size_t to, int rc) {
                (void *)(a + done), err);
     if (done < to) sched_yield();
   }
-  mv_uffd_writeprotect(a, MV_ARENA_SIZE, true, true);
+}
+
+/* Moves scratch [from, to) back and write-protects the arena again, so the
+ * contents are as before and writers are held. Returns rc. */
+static int put_back(struct mv_move *m, size_t from, size_t to, int rc) {
+  move_back(m, from, to);
+  mv_uffd_writeprotect(m->start, MV_ARENA_SIZE, true, true);
   return rc;
 }
 
 /* EBUSY (a pinned or shared page) and EAGAIN are worth another pass. */
 static int temporary_or(int err) { return err == EBUSY || err == EAGAIN ? -EAGAIN : -err; }
 
+/* The pin check before a pre-copy: every page moved out to scratch and back.
+ * UFFDIO_MOVE refuses a pinned page (EBUSY), and once the protection is armed
+ * a new write pin has to fault first (GUP for write breaks the protection),
+ * which the pre-copy sees. So after this no device writes the arena behind
+ * the pre-copy's back: a pin taken before the protection and dropped before
+ * its page's check had its DMA done before the pre-copy began.
+ *
+ * PIN_CHECK_PAGES at a time, serving faults in between, so that a reader or
+ * writer of a page that is out waits for one batch only; a THP goes whole (one
+ * PMD, a few microseconds). Fills data with the pages that hold data (from
+ * scratch's page map: the arena's own would count write-protect markers, swap
+ * entries to pagemap, as data, and a read of a hole there waits on ourselves).
+ * 0, or -EAGAIN (pinned or shared) / -errno with the contents as before. */
+#define PIN_CHECK_PAGES 64
+
+static int check_pins(struct mv_move *m, struct mv_page_map *data) {
+  uintptr_t a = m->start, s = (uintptr_t)m->scratch;
+  bool markers = mv_uffd_features() & UFFD_FEATURE_WP_UNPOPULATED;
+  size_t step = mv_thp_is_huge(a) == 1 ? MV_ARENA_SIZE : PIN_CHECK_PAGES * MV_PAGE_SIZE;
+  memset(data, 0, sizeof *data);
+  for (size_t off = 0; off < MV_ARENA_SIZE; off += step) {
+    int rc = mv_precopy_serve(m);
+    if (rc) return rc;
+    /* UFFDIO_MOVE refuses WP_UNPOPULATED's markers (EFAULT): unprotected,
+     * without waking, for as long as the batch is out. */
+    if (markers && (rc = mv_uffd_writeprotect(a + off, step, false, false)) != 0) return rc;
+    int err;
+    size_t out = mv_uffd_move(s + off, a + off, step,
+                              UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES | UFFDIO_MOVE_MODE_DONTWAKE, &err);
+    struct mv_page_map here;
+    rc = err ? temporary_or(err) : mv_thp_page_map(s, &here);
+    for (size_t w = off / MV_PAGE_SIZE / 64; rc == 0 && w < (off + step) / MV_PAGE_SIZE / 64; w++)
+      data->bits[w] = here.bits[w];
+    move_back(m, off, off + out);
+    int wp = mv_uffd_writeprotect(a + off, step, true, true);
+    if (rc || wp) return rc ? rc : wp;
+  }
+  return 0;
+}
+
+static int move_hold(struct mv_move *m) {
+  if (m->fail_at == MV_STEP_HOLD) return -EIO;
+  uint64_t t0 = mv_os_now_ns();
+  int rc = mv_thp_lock_like(m->start, m->scratch, MV_ARENA_SIZE, true);
+  if (rc == 0) rc = mv_thp_lock_like(m->start, m->staging, MV_ARENA_SIZE, false);
+  if (rc == 0) rc = mv_uffd_register(m->start, MV_ARENA_SIZE, true, true);
+  if (rc) return rc;
+  rc = mv_uffd_writeprotect(m->start, MV_ARENA_SIZE, true, true);
+  /* With UFFD_USER_MODE_ONLY a system call writing a protected page fails
+   * (EFAULT) instead of waiting: keep that window short, no pre-copy. */
+  if (rc == 0 && mv_backend_probe()->uffd_user_only) m->held_at_ns = mv_os_now_ns();
+  else {
+    struct mv_page_map data;
+    if (rc == 0) rc = check_pins(m, &data);
+    if (rc == 0) rc = mv_precopy(m, &data);
+  }
+  if (rc) {
+    mv_uffd_unregister(m->start, MV_ARENA_SIZE);
+    return rc;
+  }
+  m->held = true;
+  m->hold_ns = mv_os_now_ns() - t0;
+  return 0;
+}
+
 static int move_move(struct mv_move *m) {
   if (!m->held || !m->staging || !m->scratch) return -EINVAL;
   uintptr_t a = m->start, s = (uintptr_t)m->scratch, t = (uintptr_t)m->staging;
   uint64_t t0 = mv_os_now_ns();
   int err;
-  int rc = mv_thp_lock_like(a, m->scratch, MV_ARENA_SIZE, true);
-  if (rc == 0) rc = mv_thp_lock_like(a, m->staging, MV_ARENA_SIZE, false);
-  if (rc) return rc;
   if (mv_uffd_features() & UFFD_FEATURE_WP_UNPOPULATED) {
-    rc = mv_uffd_writeprotect(a, MV_ARENA_SIZE, false, false);
+    int rc = mv_precopy_unprotect_recopied(m);
     if (rc) return put_back(m, 0, 0, rc);
   }
 
@@ -125,7 +184,7 @@ static int move_move(struct mv_move *m) {
 
   struct mv_page_map map;
   bool mapped = mv_thp_page_map(s, &map) == 0;
-  mv_thp_copy_pages((void *)t, (void *)s, mapped ? &map : NULL);
+  mv_precopy_finish(m, (void *)s, mapped ? &map : NULL);
   m->copy_ns = mv_os_now_ns() - t0;
   if (m->fail_at == MV_STEP_COPY) return put_back(m, 0, MV_ARENA_SIZE, -EAGAIN);
 
@@ -149,6 +208,17 @@ static int move_move(struct mv_move *m) {
   return 0;
 }
 
+/* The old pages go first, with MADV_DONTNEED (which takes only the VMA's lock
+ * since Linux 6.16), so that munmap, holding the mmap lock every other
+ * thread's mmap() needs, has nothing left to free. */
+static void free_scratch(struct mv_move *m) {
+  if (!m->scratch) return;
+  if (mv_os_madvise(m->scratch, MV_ARENA_SIZE, MADV_DONTNEED_LOCKED) != 0)
+    mv_os_madvise(m->scratch, MV_ARENA_SIZE, MADV_DONTNEED);
+  mv_os_munmap(m->scratch, MV_ARENA_SIZE);
+  m->scratch = NULL;
+}
+
 static void move_release(struct mv_move *m) {
   if (m->held) {
     /* A range left registered MISSING would hang the next fault on a hole.
@@ -162,14 +232,12 @@ static void move_release(struct mv_move *m) {
     mv_uffd_wake(m->start, MV_ARENA_SIZE);
     m->held = false;
   }
-  if (m->scratch) mv_os_munmap(m->scratch, MV_ARENA_SIZE);
-  m->scratch = NULL;
+  free_scratch(m);
   if (!m->staging) mv_thp_unstage(m);
 }
 
 static void move_unstage(struct mv_move *m) {
-  if (m->scratch) mv_os_munmap(m->scratch, MV_ARENA_SIZE);
-  m->scratch = NULL;
+  free_scratch(m);
   mv_thp_unstage(m);
 }
 

@@ -44,6 +44,7 @@ static int mprotect_hold(struct mv_move *m) {
   }
   m->scratch = (void *)(uintptr_t)delta;
   m->held = true;
+  m->held_at_ns = mv_os_now_ns();
   m->hold_ns = mv_os_now_ns() - t0;
   return 0;
 }

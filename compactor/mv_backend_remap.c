@@ -7,10 +7,12 @@
  *            MISSING when the kernel lacks WP_UNPOPULATED: an empty PTE cannot
  *            be write-protected then, and a first write there must wait too;
  *            so does a read of a never-touched page, in that mode only);
- *            write-protect it
- *   move     copy the pages that hold data (pagemap) into staging; mremap the
- *            staging VMA over the arena (MREMAP_FIXED): the old VMA, its pages
- *            and its registration are gone in one step
+ *            write-protect it; pre-copy it into staging while serving its
+ *            writers (mv_precopy.c), then hold them
+ *   move     copy what the pre-copy missed or writers dirtied (pagemap says
+ *            which pages hold data) into staging; mremap the staging VMA over
+ *            the arena (MREMAP_FIXED): the old VMA, its pages and its
+ *            registration are gone in one step
  *   release  the threads held on the old VMA still sleep on the userfaultfd:
  *            UFFDIO_WAKE the range (they fault again on the new VMA); if the
  *            remap did not happen, unregister (clears the protection, wakes)
@@ -102,6 +104,13 @@ static int remap_hold(struct mv_move *m) {
     mv_uffd_unregister(m->start, MV_ARENA_SIZE);
     return rc;
   }
+  /* With UFFD_USER_MODE_ONLY a system call writing a protected page fails
+   * (EFAULT) instead of waiting: keep that window short, no pre-copy. */
+  if (mv_backend_probe()->uffd_user_only) m->held_at_ns = mv_os_now_ns();
+  else if ((rc = mv_precopy(m, NULL)) != 0) {
+    mv_uffd_unregister(m->start, MV_ARENA_SIZE);
+    return rc;
+  }
   m->scratch = (void *)(uintptr_t)delta;
   m->held = true;
   m->hold_ns = mv_os_now_ns() - t0;
@@ -116,7 +125,7 @@ static int remap_move(struct mv_move *m) {
   /* Without the page map, holes must be read too: fine with WP_UNPOPULATED (a
    * read maps the zero page), a wait on ourselves with MISSING. */
   if (rc && !wp_unpopulated()) return rc;
-  mv_thp_copy_pages(m->staging, (void *)m->start, rc ? NULL : &map);
+  mv_precopy_finish(m, (void *)m->start, rc ? NULL : &map);
   m->copy_ns = mv_os_now_ns() - t0;
   if (m->fail_at == MV_STEP_COPY) return -EAGAIN;
   if (m->fail_at == MV_STEP_SWAP) return -EIO;

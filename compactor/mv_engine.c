@@ -73,9 +73,10 @@ void mv_engine_trace_open(void) {
   if (trace_fd >= 0) close(trace_fd);
   trace_fd = -1;
   if (!mv_options.trace) return;
-  trace_fd = open(mv_options.trace, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+  char why[192];
+  trace_fd = mv_os_open_private(mv_options.trace, why, sizeof why);
   if (trace_fd < 0) {
-    mv_log("MOVALLOC_TRACE=%s: cannot open it (errno %d); no trace", mv_options.trace, errno);
+    mv_log("MOVALLOC_TRACE=%s: %s; no trace", mv_options.trace, why);
     return;
   }
   struct stat st;
@@ -207,7 +208,8 @@ static enum outcome migrate_one(const struct mv_backend *b,
     rc = ops->migrate(ctx, &m);
     in_callback = false;
     b->release(&m.move);
-    stall = mv_os_now_ns() - t0;
+    /* Writers wait from held_at_ns; a pre-copy before it let them run. */
+    stall = mv_os_now_ns() - (m.move.held_at_ns ? m.move.held_at_ns : t0);
     count_stall(stall);
   }
   if (rc != 0) {

@@ -310,12 +310,11 @@ int mv_thp_stage(struct mv_move *m) {
   char *p = mv_thp_map_aligned(MV_ARENA_SIZE);
   if (!p) return -EAGAIN;
   /* Direct compaction may run here (defrag=madvise): this is the slow part, and
-   * it happens before anything is held. */
+   * it happens before anything is held. One touch faults the whole THP, under
+   * the VMA's own lock: MADV_POPULATE_WRITE would zero 2 MiB holding the
+   * process's mmap lock, and every other thread's mmap() would wait for it. */
   int rc = mv_os_madvise(p, MV_ARENA_SIZE, MADV_HUGEPAGE);
-  if (rc == 0 && mv_os_madvise(p, MV_ARENA_SIZE, MADV_POPULATE_WRITE) != 0) {
-    if (errno == EINVAL) *(volatile char *)p = 0; /* < 5.14: one touch faults the whole THP */
-    else rc = -1;
-  }
+  if (rc == 0) *(volatile char *)p = 0;
   if (rc != 0 || mv_thp_is_huge((uintptr_t)p) != 1) {
     mv_os_munmap(p, MV_ARENA_SIZE);
     return -EAGAIN;

@@ -102,6 +102,28 @@ int mv_uffd_wake(uintptr_t start, size_t len) {
   return uffd_ioctl(UFFDIO_WAKE, &r);
 }
 
+int mv_uffd_zeropage(uintptr_t start, size_t len) {
+  struct uffdio_zeropage z = {.range = {.start = start, .len = len}, .mode = 0};
+  return uffd_ioctl(UFFDIO_ZEROPAGE, &z);
+}
+
+int mv_uffd_read_faults(uintptr_t *addrs, bool *wp, int max) {
+  int fd = mv_uffd_get();
+  if (fd < 0) return fd;
+  struct uffd_msg msgs[16];
+  if (max > 16) max = 16;
+  ssize_t n = read(fd, msgs, (size_t)max * sizeof msgs[0]);
+  if (n < 0) return errno == EAGAIN ? 0 : -errno;
+  int got = 0;
+  for (ssize_t i = 0; i < n / (ssize_t)sizeof msgs[0]; i++) {
+    if (msgs[i].event != UFFD_EVENT_PAGEFAULT) continue; /* no other event is asked for */
+    addrs[got] = (uintptr_t)msgs[i].arg.pagefault.address;
+    wp[got] = msgs[i].arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP;
+    got++;
+  }
+  return got;
+}
+
 /* Linux 6.18 (mm/userfaultfd.c move_pages(), since the batched TLB flush of
  * UFFDIO_MOVE) can move pages without counting them. move_pages_ptes() sets
  * the loop's err only when it fails; once one step met -EAGAIN (a large folio

@@ -5,8 +5,9 @@
  * mask), and kept at a number >= 512 (MV_KEPT_UFFD in mv_backend_int.h): away
  * from the lowest free numbers the program counts on, checked before each use
  * (the program may close it or dup2() over it) and opened again if it is not
- * ours any more. Nobody reads it: every fault it catches is a thread held
- * until the backend wakes the range, and no event feature (fork, remap,
+ * ours any more. Outside a pre-copy (mv_precopy.c) nobody reads it: every
+ * fault it catches is a thread held until the backend wakes the range, and
+ * no event feature (fork, remap,
  * remove, unmap) is ever requested, because an unread event would block the
  * thread that caused it.
  *
@@ -81,8 +82,22 @@ void mv_uffd_drop(void);
 /* Thin wrappers over the ioctls, on the process-wide fd. 0 or -errno. */
 int mv_uffd_register(uintptr_t start, size_t len, bool missing, bool wp);
 int mv_uffd_unregister(uintptr_t start, size_t len);
+/* wake: whether unprotecting wakes the range; protecting never wakes, and the
+ * kernel refuses it with wake false (EINVAL). */
 int mv_uffd_writeprotect(uintptr_t start, size_t len, bool protect, bool wake);
 int mv_uffd_wake(uintptr_t start, size_t len);
+
+/* UFFDIO_ZEROPAGE over [start, start + len): maps the zero page into holes
+ * and wakes the threads waiting there. 0, -EEXIST (a page is there already)
+ * or -errno. */
+int mv_uffd_zeropage(uintptr_t start, size_t len);
+
+/* Reads up to max pending page-fault messages without waiting (the fd is
+ * O_NONBLOCK): the address of each fault into addrs[], and whether it was a
+ * write-protect fault into wp[] (else a fault on a hole). Returns how many
+ * (0 when none is pending) or -errno. Only the pre-copy reads the fd: at any
+ * other time a faulting thread is simply held until its range is woken. */
+int mv_uffd_read_faults(uintptr_t *addrs, bool *wp, int max);
 
 /* UFFDIO_MOVE of [src, src + len) to dst. Returns the bytes moved (== len on
  * success); on failure *err gets the errno and the return value says how far

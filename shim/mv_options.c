@@ -9,52 +9,40 @@
 
 struct mv_options mv_options;
 
-enum opt_type { OPT_BOOL, OPT_UINT, OPT_ENUM, OPT_PATH };
-
-struct opt {
-  const char *name;
-  enum opt_type type;
-  const char *choices; /* OPT_ENUM: "a|b|c", value = index; OPT_UINT: unused */
-  uint64_t min, max;   /* OPT_UINT */
-  uint64_t def;
-  size_t offset;
-  size_t size;
-  const char *help;
-};
-
 #define FIELD(f) offsetof(struct mv_options, f), sizeof(((struct mv_options *)0)->f)
 
 /* MOVALLOC_MIGRATE's choices are in enum mv_backend_kind order, "auto" last. */
-static const struct opt opts[] = {
-    {"MOVALLOC_STATS", OPT_BOOL, NULL, 0, 1, 0, FIELD(stats),
+const struct mv_option mv_option_table[] = {
+    {"MOVALLOC_STATS", MV_OPT_BOOL, NULL, 0, 1, 0, FIELD(stats),
      "print a summary of the heap on stderr at exit"},
-    {"MOVALLOC_CHECK", OPT_BOOL, NULL, 0, 1, 0, FIELD(check),
-     "check every free and abort with a message on misuse"},
-    {"MOVALLOC_VERBOSE", OPT_BOOL, NULL, 0, 1, 0, FIELD(verbose),
+    {"MOVALLOC_CHECK", MV_OPT_BOOL, NULL, 0, 1, 0, FIELD(check),
+     "check every free, a canary after every block; abort with a message on misuse"},
+    {"MOVALLOC_VERBOSE", MV_OPT_BOOL, NULL, 0, 1, 0, FIELD(verbose),
      "say at start-up which backend was chosen and why"},
-    {"MOVALLOC_HELP", OPT_BOOL, NULL, 0, 1, 0, FIELD(help),
+    {"MOVALLOC_HELP", MV_OPT_BOOL, NULL, 0, 1, 0, FIELD(help),
      "list these options on stderr at start-up"},
-    {"MOVALLOC_MIGRATE", OPT_ENUM, "off|mprotect|collapse|remap|move|auto", 0, 0, 5,
+    {"MOVALLOC_MIGRATE", MV_OPT_ENUM, "off|mprotect|collapse|remap|move|auto", 0, 0, 5,
      FIELD(migrate), "migration backend"},
-    {"MOVALLOC_COMPACT", OPT_BOOL, NULL, 0, 1, 1, FIELD(compact),
+    {"MOVALLOC_COMPACT", MV_OPT_BOOL, NULL, 0, 1, 1, FIELD(compact),
      "run the background compactor"},
-    {"MOVALLOC_COMPACT_PERIOD_MS", OPT_UINT, NULL, 1, 3600000, 1000, FIELD(compact_period_ms),
+    {"MOVALLOC_COMPACT_PERIOD_MS", MV_OPT_UINT, NULL, 1, 3600000, 1000, FIELD(compact_period_ms),
      "milliseconds between background compaction rounds"},
-    {"MOVALLOC_COMPACT_MBPS", OPT_UINT, NULL, 1, 100000, 512, FIELD(compact_mbps),
+    {"MOVALLOC_COMPACT_MBPS", MV_OPT_UINT, NULL, 1, 100000, 512, FIELD(compact_mbps),
      "background compaction budget: MB of arenas moved per second"},
-    {"MOVALLOC_COMPACT_STRESS", OPT_BOOL, NULL, 0, 1, 0, FIELD(compact_stress),
+    {"MOVALLOC_COMPACT_STRESS", MV_OPT_BOOL, NULL, 0, 1, 0, FIELD(compact_stress),
      "move every arena as often as possible (a torture mode for tests)"},
-    {"MOVALLOC_THP", OPT_ENUM, "compact|fault|never", 0, 0, 0, FIELD(thp),
+    {"MOVALLOC_THP", MV_OPT_ENUM, "compact|fault|never", 0, 0, 0, FIELD(thp),
      "where huge pages come from: the compactor, also page faults, or nowhere"},
-    {"MOVALLOC_RESERVE_GIB", OPT_UINT, NULL, 1, 65536, 1024, FIELD(reserve_gib),
+    {"MOVALLOC_RESERVE_GIB", MV_OPT_UINT, NULL, 1, 65536, 1024, FIELD(reserve_gib),
      "virtual address space reserved for the heap, in GiB"},
-    {"MOVALLOC_TRACE", OPT_PATH, NULL, 0, 0, 0, FIELD(trace),
-     "append a CSV line per migration to this file (created mode 0600)"},
-    {"MOVALLOC_ARENA_CACHE", OPT_UINT, NULL, 0, 64, 8, FIELD(arena_cache),
+    {"MOVALLOC_TRACE", MV_OPT_PATH, NULL, 0, 0, 0, FIELD(trace),
+     "append a CSV line per migration to this file (mode 0600, its owner's only)"},
+    {"MOVALLOC_ARENA_CACHE", MV_OPT_UINT, NULL, 0, 64, 8, FIELD(arena_cache),
      "empty 2 MiB arenas kept for reuse before returning them to the kernel"},
 };
+const size_t mv_option_count = sizeof mv_option_table / sizeof mv_option_table[0];
 
-static void store(const struct opt *o, uint64_t v) {
+static void store(const struct mv_option *o, uint64_t v) {
   char *field = (char *)&mv_options + o->offset;
   switch (o->size) {
     case 1: *(uint8_t *)field = (uint8_t)v; break;
@@ -88,9 +76,9 @@ static int choice_index(const char *choices, const char *value) {
   return -1;
 }
 
-static bool parse(const struct opt *o, const char *value, uint64_t *out) {
+static bool parse(const struct mv_option *o, const char *value, uint64_t *out) {
   switch (o->type) {
-    case OPT_BOOL:
+    case MV_OPT_BOOL:
       if (!strcmp(value, "1") || !strcmp(value, "true") || !strcmp(value, "yes") ||
           !strcmp(value, "on"))
         return *out = 1, true;
@@ -98,15 +86,15 @@ static bool parse(const struct opt *o, const char *value, uint64_t *out) {
           !strcmp(value, "off"))
         return *out = 0, true;
       return false;
-    case OPT_UINT:
+    case MV_OPT_UINT:
       return parse_uint(value, out) && *out >= o->min && *out <= o->max;
-    case OPT_ENUM: {
+    case MV_OPT_ENUM: {
       int i = choice_index(o->choices, value);
       if (i < 0) return false;
       *out = (uint64_t)i;
       return true;
     }
-    case OPT_PATH: /* the environment's own string: nothing to copy */
+    case MV_OPT_PATH: /* the environment's own string: nothing to copy */
       if (value[0] != '/') return false;
       *out = (uint64_t)(uintptr_t)value;
       return true;
@@ -114,13 +102,13 @@ static bool parse(const struct opt *o, const char *value, uint64_t *out) {
   return false;
 }
 
-static void accepted(const struct opt *o, char *buf, size_t cap) {
+void mv_option_accepted(const struct mv_option *o, char *buf, size_t cap) {
   switch (o->type) {
-    case OPT_BOOL: mv_snprintf(buf, cap, "1|0 (or true|false, yes|no, on|off)"); break;
-    case OPT_UINT: mv_snprintf(buf, cap, "a whole number from %llu to %llu",
+    case MV_OPT_BOOL: mv_snprintf(buf, cap, "1|0 (or true|false, yes|no, on|off)"); break;
+    case MV_OPT_UINT: mv_snprintf(buf, cap, "a whole number from %llu to %llu",
                                (unsigned long long)o->min, (unsigned long long)o->max); break;
-    case OPT_ENUM: mv_snprintf(buf, cap, "one of %s", o->choices); break;
-    case OPT_PATH: mv_snprintf(buf, cap, "an absolute path"); break;
+    case MV_OPT_ENUM: mv_snprintf(buf, cap, "one of %s", o->choices); break;
+    case MV_OPT_PATH: mv_snprintf(buf, cap, "an absolute path"); break;
   }
 }
 
@@ -133,13 +121,13 @@ static const char *lookup(char *const *envp, const char *name) {
 }
 
 void mv_options_load(char *const *envp) {
-  for (size_t i = 0; i < sizeof opts / sizeof opts[0]; i++) {
-    const struct opt *o = &opts[i];
+  for (size_t i = 0; i < mv_option_count; i++) {
+    const struct mv_option *o = &mv_option_table[i];
     uint64_t v = o->def;
     const char *value = lookup(envp, o->name);
     if (value && !parse(o, value, &v)) {
       char what[96];
-      accepted(o, what, sizeof what);
+      mv_option_accepted(o, what, sizeof what);
       mv_log("%s=%s is not valid: expected %s; using the default", o->name, value, what);
       v = o->def;
     }
@@ -150,10 +138,10 @@ void mv_options_load(char *const *envp) {
 }
 
 void mv_options_describe(int fd) {
-  for (size_t i = 0; i < sizeof opts / sizeof opts[0]; i++) {
-    const struct opt *o = &opts[i];
+  for (size_t i = 0; i < mv_option_count; i++) {
+    const struct mv_option *o = &mv_option_table[i];
     char what[96];
-    accepted(o, what, sizeof what);
+    mv_option_accepted(o, what, sizeof what);
     mv_dprintf(fd, "%-22s %s; default %llu\n    %s\n", o->name, what,
                (unsigned long long)o->def, o->help);
   }

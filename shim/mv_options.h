@@ -32,6 +32,24 @@ struct mv_options {
 
 extern struct mv_options mv_options;
 
+/* The option table: one entry per MOVALLOC_* variable, in the order listed. */
+enum mv_option_type { MV_OPT_BOOL, MV_OPT_UINT, MV_OPT_ENUM, MV_OPT_PATH };
+struct mv_option {
+  const char *name;
+  enum mv_option_type type;
+  const char *choices; /* MV_OPT_ENUM: "a|b|c", value = index; otherwise NULL */
+  uint64_t min, max;   /* MV_OPT_UINT: accepted range, inclusive */
+  uint64_t def;        /* the default (MV_OPT_PATH: none) */
+  size_t offset;       /* of its field in struct mv_options */
+  size_t size;         /* of that field: 1, 4 or 8 bytes */
+  const char *help;
+};
+extern const struct mv_option mv_option_table[];
+extern const size_t mv_option_count;
+
+/* What option o accepts, as the message for a bad value says it. */
+void mv_option_accepted(const struct mv_option *o, char *buf, size_t cap);
+
 /* Reads the environment into mv_options. envp == NULL: the process environment
  * through secure_getenv; otherwise a NULL-terminated "K=V" array (tests). */
 void mv_options_load(char *const *envp);

@@ -46,7 +46,7 @@ MV_EXPORT int posix_memalign(void **out, size_t align, size_t size) {
 }
 
 MV_EXPORT void *aligned_alloc(size_t align, size_t size) {
-  if (align != 0 && !power_of_two(align)) { /* as glibc 2.36: only powers of two */
+  if (align != 0 && !power_of_two(align)) { /* C17, glibc >= 2.38 (2.36 rounds up) */
     errno = EINVAL;
     return NULL;
   }

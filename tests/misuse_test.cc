@@ -10,7 +10,6 @@
 extern "C" {
 #include "arena/mv_alloc.h"
 #include "include/movalloc.h"
-#include "shim/mv_options.h"
 }
 
 namespace {
@@ -32,12 +31,17 @@ uint64_t InvalidFrees() {
   return s.invalid_frees;
 }
 
-// Check mode as MOVALLOC_CHECK=1 sets it at start-up (death tests run it in a
-// forked child only).
-void EnableCheckMode() {
-  mv_options.check = true;
-  mv_free_fast_mask = ~(uintptr_t)0;
-}
+// Check mode from start-up, as MOVALLOC_CHECK=1 gives it: each death test
+// re-executes this binary with the variable set (check mode cannot be switched
+// on later: blocks allocated before would have no canary).
+class MisuseDeathTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    GTEST_FLAG_SET(death_test_style, "threadsafe");
+    setenv("MOVALLOC_CHECK", "1", 1);
+  }
+  void TearDown() override { unsetenv("MOVALLOC_CHECK"); }
+};
 
 TEST(Misuse, DoubleFreeIsSurvivedAndDoesNotCorrupt) {
   uint64_t before = DoubleFrees();
@@ -91,10 +95,9 @@ TEST(Misuse, ReallocOfFreedBlockFails) {
   EXPECT_EQ(errno, EINVAL);
 }
 
-TEST(MisuseDeathTest, CheckModeAbortsOnDoubleFree) {
+TEST_F(MisuseDeathTest, CheckModeAbortsOnDoubleFree) {
   EXPECT_DEATH(
       {
-        EnableCheckMode();
         void *p = Opaque(malloc(48));
         free(p);
         free(p);
@@ -102,30 +105,27 @@ TEST(MisuseDeathTest, CheckModeAbortsOnDoubleFree) {
       "movalloc: free\\(0x[0-9a-f]+\\): double free");
 }
 
-TEST(MisuseDeathTest, CheckModeAbortsOnInteriorPointer) {
+TEST_F(MisuseDeathTest, CheckModeAbortsOnInteriorPointer) {
   EXPECT_DEATH(
       {
-        EnableCheckMode();
         char *p = (char *)Opaque(malloc(256));
         free(p + 32);
       },
       "movalloc: free\\(0x[0-9a-f]+\\): not the start of a block");
 }
 
-TEST(MisuseDeathTest, CheckModeAbortsOnForeignPointer) {
+TEST_F(MisuseDeathTest, CheckModeAbortsOnForeignPointer) {
   static char not_heap[16];
   EXPECT_DEATH(
       {
-        EnableCheckMode();
         free(not_heap);
       },
       "movalloc: free\\(0x[0-9a-f]+\\): not allocated by movalloc");
 }
 
-TEST(MisuseDeathTest, CheckModeAbortsOnDoubleFreeFromAnotherThread) {
+TEST_F(MisuseDeathTest, CheckModeAbortsOnDoubleFreeFromAnotherThread) {
   EXPECT_DEATH(
       {
-        EnableCheckMode();
         void *p = Opaque(malloc(48));
         std::thread([p] { free(p); }).join();
         std::thread([p] { free(p); }).join();

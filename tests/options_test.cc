@@ -4,7 +4,10 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <string.h>
+
 #include <string>
+#include <vector>
 
 extern "C" {
 #include "compactor/mv_backend.h"
@@ -127,6 +130,77 @@ TEST(Options, DescribeListsEveryOption) {
                            "MOVALLOC_COMPACT_PERIOD_MS", "MOVALLOC_COMPACT_MBPS",
                            "MOVALLOC_COMPACT_STRESS", "MOVALLOC_HELP"})
     EXPECT_NE(text.find(name), std::string::npos) << name;
+}
+
+// Garbage in every option of the real table: each value is reported with the
+// option's name, the value and what the option accepts, and every option
+// (not just the bad one) keeps its default.
+std::vector<std::string> Garbage(const struct mv_option &o) {
+  std::vector<std::string> g = {"", " ", "garbage", "-1", "1x", "0x10", " 1", "1 ",
+                                "99999999999999999999999", "18446744073709551616",
+                                "\xff\xfe", std::string(200, '7') + "x"};
+  switch (o.type) {
+    case MV_OPT_BOOL:
+      g.insert(g.end(), {"2", "TRUE", "yes please", "00"});
+      break;
+    case MV_OPT_UINT:
+      if (o.min > 0) g.push_back(std::to_string(o.min - 1));
+      g.insert(g.end(), {std::to_string(o.max + 1), "18446744073709551615", "+5", "1e3",
+                         "5.0"});
+      break;
+    case MV_OPT_ENUM: {
+      std::string first(o.choices, strcspn(o.choices, "|"));
+      std::string upper = first;
+      for (char &c : upper) c = (char)toupper(c);
+      g.insert(g.end(), {upper, first.substr(0, first.size() - 1), first + "x",
+                         std::string(o.choices), "1"});
+      break;
+    }
+    case MV_OPT_PATH:
+      g.insert(g.end(), {"relative.csv", "./x.csv", "~/x.csv"});
+      break;
+  }
+  return g;
+}
+
+TEST(Options, GarbageInEveryOptionIsReportedAndTheDefaultKept) {
+  struct mv_options defaults;
+  ASSERT_EQ(Load({}, &defaults), "");
+  ASSERT_GE(mv_option_count, 13u);
+  for (size_t i = 0; i < mv_option_count; i++) {
+    const struct mv_option &o = mv_option_table[i];
+    char accepts[128];
+    mv_option_accepted(&o, accepts, sizeof accepts);
+    for (const std::string &value : Garbage(o)) {
+      std::string env = std::string(o.name) + "=" + value;
+      struct mv_options got;
+      std::string err = Load({env.c_str()}, &got);
+      std::string want = std::string("movalloc: ") + o.name + "=" + value +
+                         " is not valid: expected " + accepts + "; using the default\n";
+      EXPECT_EQ(err, want) << env;
+      EXPECT_EQ(memcmp(&got, &defaults, sizeof got), 0) << env << ": not every default kept";
+    }
+  }
+}
+
+// The message says what each kind of option accepts.
+TEST(Options, AcceptedValuesAreSpelledOut) {
+  for (size_t i = 0; i < mv_option_count; i++) {
+    const struct mv_option &o = mv_option_table[i];
+    char accepts[128];
+    mv_option_accepted(&o, accepts, sizeof accepts);
+    std::string a(accepts);
+    switch (o.type) {
+      case MV_OPT_BOOL: EXPECT_EQ(a, "1|0 (or true|false, yes|no, on|off)") << o.name; break;
+      case MV_OPT_UINT:
+        EXPECT_EQ(a, "a whole number from " + std::to_string(o.min) + " to " +
+                         std::to_string(o.max))
+            << o.name;
+        break;
+      case MV_OPT_ENUM: EXPECT_EQ(a, std::string("one of ") + o.choices) << o.name; break;
+      case MV_OPT_PATH: EXPECT_EQ(a, "an absolute path") << o.name; break;
+    }
+  }
 }
 
 }  // namespace

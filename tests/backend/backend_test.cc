@@ -113,6 +113,44 @@ TEST_P(BackendTest, WriterLosesNothing) {
          moved, retries, (unsigned long long)w.iterations());
 }
 
+// move and remap pre-copy the arena with its writers running: a write during
+// the pre-copy is served (the writer goes on) instead of held, and what was
+// written after its page was copied is copied again.
+TEST_P(BackendTest, PreCopyServesWritersAndLosesNothing) {
+  if (b_->kind != MV_BACKEND_MOVE && b_->kind != MV_BACKEND_REMAP)
+    GTEST_SKIP() << Label() << " does not pre-copy";
+  Region r(2);
+  Writer w(r);
+  unsigned served = 0;
+  int moved = 0;
+  // Until a write fell into a pre-copy (the writer needs a CPU then: on a
+  // loaded machine that can take many moves).
+  for (int i = 0; i < 1000 && (moved < 40 || served == 0); i++) {
+    mv_move m;
+    memset(&m, 0, sizeof m);
+    m.start = r.start(i % 2);
+    if (b_->stage(&m) != 0) continue;
+    if (b_->hold(&m) == 0) {
+      EXPECT_NE(m.held_at_ns, 0u);
+      served += m.precopy_faults;
+      int rc = b_->move(&m);
+      b_->release(&m);
+      if (rc != -EAGAIN) EXPECT_EQ(rc, 0);
+      moved += rc == 0;
+    }
+    b_->unstage(&m);
+  }
+  EXPECT_TRUE(WriterRuns(w));
+  w.Stop();
+  EXPECT_GT(served, 0u) << "no write was served during a pre-copy";
+  EXPECT_GE(moved, 40);
+  std::string first;
+  EXPECT_EQ(w.CountLost(&first), 0u) << first;
+  for (size_t a = 0; a < r.size(); a++) EXPECT_EQ(r.Verify(a, &first), 0u) << first;
+  printf("[ info     ] %s: %d moved, %u writes served during pre-copies\n", Label().c_str(),
+         moved, served);
+}
+
 // read() from a pipe into the arena while it moves: every chunk lands. For
 // the mprotect backend the read goes through the EFAULT-retrying wrapper.
 TEST_P(BackendTest, PipeReadDuringMoves) {

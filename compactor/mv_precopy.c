@@ -1,0 +1,147 @@
+/* Pre-copy: copy an arena into its staging page while the program keeps
+ * writing it, so that writers wait only for what they changed meanwhile.
+ *
+ * Copying 2 MiB takes about 450 us; a writer held for all of it stalls that
+ * long. Instead (the way live migration of virtual machines works):
+ *
+ *   1. The range is registered on the userfaultfd and write-protected (by the
+ *      caller). Every page of it is copied into staging, a few pages at a time.
+ *      Between batches the engine reads the userfaultfd: a thread that wrote a
+ *      protected page (or touched a hole) is waiting there; its page is marked
+ *      dirty, unprotected (or given the zero page) and the thread woken. It
+ *      waited for one batch at most, and that page now writes freely.
+ *   2. While many pages are dirty, they are protected again, their bits
+ *      cleared and copied again: what is written after that shows up as new
+ *      faults.
+ *   3. The whole range is protected again and nothing is served any more: from
+ *      here writers wait. move() copies the dirty pages only, then swaps.
+ *
+ * Why no write is lost: a page is unprotected only after its dirty bit is set,
+ * so every page that can have been written since the protection was armed is
+ * dirty when writers are held, and the dirty pages are copied after that.
+ * A thread still waiting at step 3 has not written its page yet.
+ *
+ * System calls writing the range (read() into it) fault the same way and are
+ * served the same way. DMA does not fault: the move backend, the one that
+ * promises pin safety, checks for pins right after arming the protection
+ * (mv_backend_move.c), so that no device can be writing what is pre-copied.
+ */
+#include <errno.h>
+#include <string.h>
+
+#include "arena/mv_prim.h"
+#include "compactor/mv_backend.h"
+#include "compactor/mv_backend_int.h"
+#include "compactor/mv_uffd.h"
+
+#define BATCH_PAGES 16      /* about 10 us of copying between two looks at the fd */
+#define FINAL_PAGES 32      /* few enough dirty pages to copy with writers held */
+#define RECOPY_PASSES 2     /* step 2 at most this often: a hot page stays hot */
+
+static bool test_bit(const struct mv_page_map *map, size_t i) {
+  return map->bits[i / 64] >> (i % 64) & 1;
+}
+
+static void set_bit(struct mv_page_map *map, size_t i) {
+  map->bits[i / 64] |= UINT64_C(1) << (i % 64);
+}
+
+static size_t count_bits(const struct mv_page_map *map) {
+  size_t n = 0;
+  for (size_t w = 0; w < MV_ARENA_PAGES / 64; w++) n += (size_t)__builtin_popcountll(map->bits[w]);
+  return n;
+}
+
+int mv_precopy_serve(struct mv_move *m) {
+  uintptr_t addrs[16];
+  bool wp[16];
+  int n;
+  while ((n = mv_uffd_read_faults(addrs, wp, 16)) > 0) {
+    for (int k = 0; k < n; k++) {
+      uintptr_t page = addrs[k] & ~(uintptr_t)(MV_PAGE_SIZE - 1);
+      if (page - m->start >= MV_ARENA_SIZE) {
+        mv_uffd_wake(page, MV_PAGE_SIZE);
+        continue;
+      }
+      set_bit(&m->dirty, (page - m->start) / MV_PAGE_SIZE);
+      m->precopy_faults++;
+      /* A hole (registered MISSING) gets the zero page; a write then fills it
+       * without faulting again, which is fine: it is dirty. */
+      int rc = wp[k] ? 0 : mv_uffd_zeropage(page, MV_PAGE_SIZE);
+      if (wp[k] || rc == -EEXIST) rc = mv_uffd_writeprotect(page, MV_PAGE_SIZE, false, true);
+      if (rc) return rc;
+    }
+  }
+  return n;
+}
+
+/* Copies the pages of want in batches, serving faults between batches. Pages
+ * that turn dirty meanwhile are left for later. */
+static int copy_serving(struct mv_move *m, const struct mv_page_map *want) {
+  char *dst = m->staging;
+  const char *src = (const char *)m->start;
+  for (size_t first = 0; first < MV_ARENA_PAGES; first += BATCH_PAGES) {
+    int rc = mv_precopy_serve(m);
+    if (rc) return rc;
+    for (size_t i = first; i < first + BATCH_PAGES; i++)
+      if (test_bit(want, i) && !test_bit(&m->dirty, i)) {
+        memcpy(dst + i * MV_PAGE_SIZE, src + i * MV_PAGE_SIZE, MV_PAGE_SIZE);
+        set_bit(&m->copied, i);
+      }
+  }
+  return mv_precopy_serve(m);
+}
+
+/* Protects (or unprotects, without waking) the runs of pages in map. */
+static int protect_pages(struct mv_move *m, const struct mv_page_map *map, bool protect) {
+  for (size_t i = 0; i < MV_ARENA_PAGES;) {
+    if (!test_bit(map, i)) {
+      i++;
+      continue;
+    }
+    size_t end = i;
+    while (end < MV_ARENA_PAGES && test_bit(map, end)) end++;
+    int rc = mv_uffd_writeprotect(m->start + i * MV_PAGE_SIZE, (end - i) * MV_PAGE_SIZE, protect,
+                                  protect);
+    if (rc) return rc;
+    i = end;
+  }
+  return 0;
+}
+
+int mv_precopy(struct mv_move *m, const struct mv_page_map *data) {
+  struct mv_page_map map;
+  int rc = data ? 0 : mv_thp_page_map(m->start, &map);
+  if (rc == 0) rc = copy_serving(m, data ? data : &map);
+  for (int pass = 0; rc == 0 && pass < RECOPY_PASSES && count_bits(&m->dirty) > FINAL_PAGES;
+       pass++) {
+    struct mv_page_map again = m->dirty;
+    memset(&m->dirty, 0, sizeof m->dirty);
+    rc = protect_pages(m, &again, true);
+    if (rc == 0) rc = copy_serving(m, &again);
+  }
+  /* Step 3, also after a failure: writers are held either way, and whatever
+   * the pre-copy did not finish, mv_precopy_finish() copies. */
+  int wp = mv_uffd_writeprotect(m->start, MV_ARENA_SIZE, true, true);
+  if (wp) return wp;
+  m->held_at_ns = mv_os_now_ns();
+  return 0;
+}
+
+int mv_precopy_unprotect_recopied(struct mv_move *m) {
+  struct mv_page_map recopied;
+  for (size_t w = 0; w < MV_ARENA_PAGES / 64; w++)
+    recopied.bits[w] = ~m->copied.bits[w] | m->dirty.bits[w];
+  return protect_pages(m, &recopied, false);
+}
+
+void mv_precopy_finish(struct mv_move *m, const void *src, const struct mv_page_map *present) {
+  char *dst = m->staging;
+  for (size_t i = 0; i < MV_ARENA_PAGES; i++) {
+    bool has = present ? test_bit(present, i) : true, copied = test_bit(&m->copied, i);
+    if (has && (!copied || test_bit(&m->dirty, i)))
+      memcpy(dst + i * MV_PAGE_SIZE, (const char *)src + i * MV_PAGE_SIZE, MV_PAGE_SIZE);
+    else if (!has && copied) /* zapped since: a hole reads as zeros */
+      memset(dst + i * MV_PAGE_SIZE, 0, MV_PAGE_SIZE);
+  }
+}
