@@ -18,6 +18,7 @@
 #include "arena/mv_prim.h"
 #include "arena/mv_print.h"
 #include "compactor/mv_engine.h"
+#include "shim/mv_channel.h"
 #include "shim/mv_init.h"
 #include "shim/mv_options.h"
 
@@ -253,6 +254,7 @@ static mv_page_t *page_fresh(mv_heap_t *h, unsigned bin) {
   page->reserved = (uint32_t)(((size_t)page->slice_count << MV_SLICE_SHIFT) / page->block_size);
   atomic_store_explicit(&page->heap, h, memory_order_release);
   queue_push_front(&h->queues[bin], page);
+  mv_channel_poke(); /* the heap grew: the inspection channel may publish */
   return page;
 }
 
@@ -524,6 +526,7 @@ static void *alloc_big(size_t size, size_t align, bool *zeroed) {
     if (!page) return NULL;
   }
   if (zeroed) *zeroed = z;
+  mv_channel_poke(); /* the heap grew: the inspection channel may publish */
   return (void *)page->start;
 }
 

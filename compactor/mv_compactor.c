@@ -25,6 +25,7 @@
 #include "arena/mv_print.h"
 #include "compactor/mv_engine.h"
 #include "compactor/mv_policy.h"
+#include "shim/mv_channel.h"
 #include "shim/mv_options.h"
 
 #define MV_COMPACTOR_MIN_ARENAS 8 /* 16 MiB of heap before a thread is worth it */
@@ -128,6 +129,7 @@ static void *compactor_main(void *unused) {
     else atomic_fetch_add(&stats.scan_ns, spent);
     atomic_fetch_add(&stats.thread_ns, spent);
     atomic_fetch_add(&stats.rounds, 1);
+    mv_channel_refresh(); /* what `movalloc stat` reads (shim/mv_channel.h) */
   }
 }
 

@@ -24,6 +24,7 @@
 #include "arena/mv_prim.h"
 #include "arena/mv_print.h"
 #include "compactor/mv_backend.h"
+#include "shim/mv_channel.h"
 #include "shim/mv_init.h"
 #include "shim/mv_options.h"
 
@@ -87,6 +88,7 @@ static const char *const outcome_names[] = {"moved", "retry", "refused", "failed
 
 static void trace_migration(const struct mv_backend *b, uintptr_t start, enum outcome outcome,
                             int rc, uint64_t stall_ns) {
+  mv_channel_event(b->name, start, outcome, rc, stall_ns); /* the inspection channel's ring */
   if (trace_fd < 0) return;
   mv_dprintf(trace_fd, "%llu,%d,%p,%s,%s,%d,%zu,%llu\n", (unsigned long long)mv_os_now_ns(),
              (int)getpid(), (void *)start, b->name, outcome_names[outcome], rc,

@@ -14,8 +14,13 @@
 
 MV_EXPORT int movalloc_stats_get(struct movalloc_stats *out) {
   if (!out) return -EINVAL;
+  mv_stats_fill(out, true);
+  return 0;
+}
+
+void mv_stats_fill(struct movalloc_stats *out, bool engine) {
   memset(out, 0, sizeof *out);
-  if (!mv_arenas) return 0; /* not started: everything is zero */
+  if (!mv_arenas) return; /* not started: everything is zero */
   struct mv_arena_counts c;
   mv_arena_counts(&c);
   out->reserved_bytes = mv_arena_reserved_bytes();
@@ -30,9 +35,9 @@ MV_EXPORT int movalloc_stats_get(struct movalloc_stats *out) {
   out->coverage_ppm = c.active ? c.thp * 1000000 / c.active : 0;
   out->purged_bytes = c.purged_bytes;
   mv_heap_misuse_counts(&out->invalid_frees, &out->double_frees);
-  mv_engine_stats(out);
+  if (engine) mv_engine_stats(out);
+  else mv_snprintf(out->backend_reason, sizeof out->backend_reason, "not chosen yet");
   mv_compactor_stats(out);
-  return 0;
 }
 
 /* "12.3 MiB" without floating point. */

@@ -74,7 +74,10 @@ int main(int argc, char **argv) {
     fprintf(stderr, "observe: cannot write %s: %s\n", csv_path, strerror(errno));
     return 2;
   }
-  if (csv) fprintf(csv, "t_s,rss_kib,anon_kib,anon_huge_kib,coverage\n");
+  if (csv) {
+    fprintf(csv, "t_s,rss_kib,anon_kib,anon_huge_kib,coverage\n");
+    fflush(csv);
+  }
 
   double t0 = now_s();
   pid_t pid = fork();
@@ -100,9 +103,11 @@ int main(int argc, char **argv) {
       if (s.rss_kib > peak_rss) peak_rss = s.rss_kib;
       coverage_sum += coverage(&s);
       samples++;
-      if (csv)
+      if (csv) { /* flushed per sample: `movalloc plot` may read it while this runs */
         fprintf(csv, "%.3f,%ld,%ld,%ld,%.4f\n", now_s() - t0, s.rss_kib, s.anon_kib, s.huge_kib,
                 coverage(&s));
+        fflush(csv);
+      }
     }
     struct timespec ts = {interval_ms / 1000, (interval_ms % 1000) * 1000000};
     nanosleep(&ts, NULL);
