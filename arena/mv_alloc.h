@@ -16,7 +16,11 @@ extern uintptr_t mv_heap_base;          /* arena 0 */
 extern _Atomic(size_t) mv_heap_limit;    /* bytes of arenas with descriptors: frontier */
 extern mv_arena_t *mv_arenas;           /* descriptors, indexed like the arenas */
 extern uintptr_t mv_keys[2];            /* free-list encoding secret */
-extern uintptr_t mv_free_fast_mask;     /* 15; ~0 under MOVALLOC_CHECK (all frees slow) */
+extern uintptr_t mv_free_fast_mask;     /* 15; ~0 under MOVALLOC_CHECK or MOVALLOC_PROFILE
+                                           (all frees slow) */
+/* 1024; 0 under MOVALLOC_PROFILE (all mallocs slow, where the sampler counts
+ * bytes). Hidden, so the fast path compares against it directly, like a constant. */
+extern size_t mv_malloc_fast_max __attribute__((visibility("hidden")));
 
 extern mv_page_t mv_page_none;          /* every unused slice maps here */
 extern mv_page_t mv_page_empty;         /* an empty bin's page: free == NULL */
@@ -58,7 +62,7 @@ void mv_page_emptied(mv_page_t *page) MV_NOINLINE; /* owner: used hit 0, or a fu
 /* ---- fast paths ---- */
 
 static inline void *mv_malloc(size_t size) {
-  if (MV_LIKELY(size <= 1024)) {
+  if (MV_LIKELY(size <= mv_malloc_fast_max)) {
     mv_heap_t *heap = mv_tls_heap;
     mv_page_t *page = heap->direct[mv_bin_of(size)];
     mv_block_t *b = page->free;
@@ -78,23 +82,30 @@ static inline bool mv_looks_freed(const mv_block_t *b) {
   return next == 0 || ((next ^ (uintptr_t)b) >> MV_ARENA_SHIFT) == 0;
 }
 
+/* The owner's free of a small block p (16-aligned, in a used arena): true when
+ * done, false when it needs the slow path (not the owner, or it looks freed). */
+static inline bool mv_free_owned(void *p, uintptr_t off) {
+  mv_page_t *page =
+      mv_arenas[off >> MV_ARENA_SHIFT].slice_page[(off >> MV_SLICE_SHIFT) & (MV_SLICES - 1)];
+  mv_block_t *b = (mv_block_t *)p;
+  if (MV_LIKELY(atomic_load_explicit(&page->heap, memory_order_relaxed) == mv_tls_heap &&
+                !mv_looks_freed(b))) {
+    b->next_enc = mv_ptr_encode(page->local_free);
+    page->local_free = b;
+    if (MV_UNLIKELY(--page->used == 0 ||
+                    atomic_load_explicit(&page->in_full, memory_order_relaxed)))
+      mv_page_emptied(page);
+    return true;
+  }
+  return false;
+}
+
 static inline void mv_free(void *p) {
   uintptr_t off = (uintptr_t)p - mv_heap_base;
   if (MV_LIKELY(off < atomic_load_explicit(&mv_heap_limit, memory_order_relaxed) &&
-                ((uintptr_t)p & mv_free_fast_mask) == 0)) {
-    mv_page_t *page =
-        mv_arenas[off >> MV_ARENA_SHIFT].slice_page[(off >> MV_SLICE_SHIFT) & (MV_SLICES - 1)];
-    mv_block_t *b = (mv_block_t *)p;
-    if (MV_LIKELY(atomic_load_explicit(&page->heap, memory_order_relaxed) == mv_tls_heap &&
-                  !mv_looks_freed(b))) {
-      b->next_enc = mv_ptr_encode(page->local_free);
-      page->local_free = b;
-      if (MV_UNLIKELY(--page->used == 0 ||
-                      atomic_load_explicit(&page->in_full, memory_order_relaxed)))
-        mv_page_emptied(page);
-      return;
-    }
-  }
+                ((uintptr_t)p & mv_free_fast_mask) == 0) &&
+      mv_free_owned(p, off))
+    return;
   mv_free_slow(p);
 }
 

@@ -18,6 +18,7 @@
 #include "arena/mv_prim.h"
 #include "arena/mv_print.h"
 #include "compactor/mv_engine.h"
+#include "profiler/mv_profile.h"
 #include "shim/mv_init.h"
 #include "shim/mv_options.h"
 
@@ -27,6 +28,7 @@ mv_heap_t mv_heap_empty = {.direct = {[0 ... MV_BINS - 1] = &mv_page_empty}};
 __thread mv_heap_t *mv_tls_heap __attribute__((tls_model("initial-exec"))) = &mv_heap_empty;
 uintptr_t mv_keys[2];
 uintptr_t mv_free_fast_mask = MV_ALIGN - 1;
+size_t mv_malloc_fast_max = 1024;
 
 mv_lock_t mv_heaps_lock = MV_LOCK_INIT;
 static mv_heap_t *all_heaps;      /* mv_heaps_lock */
@@ -432,6 +434,13 @@ void mv_free_slow(void *p) {
     report_misuse(p, "not allocated by movalloc", false);
     return;
   }
+  if (MV_UNLIKELY(mv_prof_rate)) { /* every free comes here: see mv_profile.h */
+    if (MV_UNLIKELY(atomic_load_explicit(&page->sampled, memory_order_relaxed)))
+      mv_prof_freed(p, page);
+    if (!mv_options.check && ((uintptr_t)p & (MV_ALIGN - 1)) == 0 &&
+        mv_free_owned(p, (uintptr_t)p - mv_heap_base))
+      return;
+  }
   switch (page->kind) {
     case MV_PAGE_SMALL:
       free_small(page, (mv_block_t *)p);
@@ -453,7 +462,7 @@ void mv_free_slow(void *p) {
 
 /* ---- allocation beyond the fast path ---- */
 
-static void *alloc_big(size_t size, size_t align, bool *zeroed) {
+static MV_ALLOC_ENTRY void *alloc_big(size_t size, size_t align, bool *zeroed) {
   mv_compactor_poke();
   bool z;
   if (size > PTRDIFF_MAX) {
@@ -472,10 +481,11 @@ static void *alloc_big(size_t size, size_t align, bool *zeroed) {
     if (!page) return NULL;
   }
   if (zeroed) *zeroed = z;
+  if (MV_UNLIKELY(mv_prof_rate)) return mv_prof_count((void *)page->start, size);
   return (void *)page->start;
 }
 
-void *mv_malloc_slow(size_t size) {
+MV_ALLOC_ENTRY void *mv_malloc_slow(size_t size) {
   mv_heap_t *h = mv_heap_get();
   if (!h) {
     errno = ENOMEM;
@@ -494,10 +504,11 @@ void *mv_malloc_slow(size_t size) {
   mv_block_t *b = page->free;
   page->free = mv_ptr_decode(b->next_enc);
   page->used++;
+  if (MV_UNLIKELY(mv_prof_rate)) return mv_prof_count(b, size);
   return b;
 }
 
-void *mv_calloc(size_t n, size_t size) {
+MV_ALLOC_ENTRY void *mv_calloc(size_t n, size_t size) {
   size_t total;
   if (__builtin_mul_overflow(n, size, &total)) {
     errno = ENOMEM;
@@ -518,7 +529,7 @@ void *mv_calloc(size_t n, size_t size) {
   return p;
 }
 
-void *mv_aligned(size_t align, size_t size) {
+MV_ALLOC_ENTRY void *mv_aligned(size_t align, size_t size) {
   if (align <= MV_ALIGN) return mv_malloc(size);
   if (size > PTRDIFF_MAX - align) {
     errno = ENOMEM;
@@ -564,7 +575,7 @@ bool mv_owns(const void *p) {
   return page && page->kind != MV_PAGE_NONE;
 }
 
-void *mv_realloc(void *p, size_t size) {
+MV_ALLOC_ENTRY void *mv_realloc(void *p, size_t size) {
   if (!p) return mv_malloc(size);
   if (size == 0) { /* glibc: realloc(p, 0) frees p and returns NULL */
     mv_free(p);

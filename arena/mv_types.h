@@ -39,6 +39,10 @@
 #define MV_EXPORT __attribute__((visibility("default")))
 #define MV_NOINLINE __attribute__((noinline))
 #define MV_COLD __attribute__((cold, noinline))
+/* Every function that can sit between a program's allocation call and the
+ * profiler's stack capture lives in this section: the profiler cuts its frames
+ * off a sampled stack (profiler/mv_profile.c), linked statically or preloaded. */
+#define MV_ALLOC_ENTRY __attribute__((section("mv_alloc_text")))
 
 /* A free block: its first word is the encoded address of the next free block
  * (mv_ptr_encode), so a heap overflow cannot plant a plain pointer. */
@@ -84,6 +88,8 @@ typedef struct mv_page {
   uint8_t bin;
   _Atomic(uint8_t) in_full;
   uint16_t slice_count;      /* slices this page covers (SMALL, LARGE) */
+  _Atomic(uint16_t) sampled; /* live blocks in the profiler's table (mv_profile.h):
+                                frees look it up only when this is not 0 */
   size_t huge_size;          /* HUGE/LARGE: usable bytes */
 } __attribute__((aligned(64))) mv_page_t; /* no two pages share a cache line */
 

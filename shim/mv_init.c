@@ -13,6 +13,7 @@
 #include "arena/mv_print.h"
 #include "compactor/mv_engine.h"
 #include "include/movalloc.h"
+#include "profiler/mv_profile.h"
 #include "shim/mv_options.h"
 #include "shim/mv_stats.h"
 
@@ -27,7 +28,8 @@ static void thread_exit(void *unused) { mv_heap_thread_exit(); }
 
 /* ---- fork: every lock, in the documented order ---- */
 
-static mv_lock_t *const fork_locks[] = {&mv_engine_lock, &mv_heaps_lock, &mv_arena_lock};
+static mv_lock_t *const fork_locks[] = {&mv_engine_lock, &mv_heaps_lock, &mv_arena_lock,
+                                        &mv_prof_lock};
 #define FORK_LOCKS (sizeof fork_locks / sizeof fork_locks[0])
 /* Locks the forking thread already held (fork() from a signal handler that
  * interrupted an allocation): not taken again, not released by the handlers. */
@@ -59,6 +61,7 @@ static bool init_core(void) {
   if (mv_options.help) mv_options_describe(2);
   mv_os_random(mv_keys, sizeof mv_keys);
   if (mv_options.check) mv_free_fast_mask = ~(uintptr_t)0; /* every free checked */
+  if (mv_options.profile) mv_prof_init(mv_options.profile);
   int rc = mv_arena_init();
   if (rc != 0) {
     mv_log("cannot reserve address space for the heap (%d); every allocation will fail "
@@ -98,5 +101,7 @@ void mv_thread_attach(void) {
 __attribute__((constructor)) static void movalloc_constructor(void) { mv_ensure_init(); }
 
 __attribute__((destructor)) static void movalloc_destructor(void) {
-  if (atomic_load(&init_state) == READY && mv_options.stats) mv_stats_write(2, "stats at exit");
+  if (atomic_load(&init_state) != READY) return;
+  if (mv_options.stats) mv_stats_write(2, "stats at exit");
+  if (mv_prof_rate) mv_prof_exit();
 }

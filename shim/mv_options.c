@@ -9,7 +9,8 @@
 
 struct mv_options mv_options;
 
-enum opt_type { OPT_BOOL, OPT_UINT, OPT_ENUM, OPT_PATH };
+/* OPT_RATE: like OPT_UINT, plus "off" (0) and "on" (MV_PROF_DEFAULT_RATE). */
+enum opt_type { OPT_BOOL, OPT_UINT, OPT_ENUM, OPT_PATH, OPT_RATE };
 
 struct opt {
   const char *name;
@@ -52,6 +53,11 @@ static const struct opt opts[] = {
      "append a CSV line per migration to this file (created mode 0600)"},
     {"MOVALLOC_ARENA_CACHE", OPT_UINT, NULL, 0, 64, 8, FIELD(arena_cache),
      "empty 2 MiB arenas kept for reuse before returning them to the kernel"},
+    {"MOVALLOC_PROFILE", OPT_RATE, NULL, 1, (uint64_t)1 << 40, 0, FIELD(profile),
+     "allocation-site profiler: sample one allocation per this many bytes on average "
+     "(on: 2097152); report at exit"},
+    {"MOVALLOC_PROFILE_OUT", OPT_PATH, NULL, 0, 0, 0, FIELD(profile_out),
+     "with MOVALLOC_PROFILE: write live bytes per site as folded stacks here at exit (mode 0600)"},
 };
 
 static void store(const struct opt *o, uint64_t v) {
@@ -106,6 +112,11 @@ static bool parse(const struct opt *o, const char *value, uint64_t *out) {
       *out = (uint64_t)i;
       return true;
     }
+    case OPT_RATE:
+      if (!strcmp(value, "off")) return *out = 0, true;
+      if (!strcmp(value, "on")) return *out = MV_PROF_DEFAULT_RATE, true;
+      if (!strcmp(value, "0")) return *out = 0, true;
+      return parse_uint(value, out) && *out >= o->min && *out <= o->max;
     case OPT_PATH: /* the environment's own string: nothing to copy */
       if (value[0] != '/') return false;
       *out = (uint64_t)(uintptr_t)value;
@@ -121,6 +132,9 @@ static void accepted(const struct opt *o, char *buf, size_t cap) {
                                (unsigned long long)o->min, (unsigned long long)o->max); break;
     case OPT_ENUM: mv_snprintf(buf, cap, "one of %s", o->choices); break;
     case OPT_PATH: mv_snprintf(buf, cap, "an absolute path"); break;
+    case OPT_RATE: mv_snprintf(buf, cap, "off, 0, on (= %llu) or bytes from %llu to %llu",
+                               (unsigned long long)MV_PROF_DEFAULT_RATE,
+                               (unsigned long long)o->min, (unsigned long long)o->max); break;
   }
 }
 

@@ -14,6 +14,8 @@ enum mv_thp_mode {
   MV_THP_NEVER,   /* MADV_NOHUGEPAGE on the heap, no migration onto huge pages */
 };
 
+#define MV_PROF_DEFAULT_RATE ((uint64_t)2 << 20) /* MOVALLOC_PROFILE=on: tcmalloc's 2 MiB */
+
 struct mv_options {
   bool stats;             /* MOVALLOC_STATS: summary on stderr at exit */
   bool check;             /* MOVALLOC_CHECK: full misuse checks, abort on misuse */
@@ -28,6 +30,8 @@ struct mv_options {
   size_t reserve_gib;     /* MOVALLOC_RESERVE_GIB: virtual reservation for the heap */
   unsigned arena_cache;   /* MOVALLOC_ARENA_CACHE: empty arenas kept before release */
   const char *trace;      /* MOVALLOC_TRACE: file that gets a CSV line per migration */
+  uint64_t profile;       /* MOVALLOC_PROFILE: mean bytes between samples; 0: off */
+  const char *profile_out; /* MOVALLOC_PROFILE_OUT: folded stacks written here at exit */
 };
 
 extern struct mv_options mv_options;

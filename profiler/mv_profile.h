@@ -1,0 +1,53 @@
+/* The allocation-site profiler (MOVALLOC_PROFILE): samples one allocation per
+ * mean-rate bytes allocated (exponentially distributed intervals, so periodic
+ * patterns are not aliased), captures its stack with libunwind, and keeps per
+ * site (stack hash) estimated live bytes, allocations and lifetimes in mmap'd
+ * fixed-size tables.
+ *
+ * Off (the default), the allocator's fast paths are untouched: mallocs and frees
+ * go to the slow paths only because mv_malloc_fast_max and mv_free_fast_mask say
+ * so, and those are set only when profiling is on. On, every malloc reaches
+ * mv_malloc_slow, which counts bytes (mv_prof_count); every free reaches
+ * mv_free_slow, which looks the block up only if its page holds sampled blocks
+ * (mv_page_t.sampled).
+ *
+ * Nothing here allocates: the sampler runs with a per-thread guard set, so an
+ * allocation libunwind makes from inside it is served but never sampled. Lock:
+ * mv_prof_lock, a leaf (nothing else is taken under it); the stack is captured
+ * before it is taken. */
+#ifndef MV_PROFILE_H
+#define MV_PROFILE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "arena/mv_lock.h"
+#include "arena/mv_types.h"
+
+extern uint64_t mv_prof_rate; /* mean bytes between samples; 0: off */
+extern __thread int64_t mv_prof_left __attribute__((tls_model("initial-exec")));
+extern mv_lock_t mv_prof_lock;
+
+/* After the options are read: maps the tables and sends every malloc and free
+ * to the slow paths. Returns false (profiling stays off, said on stderr) when
+ * the tables cannot be mapped. */
+bool mv_prof_init(uint64_t rate);
+
+/* Records p (size bytes, just allocated) if the thread's byte countdown ran out.
+ * Returns p. */
+void *mv_prof_sample(void *p, size_t size) MV_NOINLINE;
+
+static inline void *mv_prof_count(void *p, size_t size) {
+  if (MV_UNLIKELY((mv_prof_left -= (int64_t)size) < 0) && p) return mv_prof_sample(p, size);
+  return p;
+}
+
+/* p, in page (page->sampled != 0), is being freed: forgets it if sampled. */
+void mv_prof_freed(void *p, mv_page_t *page) MV_NOINLINE;
+
+/* At exit with MOVALLOC_PROFILE set: the report on stderr, and the folded
+ * stacks into MOVALLOC_PROFILE_OUT if given. */
+void mv_prof_exit(void);
+
+#endif /* MV_PROFILE_H */
