@@ -427,19 +427,12 @@ static void free_small(mv_page_t *page, mv_block_t *b) {
   if (atomic_load(&page->in_full)) page_notify(page);
 }
 
-void mv_free_slow(void *p) {
+static MV_NOINLINE void free_slow(void *p) {
   if (!p) return;
   mv_page_t *page = mv_page_of(p);
   if (!page) {
     report_misuse(p, "not allocated by movalloc", false);
     return;
-  }
-  if (MV_UNLIKELY(mv_prof_rate)) { /* every free comes here: see mv_profile.h */
-    if (MV_UNLIKELY(atomic_load_explicit(&page->sampled, memory_order_relaxed)))
-      mv_prof_freed(p, page);
-    if (!mv_options.check && ((uintptr_t)p & (MV_ALIGN - 1)) == 0 &&
-        mv_free_owned(p, (uintptr_t)p - mv_heap_base))
-      return;
   }
   switch (page->kind) {
     case MV_PAGE_SMALL:
@@ -458,6 +451,23 @@ void mv_free_slow(void *p) {
       report_misuse(p, "double free, or never allocated (no live block there)", true);
       return;
   }
+}
+
+/* Under MOVALLOC_PROFILE every free comes here (mv_profile.h): a sampled block
+ * is forgotten, the rest takes the fast path's push when it can. */
+static MV_NOINLINE void free_profiled(void *p) {
+  mv_page_t *page = mv_page_of(p);
+  if (page && MV_UNLIKELY(atomic_load_explicit(&page->sampled, memory_order_relaxed)))
+    mv_prof_freed(p, page);
+  if (page && !mv_options.check && ((uintptr_t)p & (MV_ALIGN - 1)) == 0 &&
+      mv_free_owned(p, (uintptr_t)p - mv_heap_base))
+    return;
+  free_slow(p);
+}
+
+void mv_free_slow(void *p) {
+  if (MV_UNLIKELY(mv_prof_rate)) free_profiled(p);
+  else free_slow(p);
 }
 
 /* ---- allocation beyond the fast path ---- */
@@ -485,7 +495,7 @@ static MV_ALLOC_ENTRY void *alloc_big(size_t size, size_t align, bool *zeroed) {
   return (void *)page->start;
 }
 
-MV_ALLOC_ENTRY void *mv_malloc_slow(size_t size) {
+static MV_NOINLINE MV_ALLOC_ENTRY void *malloc_slow(size_t size) {
   mv_heap_t *h = mv_heap_get();
   if (!h) {
     errno = ENOMEM;
@@ -504,8 +514,28 @@ MV_ALLOC_ENTRY void *mv_malloc_slow(size_t size) {
   mv_block_t *b = page->free;
   page->free = mv_ptr_decode(b->next_enc);
   page->used++;
-  if (MV_UNLIKELY(mv_prof_rate)) return mv_prof_count(b, size);
   return b;
+}
+
+/* Under MOVALLOC_PROFILE every malloc comes here (mv_profile.h): most are
+ * served by the fast path's pop, and every one is counted. */
+static MV_NOINLINE MV_ALLOC_ENTRY void *malloc_profiled(size_t size) {
+  if (size <= 1024) {
+    mv_page_t *page = mv_tls_heap->direct[mv_bin_of(size)];
+    mv_block_t *b = page->free;
+    if (MV_LIKELY(b != NULL)) {
+      page->free = mv_ptr_decode(b->next_enc);
+      page->used++;
+      return mv_prof_count(b, size);
+    }
+  }
+  if (size > MV_SMALL_MAX) return malloc_slow(size); /* alloc_big counts it */
+  return mv_prof_count(malloc_slow(size), size);
+}
+
+MV_ALLOC_ENTRY void *mv_malloc_slow(size_t size) {
+  if (MV_UNLIKELY(mv_prof_rate)) return malloc_profiled(size);
+  return malloc_slow(size);
 }
 
 MV_ALLOC_ENTRY void *mv_calloc(size_t n, size_t size) {

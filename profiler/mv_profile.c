@@ -9,9 +9,6 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#define UNW_LOCAL_ONLY
-#include <libunwind.h>
-
 #include "arena/mv_alloc.h"
 #include "arena/mv_prim.h"
 #include "arena/mv_print.h"
@@ -58,6 +55,14 @@ static uint32_t site_count;    /* mv_prof_lock */
 static uint32_t object_count;  /* mv_prof_lock */
 static uint64_t dropped;       /* mv_prof_lock: samples lost to full tables */
 
+/* libunwind's unw_backtrace, loaded by mv_prof_start with RTLD_LOCAL: linked
+ * in, libunwind.so.8 would interpose its own backtrace() and
+ * _Unwind_Backtrace() on every program movalloc is preloaded into, and load
+ * (with liblzma) even when profiling is off. */
+typedef int (*backtrace_fn)(void **frames, int max);
+static _Atomic(backtrace_fn) unwind_backtrace;
+static _Atomic bool started;   /* mv_prof_start ran: samples are taken */
+
 static __thread bool in_profiler __attribute__((tls_model("initial-exec")));
 static __thread uint64_t rng __attribute__((tls_model("initial-exec"))); /* 0: unseeded */
 
@@ -85,6 +90,18 @@ bool mv_prof_init(uint64_t rate) {
   mv_malloc_fast_max = 0;
   mv_free_fast_mask = ~(uintptr_t)0;
   return true;
+}
+
+void mv_prof_start(void) {
+  in_profiler = true; /* dlopen allocates: served, not sampled */
+  void *h = dlopen("libunwind.so.8", RTLD_NOW | RTLD_LOCAL);
+  backtrace_fn fn = h ? (backtrace_fn)dlsym(h, "unw_backtrace") : NULL;
+  if (!fn)
+    mv_log("MOVALLOC_PROFILE: cannot load unw_backtrace from libunwind.so.8 (%s); samples "
+           "will have no stacks. Install libunwind8.", h ? "no such symbol" : dlerror());
+  atomic_store(&unwind_backtrace, fn);
+  atomic_store(&started, true);
+  in_profiler = false;
 }
 
 /* ---- sampling ---- */
@@ -132,7 +149,8 @@ static uint32_t object_slot(uintptr_t addr) {
 }
 
 MV_ALLOC_ENTRY void *mv_prof_sample(void *p, size_t size) {
-  if (in_profiler) return p; /* libunwind allocating inside the sampler: not sampled */
+  if (in_profiler || !atomic_load_explicit(&started, memory_order_acquire))
+    return p; /* libunwind allocating inside the sampler, or before start-up */
   in_profiler = true;
   if (MV_UNLIKELY(rng == 0)) { /* the thread's first countdown: start it unsampled */
     mv_os_random(&rng, sizeof rng);
@@ -144,7 +162,8 @@ MV_ALLOC_ENTRY void *mv_prof_sample(void *p, size_t size) {
   mv_prof_left = next_interval();
 
   void *raw[CAPTURE];
-  int n = unw_backtrace(raw, CAPTURE);
+  backtrace_fn backtrace = atomic_load_explicit(&unwind_backtrace, memory_order_relaxed);
+  int n = backtrace ? backtrace(raw, CAPTURE) : 0;
   /* Drop libunwind's frames, then the allocator's: keep the program's. */
   int first = 0;
   while (first < n && !in_allocator((uintptr_t)raw[first])) first++;

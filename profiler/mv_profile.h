@@ -11,6 +11,7 @@
  * mv_free_slow, which looks the block up only if its page holds sampled blocks
  * (mv_page_t.sampled).
  *
+ * Stacks come from libunwind's unw_backtrace, dlopen'ed by mv_prof_start.
  * Nothing here allocates: the sampler runs with a per-thread guard set, so an
  * allocation libunwind makes from inside it is served but never sampled. Lock:
  * mv_prof_lock, a leaf (nothing else is taken under it); the stack is captured
@@ -25,7 +26,9 @@
 #include "arena/mv_lock.h"
 #include "arena/mv_types.h"
 
-extern uint64_t mv_prof_rate; /* mean bytes between samples; 0: off */
+/* Hidden: the slow paths test mv_prof_rate directly, not through the GOT. */
+extern uint64_t mv_prof_rate __attribute__((visibility("hidden"))); /* mean bytes between
+                                                                       samples; 0: off */
 extern __thread int64_t mv_prof_left __attribute__((tls_model("initial-exec")));
 extern mv_lock_t mv_prof_lock;
 
@@ -33,6 +36,10 @@ extern mv_lock_t mv_prof_lock;
  * to the slow paths. Returns false (profiling stays off, said on stderr) when
  * the tables cannot be mapped. */
 bool mv_prof_init(uint64_t rate);
+
+/* From movalloc's constructor, once the process can dlopen: loads libunwind.
+ * Samples are taken from then on. */
+void mv_prof_start(void);
 
 /* Records p (size bytes, just allocated) if the thread's byte countdown ran out.
  * Returns p. */

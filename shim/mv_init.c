@@ -98,7 +98,9 @@ void mv_thread_attach(void) {
   if (exit_key_ok) pthread_setspecific(exit_key, (void *)1);
 }
 
-__attribute__((constructor)) static void movalloc_constructor(void) { mv_ensure_init(); }
+__attribute__((constructor)) static void movalloc_constructor(void) {
+  if (mv_ensure_init() && mv_prof_rate) mv_prof_start();
+}
 
 __attribute__((destructor)) static void movalloc_destructor(void) {
   if (atomic_load(&init_state) != READY) return;
