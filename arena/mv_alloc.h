@@ -127,7 +127,10 @@ void mv_heap_collect_all(void);    /* returns empty pages of every abandoned hea
 int mv_arena_init(void);           /* reserves the heap; 0 or -errno */
 /* A run of n contiguous free slices, fullest arena first. Returns its page
  * descriptor (kind NONE, slices mapped to it) or NULL with errno = ENOMEM. */
-mv_page_t *mv_arena_alloc_slices(unsigned n, bool *zeroed);
+mv_page_t *mv_arena_alloc_class(unsigned n, bool *zeroed, unsigned lifeclass);
+static inline mv_page_t *mv_arena_alloc_slices(unsigned n, bool *zeroed) {
+  return mv_arena_alloc_class(n, zeroed, MV_LIFE_SHORT);
+}
 void mv_arena_free_slices(mv_page_t *page);
 /* A span of whole arenas for size bytes, aligned to align (>= MV_ARENA_SIZE or 0). */
 mv_page_t *mv_arena_alloc_huge(size_t size, size_t align, bool *zeroed);

@@ -18,6 +18,7 @@
 #include "arena/mv_prim.h"
 #include "arena/mv_print.h"
 #include "compactor/mv_engine.h"
+#include "profiler/mv_lifetime.h"
 #include "profiler/mv_profile.h"
 #include "shim/mv_init.h"
 #include "shim/mv_options.h"
@@ -84,6 +85,20 @@ static inline void update_direct(mv_heap_t *h, unsigned bin) {
   h->direct[bin] = h->queues[bin].first ? h->queues[bin].first : &mv_page_empty;
 }
 
+/* The owner's queue for a page's bin and lifetime class. */
+static inline mv_page_queue_t *bin_queue(mv_heap_t *h, unsigned bin, unsigned lifeclass) {
+  return lifeclass == MV_LIFE_LONG ? &h->long_queues[bin] : &h->queues[bin];
+}
+
+static inline mv_page_queue_t *page_queue(mv_heap_t *h, const mv_page_t *page) {
+  return bin_queue(h, page->bin, page->lifeclass);
+}
+
+/* After page left or joined the head of its queue. */
+static inline void update_direct_for(mv_heap_t *h, const mv_page_t *page) {
+  if (page->lifeclass == MV_LIFE_SHORT) update_direct(h, page->bin);
+}
+
 /* ---- pages ---- */
 
 /* Moves the owner's and other threads' frees onto page->free. */
@@ -127,8 +142,8 @@ static void page_retire(mv_heap_t *h, mv_page_t *page) {
     queue_remove(&h->full, page);
     atomic_store(&page->in_full, 0);
   } else {
-    queue_remove(&h->queues[page->bin], page);
-    update_direct(h, page->bin);
+    queue_remove(page_queue(h, page), page);
+    update_direct_for(h, page);
   }
   mv_arena_free_slices(page);
 }
@@ -137,21 +152,21 @@ static void page_retire(mv_heap_t *h, mv_page_t *page) {
  * sequentially consistent: either the owner sees a concurrent free's block, or
  * the freeing thread sees in_full and notifies. */
 static void page_to_full(mv_heap_t *h, mv_page_t *page) {
-  queue_remove(&h->queues[page->bin], page);
+  queue_remove(page_queue(h, page), page);
   queue_push_back(&h->full, page);
   atomic_store(&page->in_full, 1);
   if (atomic_load(&page->xthread_free) != 0) {
     queue_remove(&h->full, page);
     atomic_store(&page->in_full, 0);
-    queue_push_back(&h->queues[page->bin], page);
+    queue_push_back(page_queue(h, page), page);
   }
 }
 
 static void page_unfull(mv_heap_t *h, mv_page_t *page) {
   queue_remove(&h->full, page);
   atomic_store(&page->in_full, 0);
-  queue_push_back(&h->queues[page->bin], page);
-  update_direct(h, page->bin);
+  queue_push_back(page_queue(h, page), page);
+  update_direct_for(h, page);
 }
 
 /* Tells a page's owner that a full page got a free. At most one stack holds a
@@ -192,17 +207,17 @@ static void heap_rescan_full(mv_heap_t *h) {
   }
 }
 
-static mv_page_t *page_fresh(mv_heap_t *h, unsigned bin) {
+static mv_page_t *page_fresh(mv_heap_t *h, unsigned bin, unsigned lifeclass) {
   mv_compactor_poke();
   bool zeroed;
-  mv_page_t *page = mv_arena_alloc_slices(mv_bin_slices(bin), &zeroed);
+  mv_page_t *page = mv_arena_alloc_class(mv_bin_slices(bin), &zeroed, lifeclass);
   if (!page) return NULL;
   page->kind = MV_PAGE_SMALL;
   page->bin = (uint8_t)bin;
   page->block_size = (uint32_t)mv_bin_size(bin);
   page->reserved = (uint32_t)(((size_t)page->slice_count << MV_SLICE_SHIFT) / page->block_size);
   atomic_store_explicit(&page->heap, h, memory_order_release);
-  queue_push_front(&h->queues[bin], page);
+  queue_push_front(bin_queue(h, bin, lifeclass), page);
   return page;
 }
 
@@ -232,11 +247,12 @@ static void collect_one_abandoned(void) {
   mv_unlock(&mv_heaps_lock);
 }
 
-/* A page of bin with a free block, made the bin's first page; NULL: no memory. */
-static mv_page_t *heap_page_for(mv_heap_t *h, unsigned bin) {
+/* A page of bin and lifetime class with a free block, made the first page of
+ * its queue; NULL: no memory. */
+static mv_page_t *heap_page_for(mv_heap_t *h, unsigned bin, unsigned lifeclass) {
   if (++h->slow_calls % MV_HOUSEKEEPING_EVERY == 0) heap_rescan_full(h);
   heap_drain_notified(h);
-  mv_page_queue_t *q = &h->queues[bin];
+  mv_page_queue_t *q = bin_queue(h, bin, lifeclass);
   mv_page_t *page = q->first;
   while (page) {
     mv_page_t *next = page->next;
@@ -253,7 +269,7 @@ static mv_page_t *heap_page_for(mv_heap_t *h, unsigned bin) {
   }
   if (!page) {
     collect_one_abandoned(); /* their empty pages may serve instead of fresh ones */
-    page = page_fresh(h, bin);
+    page = page_fresh(h, bin, lifeclass);
     if (!page) return NULL;
     page_extend(page);
   }
@@ -261,7 +277,7 @@ static mv_page_t *heap_page_for(mv_heap_t *h, unsigned bin) {
     queue_remove(q, page);
     queue_push_front(q, page);
   }
-  h->direct[bin] = page;
+  if (lifeclass == MV_LIFE_SHORT) h->direct[bin] = page;
   return page;
 }
 
@@ -271,7 +287,7 @@ void mv_page_emptied(mv_page_t *page) {
   if (page->used != 0) return;
   /* Keep a bin's only page: a thread that frees its last block of a size
    * usually allocates that size again. */
-  mv_page_queue_t *q = &h->queues[page->bin];
+  mv_page_queue_t *q = page_queue(h, page);
   if (q->first == page && q->last == page) return;
   page_retire(h, page);
 }
@@ -324,12 +340,14 @@ mv_heap_t *mv_heap_get(void) {
 static void heap_collect(mv_heap_t *h, bool keep_one) {
   heap_drain_notified(h);
   heap_rescan_full(h);
-  for (unsigned bin = 1; bin < MV_BINS; bin++) {
-    for (mv_page_t *page = h->queues[bin].first, *next; page; page = next) {
-      next = page->next;
-      page_collect(page);
-      if (page->used == 0 && !(keep_one && h->queues[bin].first == page && !next))
-        page_retire(h, page);
+  for (unsigned c = 0; c < MV_LIFECLASSES; c++) {
+    for (unsigned bin = 1; bin < MV_BINS; bin++) {
+      mv_page_queue_t *q = bin_queue(h, bin, c);
+      for (mv_page_t *page = q->first, *next; page; page = next) {
+        next = page->next;
+        page_collect(page);
+        if (page->used == 0 && !(keep_one && q->first == page && !next)) page_retire(h, page);
+      }
     }
   }
 }
@@ -472,7 +490,13 @@ void mv_free_slow(void *p) {
 
 /* ---- allocation beyond the fast path ---- */
 
-static MV_ALLOC_ENTRY void *alloc_big(size_t size, size_t align, bool *zeroed) {
+/* Counts p for the profiler, when it is on. */
+static inline void *counted(void *p, size_t size) {
+  return MV_UNLIKELY(mv_prof_rate) ? mv_prof_count(p, size) : p;
+}
+
+static MV_ALLOC_ENTRY void *alloc_big(size_t size, size_t align, bool *zeroed,
+                                      unsigned lifeclass) {
   mv_compactor_poke();
   bool z;
   if (size > PTRDIFF_MAX) {
@@ -482,7 +506,7 @@ static MV_ALLOC_ENTRY void *alloc_big(size_t size, size_t align, bool *zeroed) {
   mv_page_t *page;
   if (size <= MV_LARGE_MAX && align <= MV_SLICE_SIZE) {
     unsigned n = (unsigned)((size + MV_SLICE_SIZE - 1) >> MV_SLICE_SHIFT);
-    page = mv_arena_alloc_slices(n, &z);
+    page = mv_arena_alloc_class(n, &z, lifeclass);
     if (!page) return NULL;
     page->huge_size = (size_t)n << MV_SLICE_SHIFT;
     page->kind = MV_PAGE_LARGE;
@@ -491,8 +515,7 @@ static MV_ALLOC_ENTRY void *alloc_big(size_t size, size_t align, bool *zeroed) {
     if (!page) return NULL;
   }
   if (zeroed) *zeroed = z;
-  if (MV_UNLIKELY(mv_prof_rate)) return mv_prof_count((void *)page->start, size);
-  return (void *)page->start;
+  return counted((void *)page->start, size);
 }
 
 static MV_NOINLINE MV_ALLOC_ENTRY void *malloc_slow(size_t size) {
@@ -501,11 +524,11 @@ static MV_NOINLINE MV_ALLOC_ENTRY void *malloc_slow(size_t size) {
     errno = ENOMEM;
     return NULL;
   }
-  if (size > MV_SMALL_MAX) return alloc_big(size, 0, NULL);
+  if (size > MV_SMALL_MAX) return alloc_big(size, 0, NULL, MV_LIFE_SHORT);
   unsigned bin = mv_bin_of(size);
   mv_page_t *page = h->direct[bin];
   if (!page->free) {
-    page = heap_page_for(h, bin);
+    page = heap_page_for(h, bin, MV_LIFE_SHORT);
     if (!page) {
       errno = ENOMEM;
       return NULL;
@@ -517,24 +540,52 @@ static MV_NOINLINE MV_ALLOC_ENTRY void *malloc_slow(size_t size) {
   return b;
 }
 
-/* Under MOVALLOC_PROFILE every malloc comes here (mv_profile.h): most are
- * served by the fast path's pop, and every one is counted. */
-static MV_NOINLINE MV_ALLOC_ENTRY void *malloc_profiled(size_t size) {
+/* A routed allocation (MOVALLOC_PROFILE_LONGLIVED): pages of the heap's long
+ * queues, in arenas of their own. */
+static MV_NOINLINE MV_ALLOC_ENTRY void *malloc_long(size_t size) {
+  mv_heap_t *h = mv_heap_get();
+  if (!h) {
+    errno = ENOMEM;
+    return NULL;
+  }
+  if (size > MV_SMALL_MAX) return alloc_big(size, 0, NULL, MV_LIFE_LONG);
+  unsigned bin = mv_bin_of(size);
+  mv_page_t *page = h->long_queues[bin].first;
+  if (!page || !page->free) {
+    page = heap_page_for(h, bin, MV_LIFE_LONG);
+    if (!page) {
+      errno = ENOMEM;
+      return NULL;
+    }
+  }
+  mv_block_t *b = page->free;
+  page->free = mv_ptr_decode(b->next_enc);
+  page->used++;
+  return counted(b, size);
+}
+
+/* Under MOVALLOC_PROFILE or MOVALLOC_PROFILE_LONGLIVED every malloc comes here
+ * (mv_malloc_fast_max is 0): routed to its lifetime class, served by the fast
+ * path's pop when it can, and counted for the profiler. ra: the return address
+ * of mv_malloc_slow, malloc's caller when malloc jumped here. */
+static MV_NOINLINE MV_ALLOC_ENTRY void *malloc_hooked(size_t size, uintptr_t ra) {
+  if (mv_lifetime_on && mv_lifetime_class(ra) == MV_LIFE_LONG) return malloc_long(size);
   if (size <= 1024) {
     mv_page_t *page = mv_tls_heap->direct[mv_bin_of(size)];
     mv_block_t *b = page->free;
     if (MV_LIKELY(b != NULL)) {
       page->free = mv_ptr_decode(b->next_enc);
       page->used++;
-      return mv_prof_count(b, size);
+      return counted(b, size);
     }
   }
   if (size > MV_SMALL_MAX) return malloc_slow(size); /* alloc_big counts it */
-  return mv_prof_count(malloc_slow(size), size);
+  return counted(malloc_slow(size), size);
 }
 
 MV_ALLOC_ENTRY void *mv_malloc_slow(size_t size) {
-  if (MV_UNLIKELY(mv_prof_rate)) return malloc_profiled(size);
+  if (MV_UNLIKELY(mv_malloc_fast_max == 0))
+    return malloc_hooked(size, (uintptr_t)__builtin_return_address(0));
   return malloc_slow(size);
 }
 
@@ -554,7 +605,7 @@ MV_ALLOC_ENTRY void *mv_calloc(size_t n, size_t size) {
     return NULL;
   }
   bool zeroed;
-  void *p = alloc_big(total, 0, &zeroed);
+  void *p = alloc_big(total, 0, &zeroed, MV_LIFE_SHORT);
   if (p && !zeroed) memset(p, 0, total);
   return p;
 }
@@ -575,7 +626,7 @@ MV_ALLOC_ENTRY void *mv_aligned(size_t align, size_t size) {
     size_t rounded = ((size ? size : 1) + align - 1) & ~(align - 1);
     if (rounded <= MV_SMALL_MAX) return mv_malloc(rounded);
   }
-  return alloc_big(size ? size : 1, align, NULL);
+  return alloc_big(size ? size : 1, align, NULL, MV_LIFE_SHORT);
 }
 
 size_t mv_usable_size(const void *p) {

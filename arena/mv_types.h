@@ -59,6 +59,15 @@ enum mv_page_kind {
 
 struct mv_heap;
 
+/* Lifetime classes (MOVALLOC_PROFILE_LONGLIVED): allocations from sites an
+ * earlier profile found long-lived get pages in arenas of their own, so the
+ * holes short-lived churn leaves do not pin arenas holding long-lived data. */
+enum mv_lifeclass {
+  MV_LIFE_SHORT, /* everything by default */
+  MV_LIFE_LONG,  /* routed: predicted long-lived */
+  MV_LIFECLASSES,
+};
+
 /* One page. Lives in the meta region, in the arena that holds its first slice.
  *
  * SMALL invariants (owner = the heap that owns the page):
@@ -91,6 +100,8 @@ typedef struct mv_page {
   _Atomic(uint16_t) sampled; /* live blocks in the profiler's table (mv_profile.h):
                                 frees look it up only when this is not 0 */
   size_t huge_size;          /* HUGE/LARGE: usable bytes */
+  uint8_t lifeclass;         /* SMALL, LARGE: enum mv_lifeclass, that of its arena;
+                                SMALL: which of the owner's queue sets holds it */
 } __attribute__((aligned(64))) mv_page_t; /* no two pages share a cache line */
 
 /* Arena states. Transitions are atomic (mv_arena_set_state asserts each one):
@@ -115,7 +126,8 @@ enum mv_arena_state {
  *   free_mask bit i set <=> slice i belongs to no page;
  *   free_mask == all ones <=> the arena is FREE or about to be (release deferred
  *   while ISOLATED/MIGRATING: release_pending);
- *   on a bucket list <=> ACTIVE, not huge, and 0 < free slices < MV_SLICES;
+ *   on a bucket list (of its lifeclass) <=> ACTIVE, not huge, and
+ *   0 < free slices < MV_SLICES;
  *   committed: its pages may be resident (not released since last use);
  *   zero_mask bit i set => slice i holds only zeros (fresh, or released and not
  *   handed out since). */
@@ -125,6 +137,8 @@ typedef struct mv_arena {
   bool committed;
   bool release_pending;
   bool thp;                   /* known to sit on a transparent huge page */
+  uint8_t lifeclass;          /* enum mv_lifeclass of every page in it (set when taken
+                                 FREE -> ACTIVE); its bucket list is that class's */
   uint8_t free_count;         /* popcount(free_mask) */
   uint32_t free_mask;
   uint32_t zero_mask;         /* slices known to hold only zeros */
@@ -146,10 +160,13 @@ typedef struct mv_page_queue {
  * and the next new thread adopts it (so a cross-thread free may always write to
  * a page's heap, even a dead thread's).
  * Invariants: direct[b] == queues[b].first, or &mv_page_empty when that is NULL;
+ * queues hold MV_LIFE_SHORT pages, long_queues MV_LIFE_LONG ones (routed
+ * allocations, always through the slow path);
  * only the owning thread (owned == 1) touches anything but xthread_pages. */
 typedef struct mv_heap {
   mv_page_t *direct[MV_BINS];         /* the fast path's page per bin */
   mv_page_queue_t queues[MV_BINS];
+  mv_page_queue_t long_queues[MV_BINS];
   mv_page_queue_t full;               /* pages with no free block when last looked */
   _Atomic(mv_page_t *) xthread_pages; /* full pages that got a cross-thread free */
   _Atomic(uint8_t) owned;

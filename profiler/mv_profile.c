@@ -13,6 +13,7 @@
 #include "arena/mv_prim.h"
 #include "arena/mv_print.h"
 #include "include/movalloc.h"
+#include "profiler/mv_lifetime.h"
 #include "shim/mv_options.h"
 
 #define CAPTURE 64                         /* frames unwound per sample */
@@ -22,6 +23,8 @@
 #define OBJECTS 65536u                     /* sampled-object table slots (power of two) */
 #define OBJECTS_MAX (OBJECTS / 4 * 3)      /* live samples kept; later ones are dropped */
 #define LIFE MOVALLOC_LIFETIME_BUCKETS
+#define LONG_NS 1000000000ull             /* a sample that lived this long is long-lived */
+#define LONG_BUCKET 4                     /* lifetime buckets from here on: >= 1 s */
 
 /* One allocation site. Invariants (mv_prof_lock): hash == 0 <=> unused slot;
  * live_samples == samples - freed samples; live_bytes == sum of the weights of
@@ -66,13 +69,6 @@ static _Atomic bool started;   /* mv_prof_start ran: samples are taken */
 static __thread bool in_profiler __attribute__((tls_model("initial-exec")));
 static __thread uint64_t rng __attribute__((tls_model("initial-exec"))); /* 0: unseeded */
 
-/* Linker-made bounds of the MV_ALLOC_ENTRY section. */
-extern const char __start_mv_alloc_text[] __attribute__((visibility("hidden")));
-extern const char __stop_mv_alloc_text[] __attribute__((visibility("hidden")));
-
-static bool in_allocator(uintptr_t ip) {
-  return ip > (uintptr_t)__start_mv_alloc_text && ip <= (uintptr_t)__stop_mv_alloc_text;
-}
 
 bool mv_prof_init(uint64_t rate) {
   size_t slen = SITES * sizeof(site_t), olen = OBJECTS * sizeof(object_t);
@@ -92,16 +88,34 @@ bool mv_prof_init(uint64_t rate) {
   return true;
 }
 
-void mv_prof_start(void) {
+void mv_prof_load_unwind(void) {
+  static bool tried; /* the constructor runs on one thread */
+  if (tried) return;
+  tried = true;
+  bool was = in_profiler;
   in_profiler = true; /* dlopen allocates: served, not sampled */
   void *h = dlopen("libunwind.so.8", RTLD_NOW | RTLD_LOCAL);
   backtrace_fn fn = h ? (backtrace_fn)dlsym(h, "unw_backtrace") : NULL;
   if (!fn)
-    mv_log("MOVALLOC_PROFILE: cannot load unw_backtrace from libunwind.so.8 (%s); samples "
-           "will have no stacks. Install libunwind8.", h ? "no such symbol" : dlerror());
+    mv_log("cannot load unw_backtrace from libunwind.so.8 (%s): profile samples have no "
+           "stacks, and sites are not found through calloc or new. Install libunwind8.",
+           h ? "no such symbol" : dlerror());
   atomic_store(&unwind_backtrace, fn);
-  atomic_store(&started, true);
+  in_profiler = was;
+}
+
+int mv_prof_backtrace(void **frames, int max) {
+  backtrace_fn fn = atomic_load_explicit(&unwind_backtrace, memory_order_relaxed);
+  if (!fn || in_profiler) return 0; /* in_profiler: libunwind allocating */
+  in_profiler = true;
+  int n = fn(frames, max);
   in_profiler = false;
+  return n;
+}
+
+void mv_prof_start(void) {
+  mv_prof_load_unwind();
+  atomic_store(&started, true);
 }
 
 /* ---- sampling ---- */
@@ -166,9 +180,9 @@ MV_ALLOC_ENTRY void *mv_prof_sample(void *p, size_t size) {
   int n = backtrace ? backtrace(raw, CAPTURE) : 0;
   /* Drop libunwind's frames, then the allocator's: keep the program's. */
   int first = 0;
-  while (first < n && !in_allocator((uintptr_t)raw[first])) first++;
+  while (first < n && !mv_in_allocator((uintptr_t)raw[first])) first++;
   if (first == n) first = 0;
-  while (first < n && in_allocator((uintptr_t)raw[first])) first++;
+  while (first < n && mv_in_allocator((uintptr_t)raw[first])) first++;
   unsigned depth = (unsigned)(n - first) < DEPTH ? (unsigned)(n - first) : DEPTH;
   uintptr_t frames[DEPTH];
   for (unsigned i = 0; i < depth; i++) frames[i] = (uintptr_t)raw[first + i];
@@ -308,6 +322,11 @@ static snap_t *snap_take(void) {
     for (unsigned f = 0; f < st->depth; f++) o->frames[f] = (void *)st->frames[f];
     sn->samples += st->samples;
   }
+  uint64_t now = mv_os_now_ns();
+  for (uint32_t i = 0; i < SITES; i++)
+    if (sites[i].hash)
+      for (unsigned b = LONG_BUCKET; b < LIFE; b++)
+        sn->site[index[i]].long_lived_samples += sites[i].lifetime[b];
   for (uint32_t i = 0; i < OBJECTS; i++) {
     const object_t *ob = &objects[i];
     if (!ob->addr) continue;
@@ -316,6 +335,7 @@ static snap_t *snap_take(void) {
     struct movalloc_profile_site *o = &sn->site[index[ob->site]];
     if (sparse) o->sparse_bytes += ob->bytes;
     if (small_pages) o->small_page_bytes += ob->bytes;
+    if (now - ob->born_ns >= LONG_NS) o->long_lived_samples++;
   }
   sn->dropped = dropped;
   mv_unlock(&mv_prof_lock);
@@ -450,10 +470,53 @@ int movalloc_profile_dump(const char *path) {
   return close(fd) == 0 ? 0 : -errno;
 }
 
+/* The sites whose samples mostly lived 1 s or more, as "module 0xoffset symbol"
+ * lines (mv_lifetime.h reads them): the return address into malloc's caller,
+ * relative to its object, so that it survives address space randomisation. */
+static int write_longlived(const char *path) {
+  int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (fd < 0) return -errno;
+  bool was = in_profiler;
+  in_profiler = true;
+  snap_t *sn = snap_take();
+  if (!sn) {
+    close(fd);
+    in_profiler = was;
+    return -ENOMEM;
+  }
+  struct out o = {.fd = fd};
+  char line[512];
+  size_t len = mv_snprintf(line, sizeof line, "# movalloc long-lived allocation sites "
+                           "(samples that lived >= 1 s / samples): module offset symbol\n");
+  out_put(&o, line, len);
+  for (size_t i = 0; i < sn->count; i++) {
+    const struct movalloc_profile_site *s = &sn->site[i];
+    if (!s->depth || s->samples < 2 || s->long_lived_samples * 2 < s->samples) continue;
+    uintptr_t ip = (uintptr_t)s->frames[0], bias;
+    char module[256], name[256];
+    if (!mv_lifetime_object_of(ip - 1, &bias, module, sizeof module)) continue;
+    frame_name(s->frames[0], name, sizeof name);
+    len = mv_snprintf(line, sizeof line, "%s 0x%lx %s %llu/%llu\n", module,
+                      (unsigned long)(ip - bias), name,
+                      (unsigned long long)s->long_lived_samples, (unsigned long long)s->samples);
+    out_put(&o, line, len);
+  }
+  mv_os_write_all(fd, o.buf, o.n);
+  snap_free(sn);
+  in_profiler = was;
+  return close(fd) == 0 ? 0 : -errno;
+}
+
 void mv_prof_exit(void) {
   movalloc_profile_report(2, 10);
   if (mv_options.profile_out) {
     int rc = movalloc_profile_dump(mv_options.profile_out);
     if (rc) mv_log("MOVALLOC_PROFILE_OUT=%s: cannot write it (%d)", mv_options.profile_out, rc);
+  }
+  if (mv_options.profile_longlived_out) {
+    int rc = write_longlived(mv_options.profile_longlived_out);
+    if (rc)
+      mv_log("MOVALLOC_PROFILE_LONGLIVED_OUT=%s: cannot write it (%d)",
+             mv_options.profile_longlived_out, rc);
   }
 }

@@ -41,6 +41,23 @@ bool mv_prof_init(uint64_t rate);
  * Samples are taken from then on. */
 void mv_prof_start(void);
 
+/* Loads libunwind (once; later calls return at once). */
+void mv_prof_load_unwind(void);
+
+/* unw_backtrace into frames (return addresses, innermost first); 0 when
+ * libunwind is not loaded. */
+int mv_prof_backtrace(void **frames, int max);
+
+/* Linker-made bounds of the MV_ALLOC_ENTRY section. */
+extern const char __start_mv_alloc_text[] __attribute__((visibility("hidden")));
+extern const char __stop_mv_alloc_text[] __attribute__((visibility("hidden")));
+
+/* Is this return address inside a function between a program's allocation
+ * call and the profiler? */
+static inline bool mv_in_allocator(uintptr_t ip) {
+  return ip > (uintptr_t)__start_mv_alloc_text && ip <= (uintptr_t)__stop_mv_alloc_text;
+}
+
 /* Records p (size bytes, just allocated) if the thread's byte countdown ran out.
  * Returns p. */
 void *mv_prof_sample(void *p, size_t size) MV_NOINLINE;

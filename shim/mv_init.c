@@ -13,6 +13,7 @@
 #include "arena/mv_print.h"
 #include "compactor/mv_engine.h"
 #include "include/movalloc.h"
+#include "profiler/mv_lifetime.h"
 #include "profiler/mv_profile.h"
 #include "shim/mv_options.h"
 #include "shim/mv_stats.h"
@@ -99,7 +100,9 @@ void mv_thread_attach(void) {
 }
 
 __attribute__((constructor)) static void movalloc_constructor(void) {
-  if (mv_ensure_init() && mv_prof_rate) mv_prof_start();
+  if (!mv_ensure_init()) return;
+  if (mv_prof_rate) mv_prof_start();
+  if (mv_options.profile_longlived) mv_lifetime_start(mv_options.profile_longlived);
 }
 
 __attribute__((destructor)) static void movalloc_destructor(void) {

@@ -58,6 +58,12 @@ static const struct opt opts[] = {
      "(on: 2097152); report at exit"},
     {"MOVALLOC_PROFILE_OUT", OPT_PATH, NULL, 0, 0, 0, FIELD(profile_out),
      "with MOVALLOC_PROFILE: write live bytes per site as folded stacks here at exit (mode 0600)"},
+    {"MOVALLOC_PROFILE_LONGLIVED_OUT", OPT_PATH, NULL, 0, 0, 0, FIELD(profile_longlived_out),
+     "with MOVALLOC_PROFILE: write the sites whose samples mostly lived 1 s or more here at "
+     "exit (mode 0600), for MOVALLOC_PROFILE_LONGLIVED"},
+    {"MOVALLOC_PROFILE_LONGLIVED", OPT_PATH, NULL, 0, 0, 0, FIELD(profile_longlived),
+     "route allocations from the sites listed in this file (MOVALLOC_PROFILE_LONGLIVED_OUT of "
+     "an earlier run) into arenas of their own"},
 };
 
 static void store(const struct opt *o, uint64_t v) {
