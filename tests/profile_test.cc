@@ -21,6 +21,7 @@
 
 extern "C" {
 #include "include/movalloc.h"
+#include "profiler/mv_lifetime.h"
 }
 
 namespace {
@@ -69,7 +70,29 @@ __attribute__((noinline)) void *profile_hold_site(size_t n) { return Opaque(mall
 __attribute__((noinline)) void *profile_churn_site(size_t n) { return Opaque(malloc(n)); }
 __attribute__((noinline)) void *profile_thread_site(size_t n) { return Opaque(malloc(n)); }
 __attribute__((noinline)) void *profile_exit_site(size_t n) { return Opaque(malloc(n)); }
+__attribute__((noinline)) void *profile_route_site(size_t n) { return Opaque(malloc(n)); }
 }
+
+namespace {
+
+// Allocates from the routed and an unrouted site, interleaved; true when no
+// 2 MiB arena holds blocks of both.
+bool SitesInSeparateArenas() {
+  std::vector<void *> routed, other;
+  for (int i = 0; i < 4000; i++) {
+    routed.push_back(profile_route_site(64));
+    other.push_back(profile_churn_site(64));
+  }
+  bool separate = true;
+  for (void *r : routed)
+    for (void *o : other)
+      if (((uintptr_t)r >> 21) == ((uintptr_t)o >> 21)) separate = false;
+  for (void *p : routed) free(p);
+  for (void *p : other) free(p);
+  return separate;
+}
+
+}  // namespace
 
 TEST(Profile, OnWithTheRateFromTheEnvironment) {
   movalloc_profile_site one;
@@ -230,6 +253,8 @@ TEST(Profile, ExitChild) {
   if (!getenv("PROFILE_TEST_EXIT_CHILD")) GTEST_SKIP() << "run by ReportAtExit";
   static std::vector<void *> held;
   for (int i = 0; i < 1024; i++) held.push_back(profile_exit_site(8192)); // 8 MiB, kept
+  for (int i = 0; i < 1024; i++) free(profile_churn_site(8192));         // 8 MiB, freed
+  usleep(1100 * 1000); // the kept ones become long-lived (1 s)
 }
 
 TEST(Profile, ReportAtExitAndFoldedFile) {
@@ -238,6 +263,10 @@ TEST(Profile, ReportAtExitAndFoldedFile) {
   ASSERT_GE(fd, 0);
   close(fd);
   unlink(out);
+  char ll[] = "/tmp/movalloc_profile_ll_XXXXXX";
+  int lfd = mkstemp(ll);
+  ASSERT_GE(lfd, 0);
+  close(lfd);
   char err[] = "/tmp/movalloc_profile_err_XXXXXX";
   int efd = mkstemp(err);
   ASSERT_GE(efd, 0);
@@ -248,8 +277,9 @@ TEST(Profile, ReportAtExitAndFoldedFile) {
     int null = open("/dev/null", O_WRONLY);
     dup2(null, 1);
     std::string out_env = std::string("MOVALLOC_PROFILE_OUT=") + out;
+    std::string ll_env = std::string("MOVALLOC_PROFILE_LONGLIVED_OUT=") + ll;
     char *env[] = {(char *)"MOVALLOC_PROFILE=65536", (char *)out_env.c_str(),
-                   (char *)"PROFILE_TEST_EXIT_CHILD=1", nullptr};
+                   (char *)ll_env.c_str(), (char *)"PROFILE_TEST_EXIT_CHILD=1", nullptr};
     char *argv[] = {(char *)"profile_test", (char *)"--gtest_filter=Profile.ExitChild", nullptr};
     execve("/proc/self/exe", argv, env);
     _exit(127);
@@ -268,6 +298,57 @@ TEST(Profile, ReportAtExitAndFoldedFile) {
   struct stat st;
   ASSERT_EQ(stat(out, &st), 0);
   EXPECT_EQ(st.st_mode & 0777, 0600u);
+  // The long-lived sites: the kept site, as "[exe] 0x<offset>", not the freed one.
+  std::ifstream l(ll);
+  std::string sites((std::istreambuf_iterator<char>(l)), std::istreambuf_iterator<char>());
+  EXPECT_TRUE(std::regex_search(sites, std::regex(R"(\n\[exe\] 0x[0-9a-f]+ profile_exit_site)")))
+      << sites;
+  EXPECT_EQ(sites.find("profile_churn_site"), std::string::npos) << sites;
   unlink(out);
   unlink(err);
+  unlink(ll);
+}
+
+// The child half of RoutingSeparatesArenas, run with MOVALLOC_PROFILE_LONGLIVED.
+TEST(Profile, RouteChild) {
+  if (!getenv("PROFILE_TEST_ROUTE_CHILD")) GTEST_SKIP() << "run by RoutingSeparatesArenas";
+  EXPECT_TRUE(SitesInSeparateArenas());
+}
+
+TEST(Profile, RoutingSeparatesArenas) {
+  // Without routing, the two sites share arenas.
+  EXPECT_FALSE(SitesInSeparateArenas());
+
+  // The routed site's return address, from a sample of it.
+  std::vector<void *> held;
+  for (int i = 0; i < 64; i++) held.push_back(profile_route_site(64 << 10));
+  auto sites = Sites();
+  const movalloc_profile_site *s = SiteIn(sites, (void *)profile_route_site);
+  ASSERT_NE(s, nullptr);
+  for (void *p : held) free(p);
+  uintptr_t ip = (uintptr_t)s->frames[0], bias;
+  char module[256];
+  ASSERT_TRUE(mv_lifetime_object_of(ip - 1, &bias, module, sizeof module));
+  EXPECT_STREQ(module, "[exe]");
+  char path[] = "/tmp/movalloc_profile_route_XXXXXX";
+  int fd = mkstemp(path);
+  ASSERT_GE(fd, 0);
+  dprintf(fd, "# test\n%s 0x%lx profile_route_site\n", module, (unsigned long)(ip - bias));
+  close(fd);
+
+  pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    int null = open("/dev/null", O_WRONLY);
+    dup2(null, 1);
+    std::string env_ll = std::string("MOVALLOC_PROFILE_LONGLIVED=") + path;
+    char *env[] = {(char *)env_ll.c_str(), (char *)"PROFILE_TEST_ROUTE_CHILD=1", nullptr};
+    char *argv[] = {(char *)"profile_test", (char *)"--gtest_filter=Profile.RouteChild", nullptr};
+    execve("/proc/self/exe", argv, env);
+    _exit(127);
+  }
+  int status;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
+  unlink(path);
 }
