@@ -166,7 +166,7 @@ struct movalloc_profile_site {
   uint64_t live_samples;     /* of which not freed yet */
   uint64_t sparse_bytes;     /* of live_bytes: in arenas less than half in use */
   uint64_t small_page_bytes; /* of live_bytes: in arenas not on a huge page */
-  uint64_t long_lived_samples; /* samples that lived 1 s or more (freed or not) */
+  uint64_t long_lived_samples; /* samples still live, or that lived 10 s or more */
   uint64_t lifetime[MOVALLOC_LIFETIME_BUCKETS]; /* freed samples by lifetime */
   unsigned depth;            /* frames[0 .. depth) */
   void *frames[MOVALLOC_PROFILE_DEPTH]; /* return addresses, the caller of malloc first */

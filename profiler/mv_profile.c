@@ -23,8 +23,8 @@
 #define OBJECTS 65536u                     /* sampled-object table slots (power of two) */
 #define OBJECTS_MAX (OBJECTS / 4 * 3)      /* live samples kept; later ones are dropped */
 #define LIFE MOVALLOC_LIFETIME_BUCKETS
-#define LONG_NS 1000000000ull             /* a sample that lived this long is long-lived */
-#define LONG_BUCKET 4                     /* lifetime buckets from here on: >= 1 s */
+#define LONG_BUCKET 5                     /* freed samples that lived >= 10 s (buckets from
+                                             here on) are long-lived, as are live ones */
 
 /* One allocation site. Invariants (mv_prof_lock): hash == 0 <=> unused slot;
  * live_samples == samples - freed samples; live_bytes == sum of the weights of
@@ -322,7 +322,6 @@ static snap_t *snap_take(void) {
     for (unsigned f = 0; f < st->depth; f++) o->frames[f] = (void *)st->frames[f];
     sn->samples += st->samples;
   }
-  uint64_t now = mv_os_now_ns();
   for (uint32_t i = 0; i < SITES; i++)
     if (sites[i].hash)
       for (unsigned b = LONG_BUCKET; b < LIFE; b++)
@@ -335,7 +334,7 @@ static snap_t *snap_take(void) {
     struct movalloc_profile_site *o = &sn->site[index[ob->site]];
     if (sparse) o->sparse_bytes += ob->bytes;
     if (small_pages) o->small_page_bytes += ob->bytes;
-    if (now - ob->born_ns >= LONG_NS) o->long_lived_samples++;
+    o->long_lived_samples++;
   }
   sn->dropped = dropped;
   mv_unlock(&mv_prof_lock);
@@ -470,7 +469,8 @@ int movalloc_profile_dump(const char *path) {
   return close(fd) == 0 ? 0 : -errno;
 }
 
-/* The sites whose samples mostly lived 1 s or more, as "module 0xoffset symbol"
+/* The sites whose samples are mostly still live, or lived 10 s or more, as
+ * "module 0xoffset symbol"
  * lines (mv_lifetime.h reads them): the return address into malloc's caller,
  * relative to its object, so that it survives address space randomisation. */
 static int write_longlived(const char *path) {
@@ -487,7 +487,7 @@ static int write_longlived(const char *path) {
   struct out o = {.fd = fd};
   char line[512];
   size_t len = mv_snprintf(line, sizeof line, "# movalloc long-lived allocation sites "
-                           "(samples that lived >= 1 s / samples): module offset symbol\n");
+                           "(samples live or that lived >= 10 s / samples): module offset symbol\n");
   out_put(&o, line, len);
   for (size_t i = 0; i < sn->count; i++) {
     const struct movalloc_profile_site *s = &sn->site[i];

@@ -59,8 +59,8 @@ static const struct opt opts[] = {
     {"MOVALLOC_PROFILE_OUT", OPT_PATH, NULL, 0, 0, 0, FIELD(profile_out),
      "with MOVALLOC_PROFILE: write live bytes per site as folded stacks here at exit (mode 0600)"},
     {"MOVALLOC_PROFILE_LONGLIVED_OUT", OPT_PATH, NULL, 0, 0, 0, FIELD(profile_longlived_out),
-     "with MOVALLOC_PROFILE: write the sites whose samples mostly lived 1 s or more here at "
-     "exit (mode 0600), for MOVALLOC_PROFILE_LONGLIVED"},
+     "with MOVALLOC_PROFILE: write the sites whose samples are mostly still live at exit, or "
+     "lived 10 s or more, here at exit (mode 0600), for MOVALLOC_PROFILE_LONGLIVED"},
     {"MOVALLOC_PROFILE_LONGLIVED", OPT_PATH, NULL, 0, 0, 0, FIELD(profile_longlived),
      "route allocations from the sites listed in this file (MOVALLOC_PROFILE_LONGLIVED_OUT of "
      "an earlier run) into arenas of their own"},
