@@ -16,10 +16,10 @@ extern uintptr_t mv_heap_base;          /* arena 0 */
 extern _Atomic(size_t) mv_heap_limit;    /* bytes of arenas with descriptors: frontier */
 extern mv_arena_t *mv_arenas;           /* descriptors, indexed like the arenas */
 extern uintptr_t mv_keys[2];            /* free-list encoding secret */
-extern uintptr_t mv_free_fast_mask;     /* 15; ~0 under MOVALLOC_CHECK or MOVALLOC_PROFILE
-                                           (all frees slow) */
-/* 1024; 0 under MOVALLOC_PROFILE (all mallocs slow, where the sampler counts
- * bytes). Hidden, so the fast path compares against it directly, like a constant. */
+extern uintptr_t mv_free_fast_mask;     /* 15; ~0 under MOVALLOC_CHECK (all frees slow) */
+/* 1024; 0 under MOVALLOC_PROFILE or MOVALLOC_PROFILE_LONGLIVED (all mallocs
+ * slow, where the profiler counts bytes and routes). Hidden, so the fast path
+ * compares against it directly, like a constant. */
 extern size_t mv_malloc_fast_max __attribute__((visibility("hidden")));
 
 extern mv_page_t mv_page_none;          /* every unused slice maps here */
@@ -41,6 +41,14 @@ static inline mv_block_t *mv_ptr_decode(uintptr_t e) {
 }
 
 /* ---- lookup ---- */
+
+#define MV_HEAP_SAMPLED ((uintptr_t)1) /* tag on mv_page.heap (mv_types.h) */
+
+/* The heap that owns a small page (NULL for large and huge ones). */
+static inline struct mv_heap *mv_page_owner(const mv_page_t *page) {
+  uintptr_t h = (uintptr_t)atomic_load_explicit(&((mv_page_t *)page)->heap, memory_order_relaxed);
+  return (struct mv_heap *)(h & ~MV_HEAP_SAMPLED);
+}
 
 /* The page holding p, or NULL when p is not in a used arena of the heap. */
 static inline mv_page_t *mv_page_of(const void *p) {

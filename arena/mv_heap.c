@@ -82,12 +82,13 @@ static void queue_push_back(mv_page_queue_t *q, mv_page_t *page) {
 }
 
 static inline void update_direct(mv_heap_t *h, unsigned bin) {
-  h->direct[bin] = h->queues[bin].first ? h->queues[bin].first : &mv_page_empty;
+  mv_page_t *first = h->queues[MV_LIFE_SHORT][bin].first;
+  h->direct[bin] = first ? first : &mv_page_empty;
 }
 
 /* The owner's queue for a page's bin and lifetime class. */
 static inline mv_page_queue_t *bin_queue(mv_heap_t *h, unsigned bin, unsigned lifeclass) {
-  return lifeclass == MV_LIFE_LONG ? &h->long_queues[bin] : &h->queues[bin];
+  return &h->queues[lifeclass][bin];
 }
 
 static inline mv_page_queue_t *page_queue(mv_heap_t *h, const mv_page_t *page) {
@@ -173,7 +174,7 @@ static void page_unfull(mv_heap_t *h, mv_page_t *page) {
  * page at a time (notify), so xnext is never shared. */
 static void page_notify(mv_page_t *page) {
   if (atomic_exchange(&page->notify, 1) != 0) return;
-  mv_heap_t *h = atomic_load(&page->heap);
+  mv_heap_t *h = mv_page_owner(page);
   if (!h) {
     atomic_store(&page->notify, 0);
     return;
@@ -190,7 +191,7 @@ static void heap_drain_notified(mv_heap_t *h) {
   while (page) {
     mv_page_t *next = page->xnext;
     atomic_store(&page->notify, 0);
-    mv_heap_t *owner = atomic_load(&page->heap);
+    mv_heap_t *owner = mv_page_owner(page);
     bool full = atomic_load(&page->in_full);
     if (owner == h && full) page_unfull(h, page);
     else if (owner && owner != h && full) page_notify(page); /* reused meanwhile: forward */
@@ -249,7 +250,9 @@ static void collect_one_abandoned(void) {
 
 /* A page of bin and lifetime class with a free block, made the first page of
  * its queue; NULL: no memory. */
-static mv_page_t *heap_page_for(mv_heap_t *h, unsigned bin, unsigned lifeclass) {
+static inline __attribute__((always_inline)) mv_page_t *heap_page_for(mv_heap_t *h,
+                                                                      unsigned bin,
+                                                                      unsigned lifeclass) {
   if (++h->slow_calls % MV_HOUSEKEEPING_EVERY == 0) heap_rescan_full(h);
   heap_drain_notified(h);
   mv_page_queue_t *q = bin_queue(h, bin, lifeclass);
@@ -424,7 +427,7 @@ static void free_small(mv_page_t *page, mv_block_t *b) {
     return;
   }
   mv_heap_t *h = mv_tls_heap;
-  if (atomic_load_explicit(&page->heap, memory_order_relaxed) == h) {
+  if (mv_page_owner(page) == h) {
     if (mv_looks_freed(b) && block_is_free(page, b)) {
       report_misuse(b, "double free", true);
       return;
@@ -471,15 +474,13 @@ static MV_NOINLINE void free_slow(void *p) {
   }
 }
 
-/* Under MOVALLOC_PROFILE every free comes here (mv_profile.h): a sampled block
- * is forgotten, the rest takes the fast path's push when it can. */
+/* Under MOVALLOC_PROFILE, frees of blocks in pages holding sampled blocks come
+ * here (mv_page.heap is tagged), as do large and huge ones: a sampled block is
+ * forgotten before it can be reused. */
 static MV_NOINLINE void free_profiled(void *p) {
   mv_page_t *page = mv_page_of(p);
   if (page && MV_UNLIKELY(atomic_load_explicit(&page->sampled, memory_order_relaxed)))
     mv_prof_freed(p, page);
-  if (page && !mv_options.check && ((uintptr_t)p & (MV_ALIGN - 1)) == 0 &&
-      mv_free_owned(p, (uintptr_t)p - mv_heap_base))
-    return;
   free_slow(p);
 }
 
@@ -550,7 +551,7 @@ static MV_NOINLINE MV_ALLOC_ENTRY void *malloc_long(size_t size) {
   }
   if (size > MV_SMALL_MAX) return alloc_big(size, 0, NULL, MV_LIFE_LONG);
   unsigned bin = mv_bin_of(size);
-  mv_page_t *page = h->long_queues[bin].first;
+  mv_page_t *page = h->queues[MV_LIFE_LONG][bin].first;
   if (!page || !page->free) {
     page = heap_page_for(h, bin, MV_LIFE_LONG);
     if (!page) {
@@ -671,7 +672,7 @@ MV_ALLOC_ENTRY void *mv_realloc(void *p, size_t size) {
   }
   size_t usable = mv_usable_size(p);
   if (page->kind == MV_PAGE_SMALL) {
-    if (atomic_load_explicit(&page->heap, memory_order_relaxed) == mv_tls_heap &&
+    if (mv_page_owner(page) == mv_tls_heap &&
         mv_looks_freed(p) && block_is_free(page, p)) {
       report_misuse(p, "realloc of a freed block", true);
       errno = EINVAL;

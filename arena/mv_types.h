@@ -86,7 +86,10 @@ typedef struct mv_page {
   uint32_t block_size;
   mv_block_t *local_free;    /* the owner's frees; become `free` when it runs out */
   _Atomic(uintptr_t) xthread_free; /* other threads' frees (plain next pointers) */
-  _Atomic(struct mv_heap *) heap;  /* owner; NULL for LARGE/HUGE */
+  _Atomic(struct mv_heap *) heap;  /* owner; NULL for LARGE/HUGE. Bit 0 set (MV_HEAP_SAMPLED):
+                                      the page holds blocks the profiler sampled, so no
+                                      heap matches it and every free of its blocks takes
+                                      the slow path; read it through mv_page_owner */
   struct mv_page *next, *prev;     /* the owner's bin queue or full list */
   struct mv_page *xnext;           /* link on a heap's xthread_pages stack */
   uintptr_t start;           /* first data byte */
@@ -97,8 +100,8 @@ typedef struct mv_page {
   uint8_t bin;
   _Atomic(uint8_t) in_full;
   uint16_t slice_count;      /* slices this page covers (SMALL, LARGE) */
-  _Atomic(uint16_t) sampled; /* live blocks in the profiler's table (mv_profile.h):
-                                frees look it up only when this is not 0 */
+  _Atomic(uint16_t) sampled; /* live blocks in the profiler's table (mv_profile.h);
+                                SMALL: != 0 <=> heap has MV_HEAP_SAMPLED (profile lock) */
   size_t huge_size;          /* HUGE/LARGE: usable bytes */
   uint8_t lifeclass;         /* SMALL, LARGE: enum mv_lifeclass, that of its arena;
                                 SMALL: which of the owner's queue sets holds it */
@@ -159,14 +162,13 @@ typedef struct mv_page_queue {
 /* A thread heap. Heaps are never freed: a thread that exits abandons its heap,
  * and the next new thread adopts it (so a cross-thread free may always write to
  * a page's heap, even a dead thread's).
- * Invariants: direct[b] == queues[b].first, or &mv_page_empty when that is NULL;
- * queues hold MV_LIFE_SHORT pages, long_queues MV_LIFE_LONG ones (routed
- * allocations, always through the slow path);
+ * Invariants: direct[b] == queues[MV_LIFE_SHORT][b].first, or &mv_page_empty
+ * when that is NULL; queues[c] holds pages of lifetime class c (MV_LIFE_LONG:
+ * routed allocations, always through the slow path);
  * only the owning thread (owned == 1) touches anything but xthread_pages. */
 typedef struct mv_heap {
   mv_page_t *direct[MV_BINS];         /* the fast path's page per bin */
-  mv_page_queue_t queues[MV_BINS];
-  mv_page_queue_t long_queues[MV_BINS];
+  mv_page_queue_t queues[MV_LIFECLASSES][MV_BINS];
   mv_page_queue_t full;               /* pages with no free block when last looked */
   _Atomic(mv_page_t *) xthread_pages; /* full pages that got a cross-thread free */
   _Atomic(uint8_t) owned;

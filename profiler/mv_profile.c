@@ -84,7 +84,6 @@ bool mv_prof_init(uint64_t rate) {
   objects = o;
   mv_prof_rate = rate;
   mv_malloc_fast_max = 0;
-  mv_free_fast_mask = ~(uintptr_t)0;
   return true;
 }
 
@@ -157,6 +156,17 @@ static uint32_t site_find(uint64_t hash, const uintptr_t *f, unsigned n) {
   }
 }
 
+/* Sets or clears MV_HEAP_SAMPLED on a small page (profile lock held; the owner
+ * never changes while the page has live blocks). */
+static void page_tag(mv_page_t *page, bool sampled) {
+  if (page->kind != MV_PAGE_SMALL) return; /* large and huge frees are slow anyway */
+  mv_heap_t *h = atomic_load_explicit(&page->heap, memory_order_relaxed);
+  mv_heap_t *want;
+  do want = (mv_heap_t *)(sampled ? (uintptr_t)h | MV_HEAP_SAMPLED
+                                  : (uintptr_t)h & ~MV_HEAP_SAMPLED);
+  while (!atomic_compare_exchange_weak(&page->heap, &h, want));
+}
+
 static uint32_t object_slot(uintptr_t addr) {
   uint64_t h = (uint64_t)addr * 0x9E3779B97F4A7C15ULL;
   return (uint32_t)(h >> 40) & (OBJECTS - 1);
@@ -210,7 +220,8 @@ MV_ALLOC_ENTRY void *mv_prof_sample(void *p, size_t size) {
     while (objects[i].addr) i = (i + 1) & (OBJECTS - 1);
     objects[i] = o;
     object_count++;
-    atomic_fetch_add_explicit(&page->sampled, 1, memory_order_relaxed);
+    if (atomic_fetch_add_explicit(&page->sampled, 1, memory_order_relaxed) == 0)
+      page_tag(page, true);
   }
   mv_unlock(&mv_prof_lock);
   in_profiler = false;
@@ -236,7 +247,8 @@ void mv_prof_freed(void *p, mv_page_t *page) {
     st->live_objects -= o->objects;
     st->lifetime[lifetime_bucket(now - o->born_ns)]++;
     object_count--;
-    atomic_fetch_sub_explicit(&page->sampled, 1, memory_order_relaxed);
+    if (atomic_fetch_sub_explicit(&page->sampled, 1, memory_order_relaxed) == 1)
+      page_tag(page, false);
     /* Backward shift: pull later entries of the probe run into the hole. */
     uint32_t hole = i;
     for (uint32_t j = (i + 1) & (OBJECTS - 1); objects[j].addr; j = (j + 1) & (OBJECTS - 1)) {

@@ -4,12 +4,13 @@
  * site (stack hash) estimated live bytes, allocations and lifetimes in mmap'd
  * fixed-size tables.
  *
- * Off (the default), the allocator's fast paths are untouched: mallocs and frees
- * go to the slow paths only because mv_malloc_fast_max and mv_free_fast_mask say
- * so, and those are set only when profiling is on. On, every malloc reaches
- * mv_malloc_slow, which counts bytes (mv_prof_count); every free reaches
- * mv_free_slow, which looks the block up only if its page holds sampled blocks
- * (mv_page_t.sampled).
+ * Off (the default), the allocator's fast paths are untouched: mallocs go to
+ * the slow path only because mv_malloc_fast_max says so, and it is 0 only when
+ * profiling is on. On, every malloc reaches mv_malloc_slow, which counts bytes
+ * (mv_prof_count). A page holding sampled blocks has its owner pointer tagged
+ * (MV_HEAP_SAMPLED), so frees of its blocks miss the fast path and reach
+ * mv_free_slow, which looks the block up (mv_page_t.sampled counts them); every
+ * other free stays on the fast path.
  *
  * Stacks come from libunwind's unw_backtrace, dlopen'ed by mv_prof_start.
  * Nothing here allocates: the sampler runs with a per-thread guard set, so an
