@@ -17,10 +17,13 @@ extern _Atomic(size_t) mv_heap_limit;    /* bytes of arenas with descriptors: fr
 extern mv_arena_t *mv_arenas;           /* descriptors, indexed like the arenas */
 extern uintptr_t mv_keys[2];            /* free-list encoding secret */
 extern uintptr_t mv_free_fast_mask;     /* 15; ~0 under MOVALLOC_CHECK (all frees slow) */
-/* 1024; 0 under MOVALLOC_PROFILE or MOVALLOC_PROFILE_LONGLIVED (all mallocs
- * slow, where the profiler counts bytes and routes). Hidden, so the fast path
- * compares against it directly, like a constant. */
+/* 1024; 0 under MOVALLOC_PROFILE_LONGLIVED (all mallocs slow, where they are
+ * routed). Hidden, so the fast path compares against it directly, like a
+ * constant. */
 extern size_t mv_malloc_fast_max __attribute__((visibility("hidden")));
+/* MOVALLOC_PROFILE or MOVALLOC_PROFILE_LONGLIVED: mv_malloc_slow hands over to
+ * the profiler's paths (mv_heap.c, malloc_hooked). */
+extern bool mv_malloc_hooked __attribute__((visibility("hidden")));
 
 extern mv_page_t mv_page_none;          /* every unused slice maps here */
 extern mv_page_t mv_page_empty;         /* an empty bin's page: free == NULL */

@@ -30,6 +30,7 @@ __thread mv_heap_t *mv_tls_heap __attribute__((tls_model("initial-exec"))) = &mv
 uintptr_t mv_keys[2];
 uintptr_t mv_free_fast_mask = MV_ALIGN - 1;
 size_t mv_malloc_fast_max = 1024;
+bool mv_malloc_hooked;
 
 mv_lock_t mv_heaps_lock = MV_LOCK_INIT;
 static mv_heap_t *all_heaps;      /* mv_heaps_lock */
@@ -138,7 +139,20 @@ static void page_extend(mv_page_t *page) {
   page->capacity += n;
 }
 
+/* Blocks on a list, at most limit. */
+static uint32_t list_length(const mv_block_t *b, uint32_t limit) {
+  uint32_t n = 0;
+  for (; b && n < limit; b = mv_ptr_decode(b->next_enc)) n++;
+  return n;
+}
+
 static void page_retire(mv_heap_t *h, mv_page_t *page) {
+  /* MOVALLOC_PROFILE counted its list when installed (prof_install): the blocks
+   * never handed out were not allocated. */
+  if (MV_UNLIKELY(mv_prof_rate) && page->lifeclass == MV_LIFE_SHORT && page->block_size <= 1024)
+    mv_prof_left += (int64_t)page->block_size *
+                    (list_length(page->free, page->capacity) +
+                     list_length(page->sample_rest, page->capacity));
   if (atomic_load_explicit(&page->in_full, memory_order_relaxed)) {
     queue_remove(&h->full, page);
     atomic_store(&page->in_full, 0);
@@ -214,6 +228,7 @@ static mv_page_t *page_fresh(mv_heap_t *h, unsigned bin, unsigned lifeclass) {
   mv_page_t *page = mv_arena_alloc_class(mv_bin_slices(bin), &zeroed, lifeclass);
   if (!page) return NULL;
   page->kind = MV_PAGE_SMALL;
+  page->sample_rest = NULL;
   page->bin = (uint8_t)bin;
   page->block_size = (uint32_t)mv_bin_size(bin);
   page->reserved = (uint32_t)(((size_t)page->slice_count << MV_SLICE_SHIFT) / page->block_size);
@@ -398,8 +413,8 @@ uint64_t mv_heap_count(void) { return atomic_load(&heap_count); }
 /* Is b on one of the owner's lists? (owner only) */
 static bool block_is_free(const mv_page_t *page, const mv_block_t *b) {
   uint32_t limit = page->capacity + 1;
-  const mv_block_t *lists[2] = {page->free, page->local_free};
-  for (int l = 0; l < 2; l++) {
+  const mv_block_t *lists[3] = {page->free, page->local_free, page->sample_rest};
+  for (int l = 0; l < 3; l++) {
     uint32_t n = 0;
     for (const mv_block_t *x = lists[l]; x && n < limit; x = mv_ptr_decode(x->next_enc), n++)
       if (x == b) return true;
@@ -565,27 +580,87 @@ static MV_NOINLINE MV_ALLOC_ENTRY void *malloc_long(size_t size) {
   return counted(b, size);
 }
 
-/* Under MOVALLOC_PROFILE or MOVALLOC_PROFILE_LONGLIVED every malloc comes here
- * (mv_malloc_fast_max is 0): routed to its lifetime class, served by the fast
- * path's pop when it can, and counted for the profiler. ra: the return address
- * of mv_malloc_slow, malloc's caller when malloc jumped here. */
+/* MOVALLOC_PROFILE, sizes the fast path serves: a page's free list is counted
+ * against the thread's byte countdown when it is installed for the fast path,
+ * all at once. If the countdown runs out within it, the list is cut before the
+ * block where it does; that block heads sample_rest, so the fast path stops
+ * short of it and malloc_refill samples it. The fast path itself counts nothing. */
+static void prof_install(mv_page_t *page) {
+  int64_t bs = page->block_size;
+  mv_block_t *b = page->free;
+  if (!b) return;
+  if (!page->local_free && !atomic_load_explicit(&page->xthread_free, memory_order_relaxed)) {
+    int64_t bytes = (int64_t)(page->capacity - page->used) * bs; /* every free block */
+    if (mv_prof_left >= bytes) {
+      mv_prof_left -= bytes;
+      return;
+    }
+  }
+  for (mv_block_t *prev = NULL; b; prev = b, b = mv_ptr_decode(b->next_enc)) {
+    if (mv_prof_left < bs && mv_prof_cross()) { /* the countdown ran out in b */
+      if (prev) prev->next_enc = mv_ptr_encode(NULL);
+      else page->free = NULL;
+      page->sample_rest = b; /* the rest is counted when installed after b */
+      return;
+    }
+    mv_prof_left -= bs;
+  }
+}
+
+/* MOVALLOC_PROFILE, size <= 1024, the direct page's list is used up: install
+ * the next one (prof_install), or hand out and sample the held-back block. */
+static MV_NOINLINE MV_ALLOC_ENTRY void *malloc_refill(size_t size) {
+  mv_heap_t *h = mv_heap_get();
+  if (!h) {
+    errno = ENOMEM;
+    return NULL;
+  }
+  unsigned bin = mv_bin_of(size);
+  mv_page_t *page = h->direct[bin];
+  if (!page->free && !page->sample_rest) {
+    page = heap_page_for(h, bin, MV_LIFE_SHORT);
+    if (!page) {
+      errno = ENOMEM;
+      return NULL;
+    }
+    prof_install(page);
+  }
+  mv_block_t *b = page->free;
+  if (b) {
+    page->free = mv_ptr_decode(b->next_enc);
+    page->used++;
+    return b;
+  }
+  b = page->sample_rest;
+  page->sample_rest = NULL;
+  page->free = mv_ptr_decode(b->next_enc);
+  page->used++;
+  prof_install(page);
+  return mv_prof_sample(b, size, (size_t)page->block_size);
+}
+
+/* A routed allocation (MOVALLOC_PROFILE_LONGLIVED) or a profiled one
+ * (MOVALLOC_PROFILE) that left the fast path. ra: the return address of
+ * mv_malloc_slow, malloc's caller when malloc jumped there. Under routing,
+ * every malloc comes here (mv_malloc_fast_max is 0). */
 static MV_NOINLINE MV_ALLOC_ENTRY void *malloc_hooked(size_t size, uintptr_t ra) {
   if (mv_lifetime_on && mv_lifetime_class(ra) == MV_LIFE_LONG) return malloc_long(size);
   if (size <= 1024) {
     mv_page_t *page = mv_tls_heap->direct[mv_bin_of(size)];
     mv_block_t *b = page->free;
-    if (MV_LIKELY(b != NULL)) {
+    if (MV_LIKELY(b != NULL)) { /* the fast path's pop, counted when installed */
       page->free = mv_ptr_decode(b->next_enc);
       page->used++;
-      return counted(b, size);
+      return b;
     }
+    if (mv_prof_rate) return malloc_refill(size);
   }
   if (size > MV_SMALL_MAX) return malloc_slow(size); /* alloc_big counts it */
   return counted(malloc_slow(size), size);
 }
 
 MV_ALLOC_ENTRY void *mv_malloc_slow(size_t size) {
-  if (MV_UNLIKELY(mv_malloc_fast_max == 0))
+  if (MV_UNLIKELY(mv_malloc_hooked))
     return malloc_hooked(size, (uintptr_t)__builtin_return_address(0));
   return malloc_slow(size);
 }

@@ -105,6 +105,9 @@ typedef struct mv_page {
   size_t huge_size;          /* HUGE/LARGE: usable bytes */
   uint8_t lifeclass;         /* SMALL, LARGE: enum mv_lifeclass, that of its arena;
                                 SMALL: which of the owner's queue sets holds it */
+  mv_block_t *sample_rest;   /* MOVALLOC_PROFILE, owner only: free blocks held back
+                                from `free` because the first of them is to be sampled
+                                (mv_heap.c, prof_install); only a bin's direct page */
 } __attribute__((aligned(64))) mv_page_t; /* no two pages share a cache line */
 
 /* Arena states. Transitions are atomic (mv_arena_set_state asserts each one):

@@ -156,4 +156,5 @@ void mv_lifetime_start(const char *path) {
   mv_prof_load_unwind(); /* for sites reached through calloc, new, ... */
   mv_lifetime_on = true;
   mv_malloc_fast_max = 0; /* every malloc to malloc_hooked (mv_heap.c) */
+  mv_malloc_hooked = true;
 }

@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
+#include <sched.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -66,6 +67,12 @@ typedef int (*backtrace_fn)(void **frames, int max);
 static _Atomic(backtrace_fn) unwind_backtrace;
 static _Atomic bool started;   /* mv_prof_start ran: samples are taken */
 
+/* fork() while another thread is inside libunwind (or the loader's lock it
+ * takes) would leave the child a lock nobody releases: fork waits for the
+ * unwinds in flight, and none start until it is over. */
+static _Atomic uint32_t unwinding; /* unwinds in flight */
+static _Atomic bool forking;
+
 static __thread bool in_profiler __attribute__((tls_model("initial-exec")));
 static __thread uint64_t rng __attribute__((tls_model("initial-exec"))); /* 0: unseeded */
 
@@ -83,7 +90,7 @@ bool mv_prof_init(uint64_t rate) {
   sites = s;
   objects = o;
   mv_prof_rate = rate;
-  mv_malloc_fast_max = 0;
+  mv_malloc_hooked = true;
   return true;
 }
 
@@ -103,14 +110,29 @@ void mv_prof_load_unwind(void) {
   in_profiler = was;
 }
 
+/* unw_backtrace unless a fork is under way (0 frames then). */
+static int unwind(backtrace_fn fn, void **frames, int max) {
+  atomic_fetch_add(&unwinding, 1);
+  int n = atomic_load(&forking) ? 0 : fn(frames, max);
+  atomic_fetch_sub(&unwinding, 1);
+  return n;
+}
+
 int mv_prof_backtrace(void **frames, int max) {
   backtrace_fn fn = atomic_load_explicit(&unwind_backtrace, memory_order_relaxed);
   if (!fn || in_profiler) return 0; /* in_profiler: libunwind allocating */
   in_profiler = true;
-  int n = fn(frames, max);
+  int n = unwind(fn, frames, max);
   in_profiler = false;
   return n;
 }
+
+void mv_prof_fork_prepare(void) {
+  atomic_store(&forking, true);
+  while (atomic_load(&unwinding)) sched_yield();
+}
+
+void mv_prof_fork_done(void) { atomic_store(&forking, false); }
 
 void mv_prof_start(void) {
   mv_prof_load_unwind();
@@ -172,22 +194,24 @@ static uint32_t object_slot(uintptr_t addr) {
   return (uint32_t)(h >> 40) & (OBJECTS - 1);
 }
 
-MV_ALLOC_ENTRY void *mv_prof_sample(void *p, size_t size) {
+bool mv_prof_cross(void) {
+  bool first = rng == 0;
+  if (MV_UNLIKELY(first)) {
+    mv_os_random(&rng, sizeof rng);
+    rng |= 1;
+  }
+  mv_prof_left = next_interval();
+  return !first;
+}
+
+MV_ALLOC_ENTRY void *mv_prof_sample(void *p, size_t size, size_t unit) {
   if (in_profiler || !atomic_load_explicit(&started, memory_order_acquire))
     return p; /* libunwind allocating inside the sampler, or before start-up */
   in_profiler = true;
-  if (MV_UNLIKELY(rng == 0)) { /* the thread's first countdown: start it unsampled */
-    mv_os_random(&rng, sizeof rng);
-    rng |= 1;
-    mv_prof_left = next_interval();
-    in_profiler = false;
-    return p;
-  }
-  mv_prof_left = next_interval();
 
   void *raw[CAPTURE];
   backtrace_fn backtrace = atomic_load_explicit(&unwind_backtrace, memory_order_relaxed);
-  int n = backtrace ? backtrace(raw, CAPTURE) : 0;
+  int n = backtrace ? unwind(backtrace, raw, CAPTURE) : 0;
   /* Drop libunwind's frames, then the allocator's: keep the program's. */
   int first = 0;
   while (first < n && !mv_in_allocator((uintptr_t)raw[first])) first++;
@@ -198,7 +222,7 @@ MV_ALLOC_ENTRY void *mv_prof_sample(void *p, size_t size) {
   for (unsigned i = 0; i < depth; i++) frames[i] = (uintptr_t)raw[first + i];
 
   double s = size ? (double)size : 1.0;
-  double weight = s / -expm1(-s / (double)mv_prof_rate); /* s / P(sampled) */
+  double weight = s / -expm1(-(double)unit / (double)mv_prof_rate); /* s / P(sampled) */
   uint64_t now = mv_os_now_ns();
   uint64_t hash = hash_frames(frames, depth);
   mv_page_t *page = mv_page_of(p);

@@ -4,11 +4,13 @@
  * site (stack hash) estimated live bytes, allocations and lifetimes in mmap'd
  * fixed-size tables.
  *
- * Off (the default), the allocator's fast paths are untouched: mallocs go to
- * the slow path only because mv_malloc_fast_max says so, and it is 0 only when
- * profiling is on. On, every malloc reaches mv_malloc_slow, which counts bytes
- * (mv_prof_count). A page holding sampled blocks has its owner pointer tagged
- * (MV_HEAP_SAMPLED), so frees of its blocks miss the fast path and reach
+ * The allocator's fast paths are the same instructions on or off. On, the
+ * slow path counts a page's free list against the countdown when it installs
+ * it for the fast path, and cuts it short before a block to be sampled, so the
+ * fast path comes back to the slow path exactly there (mv_heap.c,
+ * prof_install); allocations the fast path does not serve are counted one by
+ * one (mv_prof_count). A page holding sampled blocks has its owner pointer
+ * tagged (MV_HEAP_SAMPLED), so frees of its blocks miss the fast path and reach
  * mv_free_slow, which looks the block up (mv_page_t.sampled counts them); every
  * other free stays on the fast path.
  *
@@ -42,6 +44,11 @@ bool mv_prof_init(uint64_t rate);
  * Samples are taken from then on. */
 void mv_prof_start(void);
 
+/* fork handlers: prepare waits for the unwinds in flight (before any lock is
+ * taken: an unwind may allocate), and none start until done (parent, child). */
+void mv_prof_fork_prepare(void);
+void mv_prof_fork_done(void);
+
 /* Loads libunwind (once; later calls return at once). */
 void mv_prof_load_unwind(void);
 
@@ -59,12 +66,20 @@ static inline bool mv_in_allocator(uintptr_t ip) {
   return ip > (uintptr_t)__start_mv_alloc_text && ip <= (uintptr_t)__stop_mv_alloc_text;
 }
 
-/* Records p (size bytes, just allocated) if the thread's byte countdown ran out.
- * Returns p. */
-void *mv_prof_sample(void *p, size_t size) MV_NOINLINE;
+/* The thread's byte countdown ran out: starts the next one (exponential, mean
+ * mv_prof_rate). True if the allocation where it ran out is to be sampled;
+ * false for a thread's first countdown, which starts at 0 rather than drawn. */
+bool mv_prof_cross(void) MV_NOINLINE;
 
+/* Records p (size bytes asked for, just allocated), picked by mv_prof_cross;
+ * unit: the bytes the countdown counted for it (its size, or its block's for
+ * the sizes the fast path serves). Returns p. */
+void *mv_prof_sample(void *p, size_t size, size_t unit) MV_NOINLINE;
+
+/* Counts an allocation the fast path does not serve. */
 static inline void *mv_prof_count(void *p, size_t size) {
-  if (MV_UNLIKELY((mv_prof_left -= (int64_t)size) < 0) && p) return mv_prof_sample(p, size);
+  if (MV_UNLIKELY((mv_prof_left -= (int64_t)size) < 0) && p && mv_prof_cross())
+    return mv_prof_sample(p, size, size);
   return p;
 }
 

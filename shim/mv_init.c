@@ -37,6 +37,7 @@ static mv_lock_t *const fork_locks[] = {&mv_engine_lock, &mv_heaps_lock, &mv_are
 static bool held_before_fork[FORK_LOCKS];
 
 static void fork_prepare(void) {
+  mv_prof_fork_prepare();
   for (size_t i = 0; i < FORK_LOCKS; i++) {
     held_before_fork[i] = mv_lock_held_by_me(fork_locks[i]);
     if (!held_before_fork[i]) mv_lock(fork_locks[i]);
@@ -46,6 +47,7 @@ static void fork_prepare(void) {
 static void fork_parent(void) {
   for (size_t i = FORK_LOCKS; i-- > 0;)
     if (!held_before_fork[i]) mv_unlock(fork_locks[i]);
+  mv_prof_fork_done();
 }
 
 static void fork_child(void) {
@@ -53,6 +55,7 @@ static void fork_child(void) {
     if (!held_before_fork[i]) mv_lock_reinit(fork_locks[i]);
   mv_heap_fork_child();
   mv_engine_fork_child();
+  mv_prof_fork_done();
 }
 
 /* ---- start-up ---- */
