@@ -93,30 +93,25 @@ static inline bool mv_looks_freed(const mv_block_t *b) {
   return next == 0 || ((next ^ (uintptr_t)b) >> MV_ARENA_SHIFT) == 0;
 }
 
-/* The owner's free of a small block p (16-aligned, in a used arena): true when
- * done, false when it needs the slow path (not the owner, or it looks freed). */
-static inline bool mv_free_owned(void *p, uintptr_t off) {
-  mv_page_t *page =
-      mv_arenas[off >> MV_ARENA_SHIFT].slice_page[(off >> MV_SLICE_SHIFT) & (MV_SLICES - 1)];
-  mv_block_t *b = (mv_block_t *)p;
-  if (MV_LIKELY(atomic_load_explicit(&page->heap, memory_order_relaxed) == mv_tls_heap &&
-                !mv_looks_freed(b))) {
-    b->next_enc = mv_ptr_encode(page->local_free);
-    page->local_free = b;
-    if (MV_UNLIKELY(--page->used == 0 ||
-                    atomic_load_explicit(&page->in_full, memory_order_relaxed)))
-      mv_page_emptied(page);
-    return true;
-  }
-  return false;
-}
-
+/* A page holding blocks the profiler sampled has its heap pointer tagged
+ * (MV_HEAP_SAMPLED), so the owner test fails and its frees go the slow way. */
 static inline void mv_free(void *p) {
   uintptr_t off = (uintptr_t)p - mv_heap_base;
   if (MV_LIKELY(off < atomic_load_explicit(&mv_heap_limit, memory_order_relaxed) &&
-                ((uintptr_t)p & mv_free_fast_mask) == 0) &&
-      mv_free_owned(p, off))
-    return;
+                ((uintptr_t)p & mv_free_fast_mask) == 0)) {
+    mv_page_t *page =
+        mv_arenas[off >> MV_ARENA_SHIFT].slice_page[(off >> MV_SLICE_SHIFT) & (MV_SLICES - 1)];
+    mv_block_t *b = (mv_block_t *)p;
+    if (MV_LIKELY(atomic_load_explicit(&page->heap, memory_order_relaxed) == mv_tls_heap &&
+                  !mv_looks_freed(b))) {
+      b->next_enc = mv_ptr_encode(page->local_free);
+      page->local_free = b;
+      if (MV_UNLIKELY(--page->used == 0 ||
+                      atomic_load_explicit(&page->in_full, memory_order_relaxed)))
+        mv_page_emptied(page);
+      return;
+    }
+  }
   mv_free_slow(p);
 }
 
@@ -136,8 +131,9 @@ void mv_heap_collect_all(void);    /* returns empty pages of every abandoned hea
 
 /* ---- arenas (mv_arena.c) ---- */
 int mv_arena_init(void);           /* reserves the heap; 0 or -errno */
-/* A run of n contiguous free slices, fullest arena first. Returns its page
- * descriptor (kind NONE, slices mapped to it) or NULL with errno = ENOMEM. */
+/* A run of n contiguous free slices in an arena of that lifetime class (enum
+ * mv_lifeclass), fullest arena first. Returns its page descriptor (kind NONE,
+ * slices mapped to it) or NULL with errno = ENOMEM. */
 mv_page_t *mv_arena_alloc_class(unsigned n, bool *zeroed, unsigned lifeclass);
 static inline mv_page_t *mv_arena_alloc_slices(unsigned n, bool *zeroed) {
   return mv_arena_alloc_class(n, zeroed, MV_LIFE_SHORT);
