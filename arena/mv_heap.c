@@ -463,13 +463,19 @@ static void free_small(mv_page_t *page, mv_block_t *b) {
   if (atomic_load(&page->in_full)) page_notify(page);
 }
 
-static MV_NOINLINE void free_slow(void *p) {
+void mv_free_slow(void *p) {
   if (!p) return;
   mv_page_t *page = mv_page_of(p);
   if (!page) {
     report_misuse(p, "not allocated by movalloc", false);
     return;
   }
+  /* MOVALLOC_PROFILE: frees of blocks in pages holding sampled blocks come here
+   * (mv_page.heap is tagged), as do large and huge ones: a sampled block is
+   * forgotten before it can be reused. */
+  if (MV_UNLIKELY(mv_prof_rate) &&
+      MV_UNLIKELY(atomic_load_explicit(&page->sampled, memory_order_relaxed)))
+    mv_prof_freed(p, page);
   switch (page->kind) {
     case MV_PAGE_SMALL:
       free_small(page, (mv_block_t *)p);
@@ -489,20 +495,6 @@ static MV_NOINLINE void free_slow(void *p) {
   }
 }
 
-/* Under MOVALLOC_PROFILE, frees of blocks in pages holding sampled blocks come
- * here (mv_page.heap is tagged), as do large and huge ones: a sampled block is
- * forgotten before it can be reused. */
-static MV_NOINLINE void free_profiled(void *p) {
-  mv_page_t *page = mv_page_of(p);
-  if (page && MV_UNLIKELY(atomic_load_explicit(&page->sampled, memory_order_relaxed)))
-    mv_prof_freed(p, page);
-  free_slow(p);
-}
-
-void mv_free_slow(void *p) {
-  if (MV_UNLIKELY(mv_prof_rate)) free_profiled(p);
-  else free_slow(p);
-}
 
 /* ---- allocation beyond the fast path ---- */
 
@@ -589,8 +581,8 @@ static void prof_install(mv_page_t *page) {
   int64_t bs = page->block_size;
   mv_block_t *b = page->free;
   if (!b) return;
-  if (!page->local_free && !atomic_load_explicit(&page->xthread_free, memory_order_relaxed)) {
-    int64_t bytes = (int64_t)(page->capacity - page->used) * bs; /* every free block */
+  if (!page->local_free) { /* used counts blocks waiting in xthread_free as handed out */
+    int64_t bytes = (int64_t)(page->capacity - page->used) * bs; /* the whole list */
     if (mv_prof_left >= bytes) {
       mv_prof_left -= bytes;
       return;
