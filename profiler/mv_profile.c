@@ -419,8 +419,8 @@ int movalloc_profile_report(int fd, unsigned top) {
   }
   uint64_t live = 0;
   for (size_t i = 0; i < sn->count; i++) live += sn->site[i].live_bytes;
-  mv_dprintf(fd, "movalloc profile: one sample per %llu bytes on average; %llu samples, %zu sites, "
-             "%llu dropped (tables full); estimated live %llu bytes\n",
+  mv_dprintf(fd, "movalloc profile (pid %d): one sample per %llu bytes on average; %llu samples, "
+             "%zu sites, %llu dropped (tables full); estimated live %llu bytes\n", (int)getpid(),
              (unsigned long long)mv_prof_rate, (unsigned long long)sn->samples, sn->count,
              (unsigned long long)sn->dropped, (unsigned long long)live);
   for (size_t i = 0; i < sn->count && i < top; i++) {
