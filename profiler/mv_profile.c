@@ -55,6 +55,11 @@ mv_lock_t mv_prof_lock = MV_LOCK_INIT;
 
 static site_t *sites;          /* SITES slots, mmap'd */
 static object_t *objects;      /* OBJECTS slots, mmap'd */
+/* filter[h]: live samples whose address hashes to slot h (object_slot), changed
+ * under the lock, read without it: a free whose slot counts 0 is not sampled,
+ * and skips the lock. A sample is counted before its block is handed out, so
+ * any later free of it sees a count above 0. OBJECTS counters, mmap'd. */
+static _Atomic(uint16_t) *filter;
 static uint32_t site_count;    /* mv_prof_lock */
 static uint32_t object_count;  /* mv_prof_lock */
 static uint64_t dropped;       /* mv_prof_lock: samples lost to full tables */
@@ -78,7 +83,8 @@ static __thread uint64_t rng __attribute__((tls_model("initial-exec"))); /* 0: u
 
 
 bool mv_prof_init(uint64_t rate) {
-  size_t slen = SITES * sizeof(site_t), olen = OBJECTS * sizeof(object_t);
+  size_t slen = SITES * sizeof(site_t);
+  size_t olen = OBJECTS * (sizeof(object_t) + sizeof(uint16_t)); /* objects, then filter */
   void *s = mv_os_mmap(NULL, slen, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   void *o = mv_os_mmap(NULL, olen, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (s == MAP_FAILED || o == MAP_FAILED) {
@@ -89,6 +95,7 @@ bool mv_prof_init(uint64_t rate) {
   }
   sites = s;
   objects = o;
+  filter = (_Atomic(uint16_t) *)(objects + OBJECTS);
   mv_prof_rate = rate;
   mv_malloc_hooked = true;
   return true;
@@ -244,6 +251,7 @@ MV_ALLOC_ENTRY void *mv_prof_sample(void *p, size_t size, size_t unit) {
     while (objects[i].addr) i = (i + 1) & (OBJECTS - 1);
     objects[i] = o;
     object_count++;
+    atomic_fetch_add_explicit(&filter[object_slot(o.addr)], 1, memory_order_release);
     if (atomic_fetch_add_explicit(&page->sampled, 1, memory_order_relaxed) == 0)
       page_tag(page, true);
   }
@@ -259,9 +267,10 @@ static unsigned lifetime_bucket(uint64_t ns) {
 }
 
 void mv_prof_freed(void *p, mv_page_t *page) {
+  uint32_t i = object_slot((uintptr_t)p);
+  if (!atomic_load_explicit(&filter[i], memory_order_acquire)) return;
   uint64_t now = mv_os_now_ns();
   mv_lock(&mv_prof_lock);
-  uint32_t i = object_slot((uintptr_t)p);
   while (objects[i].addr && objects[i].addr != (uintptr_t)p) i = (i + 1) & (OBJECTS - 1);
   if (objects[i].addr) {
     object_t *o = &objects[i];
@@ -271,6 +280,7 @@ void mv_prof_freed(void *p, mv_page_t *page) {
     st->live_objects -= o->objects;
     st->lifetime[lifetime_bucket(now - o->born_ns)]++;
     object_count--;
+    atomic_fetch_sub_explicit(&filter[object_slot((uintptr_t)p)], 1, memory_order_relaxed);
     if (atomic_fetch_sub_explicit(&page->sampled, 1, memory_order_relaxed) == 1)
       page_tag(page, false);
     /* Backward shift: pull later entries of the probe run into the hole. */

@@ -289,7 +289,7 @@ TEST(Profile, ReportAtExitAndFoldedFile) {
   close(efd);
   std::ifstream e(err);
   std::string report((std::istreambuf_iterator<char>(e)), std::istreambuf_iterator<char>());
-  EXPECT_NE(report.find("movalloc profile:"), std::string::npos) << report;
+  EXPECT_NE(report.find("movalloc profile (pid "), std::string::npos) << report;
   EXPECT_NE(report.find("profile_exit_site"), std::string::npos) << report;
   std::ifstream f(out);
   std::string folded((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
