@@ -358,7 +358,8 @@ mv_heap_t *mv_heap_get(void) {
 static void heap_collect(mv_heap_t *h, bool keep_one) {
   heap_drain_notified(h);
   heap_rescan_full(h);
-  for (unsigned c = 0; c < MV_LIFECLASSES; c++) {
+  unsigned classes = mv_lifetime_on ? MV_LIFECLASSES : 1; /* long queues stay empty */
+  for (unsigned c = 0; c < classes; c++) {
     for (unsigned bin = 1; bin < MV_BINS; bin++) {
       mv_page_queue_t *q = bin_queue(h, bin, c);
       for (mv_page_t *page = q->first, *next; page; page = next) {
