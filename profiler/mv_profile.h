@@ -29,14 +29,14 @@
 #include "arena/mv_lock.h"
 #include "arena/mv_types.h"
 
-/* Hidden: the slow paths test mv_prof_rate directly, not through the GOT. */
-extern uint64_t mv_prof_rate __attribute__((visibility("hidden"))); /* mean bytes between
-                                                                       samples; 0: off */
+/* Mean bytes between samples; 0: off. Hidden: the slow paths test it directly,
+ * not through the GOT. */
+extern uint64_t mv_prof_rate __attribute__((visibility("hidden")));
 extern __thread int64_t mv_prof_left __attribute__((tls_model("initial-exec")));
 extern mv_lock_t mv_prof_lock;
 
-/* After the options are read: maps the tables and sends every malloc and free
- * to the slow paths. Returns false (profiling stays off, said on stderr) when
+/* After the options are read: maps the tables and hooks the slow paths
+ * (mv_malloc_hooked). Returns false (profiling stays off, said on stderr) when
  * the tables cannot be mapped. */
 bool mv_prof_init(uint64_t rate);
 
