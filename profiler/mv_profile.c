@@ -80,7 +80,9 @@ static _Atomic bool forking;
 
 static __thread bool in_profiler __attribute__((tls_model("initial-exec")));
 static __thread uint64_t rng __attribute__((tls_model("initial-exec"))); /* 0: unseeded */
-
+/* This thread is inside unw_backtrace (a fork from a signal handler that
+ * interrupted it must not wait for itself). */
+static __thread bool unwinding_here __attribute__((tls_model("initial-exec")));
 
 bool mv_prof_init(uint64_t rate) {
   size_t slen = SITES * sizeof(site_t);
@@ -120,7 +122,9 @@ void mv_prof_load_unwind(void) {
 /* unw_backtrace unless a fork is under way (0 frames then). */
 static int unwind(backtrace_fn fn, void **frames, int max) {
   atomic_fetch_add(&unwinding, 1);
+  unwinding_here = true;
   int n = atomic_load(&forking) ? 0 : fn(frames, max);
+  unwinding_here = false;
   atomic_fetch_sub(&unwinding, 1);
   return n;
 }
@@ -136,7 +140,7 @@ int mv_prof_backtrace(void **frames, int max) {
 
 void mv_prof_fork_prepare(void) {
   atomic_store(&forking, true);
-  while (atomic_load(&unwinding)) sched_yield();
+  while (atomic_load(&unwinding) > (unwinding_here ? 1u : 0u)) sched_yield();
 }
 
 void mv_prof_fork_done(void) { atomic_store(&forking, false); }
