@@ -580,7 +580,7 @@ static MV_NOINLINE MV_ALLOC_ENTRY void *malloc_long(size_t size) {
  * all at once. If the countdown runs out within it, the list is cut before the
  * block where it does; that block heads sample_rest, so the fast path stops
  * short of it and malloc_refill samples it. The fast path itself counts nothing. */
-static void prof_install(mv_page_t *page) {
+static inline __attribute__((always_inline)) void prof_install(mv_page_t *page) {
   int64_t bs = page->block_size;
   mv_block_t *b = page->free;
   if (!b) return;
@@ -655,8 +655,11 @@ static MV_NOINLINE MV_ALLOC_ENTRY void *malloc_hooked(size_t size, uintptr_t ra)
 }
 
 MV_ALLOC_ENTRY void *mv_malloc_slow(size_t size) {
-  if (MV_UNLIKELY(mv_malloc_hooked))
+  if (MV_UNLIKELY(mv_malloc_hooked)) {
+    /* Profiling alone: the fast path's list ran out (it serves every size up to 1024). */
+    if (!mv_lifetime_on && size <= 1024) return malloc_refill(size);
     return malloc_hooked(size, (uintptr_t)__builtin_return_address(0));
+  }
   return malloc_slow(size);
 }
 
