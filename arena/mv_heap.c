@@ -654,11 +654,19 @@ static MV_NOINLINE MV_ALLOC_ENTRY void *malloc_hooked(size_t size, uintptr_t ra)
   return counted(malloc_slow(size), size);
 }
 
+/* Profiling alone, sizes the fast path does not serve: counted one by one. Out
+ * of line, so that mv_malloc_slow needs no frame. */
+static MV_NOINLINE MV_ALLOC_ENTRY void *malloc_counted(size_t size) {
+  return mv_prof_count(malloc_slow(size), size);
+}
+
 MV_ALLOC_ENTRY void *mv_malloc_slow(size_t size) {
   if (MV_UNLIKELY(mv_malloc_hooked)) {
-    /* Profiling alone: the fast path's list ran out (it serves every size up to 1024). */
-    if (!mv_lifetime_on && size <= 1024) return malloc_refill(size);
-    return malloc_hooked(size, (uintptr_t)__builtin_return_address(0));
+    if (mv_lifetime_on) return malloc_hooked(size, (uintptr_t)__builtin_return_address(0));
+    /* Profiling alone: up to 1024 the fast path's list ran out; above, count it. */
+    if (size <= 1024) return malloc_refill(size);
+    if (size > MV_SMALL_MAX) return malloc_slow(size); /* alloc_big counts it */
+    return malloc_counted(size);
   }
   return malloc_slow(size);
 }
