@@ -17,6 +17,13 @@ extern _Atomic(size_t) mv_heap_limit;    /* bytes of arenas with descriptors: fr
 extern mv_arena_t *mv_arenas;           /* descriptors, indexed like the arenas */
 extern uintptr_t mv_keys[2];            /* free-list encoding secret */
 extern uintptr_t mv_free_fast_mask;     /* 15; ~0 under MOVALLOC_CHECK (all frees slow) */
+/* 1024; 0 under MOVALLOC_PROFILE_LONGLIVED (all mallocs slow, where they are
+ * routed). Hidden, so the fast path compares against it directly, like a
+ * constant. */
+extern size_t mv_malloc_fast_max __attribute__((visibility("hidden")));
+/* MOVALLOC_PROFILE or MOVALLOC_PROFILE_LONGLIVED: mv_malloc_slow hands over to
+ * the profiler's paths (mv_heap.c, malloc_hooked). */
+extern bool mv_malloc_hooked __attribute__((visibility("hidden")));
 
 extern mv_page_t mv_page_none;          /* every unused slice maps here */
 extern mv_page_t mv_page_empty;         /* an empty bin's page: free == NULL */
@@ -46,6 +53,14 @@ static inline mv_block_t *mv_ptr_decode(uintptr_t e) { return (mv_block_t *)e; }
 
 /* ---- lookup ---- */
 
+#define MV_HEAP_SAMPLED ((uintptr_t)1) /* tag on mv_page.heap (mv_types.h) */
+
+/* The heap that owns a small page (NULL for large and huge ones). */
+static inline struct mv_heap *mv_page_owner(const mv_page_t *page) {
+  uintptr_t h = (uintptr_t)atomic_load_explicit(&((mv_page_t *)page)->heap, memory_order_relaxed);
+  return (struct mv_heap *)(h & ~MV_HEAP_SAMPLED);
+}
+
 /* The page holding p, or NULL when p is not in a used arena of the heap. */
 static inline mv_page_t *mv_page_of(const void *p) {
   uintptr_t off = (uintptr_t)p - mv_heap_base;
@@ -66,7 +81,7 @@ void mv_page_emptied(mv_page_t *page) MV_NOINLINE; /* owner: used hit 0, or a fu
 /* ---- fast paths ---- */
 
 static inline void *mv_malloc(size_t size) {
-  if (MV_LIKELY(size <= 1024)) {
+  if (MV_LIKELY(size <= mv_malloc_fast_max)) {
     mv_heap_t *heap = mv_tls_heap;
     mv_page_t *page = heap->direct[mv_bin_of(size)];
     mv_block_t *b = page->free;
@@ -86,6 +101,8 @@ static inline bool mv_looks_freed(const mv_block_t *b) {
   return next == 0 || ((next ^ (uintptr_t)b) >> MV_ARENA_SHIFT) == 0;
 }
 
+/* A page holding blocks the profiler sampled has its heap pointer tagged
+ * (MV_HEAP_SAMPLED), so the owner test fails and its frees go the slow way. */
 static inline void mv_free(void *p) {
   uintptr_t off = (uintptr_t)p - mv_heap_base;
   if (MV_LIKELY(off < atomic_load_explicit(&mv_heap_limit, memory_order_relaxed) &&
@@ -122,9 +139,13 @@ void mv_heap_collect_all(void);    /* returns empty pages of every abandoned hea
 
 /* ---- arenas (mv_arena.c) ---- */
 int mv_arena_init(void);           /* reserves the heap; 0 or -errno */
-/* A run of n contiguous free slices, fullest arena first. Returns its page
- * descriptor (kind NONE, slices mapped to it) or NULL with errno = ENOMEM. */
-mv_page_t *mv_arena_alloc_slices(unsigned n, bool *zeroed);
+/* A run of n contiguous free slices in an arena of that lifetime class (enum
+ * mv_lifeclass), fullest arena first. Returns its page descriptor (kind NONE,
+ * slices mapped to it) or NULL with errno = ENOMEM. */
+mv_page_t *mv_arena_alloc_class(unsigned n, bool *zeroed, unsigned lifeclass);
+static inline mv_page_t *mv_arena_alloc_slices(unsigned n, bool *zeroed) {
+  return mv_arena_alloc_class(n, zeroed, MV_LIFE_SHORT);
+}
 void mv_arena_free_slices(mv_page_t *page);
 /* A span of whole arenas for size bytes, aligned to align (>= MV_ARENA_SIZE or 0). */
 mv_page_t *mv_arena_alloc_huge(size_t size, size_t align, bool *zeroed);

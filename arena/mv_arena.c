@@ -37,7 +37,8 @@ static uint32_t frontier;         /* arenas [0, frontier) have descriptors */
 static uint32_t committed_upto;   /* arenas [0, committed_upto) are PROT_READ|WRITE */
 static uint64_t *free_bits;       /* bit i: arena i is FREE */
 static uint32_t free_hint;        /* no FREE arena below this index */
-static mv_arena_t *buckets[MV_SLICES]; /* [k]: ACTIVE arenas with k free slices */
+/* [c][k]: ACTIVE arenas of lifetime class c with k free slices */
+static mv_arena_t *buckets[MV_LIFECLASSES][MV_SLICES];
 #define MV_CACHE_MAX 256u
 static uint32_t cache[MV_CACHE_MAX]; /* FREE arenas still committed, oldest first */
 static uint64_t cached_at[MV_CACHE_MAX]; /* when each went into the cache */
@@ -148,7 +149,7 @@ static void bucket_remove(mv_arena_t *a) {
   unsigned k = a->free_count;
   if (k == 0 || k == MV_SLICES) return;
   if (a->bucket_prev) a->bucket_prev->bucket_next = a->bucket_next;
-  else if (buckets[k] == a) buckets[k] = a->bucket_next;
+  else if (buckets[a->lifeclass][k] == a) buckets[a->lifeclass][k] = a->bucket_next;
   if (a->bucket_next) a->bucket_next->bucket_prev = a->bucket_prev;
   a->bucket_next = a->bucket_prev = NULL;
 }
@@ -157,9 +158,10 @@ static void bucket_insert(mv_arena_t *a) {
   unsigned k = a->free_count;
   if (k == 0 || k == MV_SLICES) return;
   a->bucket_prev = NULL;
-  a->bucket_next = buckets[k];
-  if (buckets[k]) buckets[k]->bucket_prev = a;
-  buckets[k] = a;
+  mv_arena_t **head = &buckets[a->lifeclass][k];
+  a->bucket_next = *head;
+  if (*head) (*head)->bucket_prev = a;
+  *head = a;
 }
 
 /* ---- free arenas: the cache, then release ---- */
@@ -306,6 +308,7 @@ static mv_page_t *carve(mv_arena_t *a, unsigned first, unsigned n, bool *zeroed)
   a->placed_ns = mv_os_now_ns();
   mv_page_t *page = &a->pages[first];
   page_reset(page);
+  page->lifeclass = a->lifeclass;
   page->start = mv_heap_base + ((uintptr_t)a->index << MV_ARENA_SHIFT) +
                 ((uintptr_t)first << MV_SLICE_SHIFT);
   page->slice_count = (uint16_t)n;
@@ -313,11 +316,12 @@ static mv_page_t *carve(mv_arena_t *a, unsigned first, unsigned n, bool *zeroed)
   return page;
 }
 
-mv_page_t *mv_arena_alloc_slices(unsigned n, bool *zeroed) {
+mv_page_t *mv_arena_alloc_class(unsigned n, bool *zeroed, unsigned lifeclass) {
   mv_lock(&mv_arena_lock);
   for (unsigned k = n; k < MV_SLICES; k++) {
     unsigned tried = 0;
-    for (mv_arena_t *a = buckets[k]; a && tried < MV_BUCKET_SCAN; a = a->bucket_next, tried++) {
+    for (mv_arena_t *a = buckets[lifeclass][k]; a && tried < MV_BUCKET_SCAN;
+         a = a->bucket_next, tried++) {
       uint32_t starts = run_starts(a->free_mask, n);
       if (starts) {
         mv_page_t *page = carve(a, (unsigned)__builtin_ctz(starts), n, zeroed);
@@ -327,6 +331,7 @@ mv_page_t *mv_arena_alloc_slices(unsigned n, bool *zeroed) {
     }
   }
   mv_arena_t *a = take_free_arena();
+  if (a) a->lifeclass = (uint8_t)lifeclass;
   mv_page_t *page = a ? carve(a, 0, n, zeroed) : NULL;
   bool decay = decay_due();
   mv_unlock(&mv_arena_lock);

@@ -19,6 +19,8 @@
 #include "arena/mv_print.h"
 #include "compactor/mv_engine.h"
 #include "shim/mv_channel.h"
+#include "profiler/mv_lifetime.h"
+#include "profiler/mv_profile.h"
 #include "shim/mv_init.h"
 #include "shim/mv_options.h"
 
@@ -28,6 +30,8 @@ mv_heap_t mv_heap_empty = {.direct = {[0 ... MV_BINS - 1] = &mv_page_empty}};
 __thread mv_heap_t *mv_tls_heap __attribute__((tls_model("initial-exec"))) = &mv_heap_empty;
 uintptr_t mv_keys[2];
 uintptr_t mv_free_fast_mask = MV_ALIGN - 1;
+size_t mv_malloc_fast_max = 1024;
+bool mv_malloc_hooked;
 
 mv_lock_t mv_heaps_lock = MV_LOCK_INIT;
 static mv_heap_t *all_heaps;      /* mv_heaps_lock */
@@ -131,8 +135,22 @@ static void queue_push_back(mv_page_queue_t *q, mv_page_t *page) {
 
 /* Under CHECK direct[] stays empty, so every malloc takes the slow path. */
 static inline void update_direct(mv_heap_t *h, unsigned bin) {
-  h->direct[bin] =
-      h->queues[bin].first && !mv_options.check ? h->queues[bin].first : &mv_page_empty;
+  mv_page_t *first = h->queues[MV_LIFE_SHORT][bin].first;
+  h->direct[bin] = first && !mv_options.check ? first : &mv_page_empty;
+}
+
+/* The owner's queue for a page's bin and lifetime class. */
+static inline mv_page_queue_t *bin_queue(mv_heap_t *h, unsigned bin, unsigned lifeclass) {
+  return &h->queues[lifeclass][bin];
+}
+
+static inline mv_page_queue_t *page_queue(mv_heap_t *h, const mv_page_t *page) {
+  return bin_queue(h, page->bin, page->lifeclass);
+}
+
+/* After page left or joined the head of its queue. */
+static inline void update_direct_for(mv_heap_t *h, const mv_page_t *page) {
+  if (page->lifeclass == MV_LIFE_SHORT) update_direct(h, page->bin);
 }
 
 /* ---- pages ---- */
@@ -173,13 +191,26 @@ static void page_extend(mv_page_t *page) {
   page->capacity += n;
 }
 
+/* Blocks on a list, at most limit. */
+static uint32_t list_length(const mv_block_t *b, uint32_t limit) {
+  uint32_t n = 0;
+  for (; b && n < limit; b = mv_ptr_decode(b->next_enc)) n++;
+  return n;
+}
+
 static void page_retire(mv_heap_t *h, mv_page_t *page) {
+  /* MOVALLOC_PROFILE counted its list when installed (prof_install): the blocks
+   * never handed out were not allocated. */
+  if (MV_UNLIKELY(mv_prof_rate) && page->lifeclass == MV_LIFE_SHORT && page->block_size <= 1024)
+    mv_prof_left += (int64_t)page->block_size *
+                    (list_length(page->free, page->capacity) +
+                     list_length(page->sample_rest, page->capacity));
   if (atomic_load_explicit(&page->in_full, memory_order_relaxed)) {
     queue_remove(&h->full, page);
     atomic_store(&page->in_full, 0);
   } else {
-    queue_remove(&h->queues[page->bin], page);
-    update_direct(h, page->bin);
+    queue_remove(page_queue(h, page), page);
+    update_direct_for(h, page);
   }
   mv_arena_free_slices(page);
 }
@@ -188,28 +219,28 @@ static void page_retire(mv_heap_t *h, mv_page_t *page) {
  * sequentially consistent: either the owner sees a concurrent free's block, or
  * the freeing thread sees in_full and notifies. */
 static void page_to_full(mv_heap_t *h, mv_page_t *page) {
-  queue_remove(&h->queues[page->bin], page);
+  queue_remove(page_queue(h, page), page);
   queue_push_back(&h->full, page);
   atomic_store(&page->in_full, 1);
   if (atomic_load(&page->xthread_free) != 0) {
     queue_remove(&h->full, page);
     atomic_store(&page->in_full, 0);
-    queue_push_back(&h->queues[page->bin], page);
+    queue_push_back(page_queue(h, page), page);
   }
 }
 
 static void page_unfull(mv_heap_t *h, mv_page_t *page) {
   queue_remove(&h->full, page);
   atomic_store(&page->in_full, 0);
-  queue_push_back(&h->queues[page->bin], page);
-  update_direct(h, page->bin);
+  queue_push_back(page_queue(h, page), page);
+  update_direct_for(h, page);
 }
 
 /* Tells a page's owner that a full page got a free. At most one stack holds a
  * page at a time (notify), so xnext is never shared. */
 static void page_notify(mv_page_t *page) {
   if (atomic_exchange(&page->notify, 1) != 0) return;
-  mv_heap_t *h = atomic_load(&page->heap);
+  mv_heap_t *h = mv_page_owner(page);
   if (!h) {
     atomic_store(&page->notify, 0);
     return;
@@ -226,7 +257,7 @@ static void heap_drain_notified(mv_heap_t *h) {
   while (page) {
     mv_page_t *next = page->xnext;
     atomic_store(&page->notify, 0);
-    mv_heap_t *owner = atomic_load(&page->heap);
+    mv_heap_t *owner = mv_page_owner(page);
     bool full = atomic_load(&page->in_full);
     if (owner == h && full) page_unfull(h, page);
     else if (owner && owner != h && full) page_notify(page); /* reused meanwhile: forward */
@@ -243,17 +274,18 @@ static void heap_rescan_full(mv_heap_t *h) {
   }
 }
 
-static mv_page_t *page_fresh(mv_heap_t *h, unsigned bin) {
+static mv_page_t *page_fresh(mv_heap_t *h, unsigned bin, unsigned lifeclass) {
   mv_compactor_poke();
   bool zeroed;
-  mv_page_t *page = mv_arena_alloc_slices(mv_bin_slices(bin), &zeroed);
+  mv_page_t *page = mv_arena_alloc_class(mv_bin_slices(bin), &zeroed, lifeclass);
   if (!page) return NULL;
   page->kind = MV_PAGE_SMALL;
+  page->sample_rest = NULL;
   page->bin = (uint8_t)bin;
   page->block_size = (uint32_t)mv_bin_size(bin);
   page->reserved = (uint32_t)(((size_t)page->slice_count << MV_SLICE_SHIFT) / page->block_size);
   atomic_store_explicit(&page->heap, h, memory_order_release);
-  queue_push_front(&h->queues[bin], page);
+  queue_push_front(bin_queue(h, bin, lifeclass), page);
   mv_channel_poke(); /* the heap grew: the inspection channel may publish */
   return page;
 }
@@ -284,11 +316,14 @@ static void collect_one_abandoned(void) {
   mv_unlock(&mv_heaps_lock);
 }
 
-/* A page of bin with a free block, made the bin's first page; NULL: no memory. */
-static mv_page_t *heap_page_for(mv_heap_t *h, unsigned bin) {
+/* A page of bin and lifetime class with a free block, made the first page of
+ * its queue; NULL: no memory. */
+static inline __attribute__((always_inline)) mv_page_t *heap_page_for(mv_heap_t *h,
+                                                                      unsigned bin,
+                                                                      unsigned lifeclass) {
   if (++h->slow_calls % MV_HOUSEKEEPING_EVERY == 0) heap_rescan_full(h);
   heap_drain_notified(h);
-  mv_page_queue_t *q = &h->queues[bin];
+  mv_page_queue_t *q = bin_queue(h, bin, lifeclass);
   mv_page_t *page = q->first;
   while (page) {
     mv_page_t *next = page->next;
@@ -305,7 +340,7 @@ static mv_page_t *heap_page_for(mv_heap_t *h, unsigned bin) {
   }
   if (!page) {
     collect_one_abandoned(); /* their empty pages may serve instead of fresh ones */
-    page = page_fresh(h, bin);
+    page = page_fresh(h, bin, lifeclass);
     if (!page) return NULL;
     page_extend(page);
   }
@@ -313,7 +348,7 @@ static mv_page_t *heap_page_for(mv_heap_t *h, unsigned bin) {
     queue_remove(q, page);
     queue_push_front(q, page);
   }
-  update_direct(h, bin);
+  if (lifeclass == MV_LIFE_SHORT) update_direct(h, bin);
   return page;
 }
 
@@ -323,7 +358,7 @@ void mv_page_emptied(mv_page_t *page) {
   if (page->used != 0) return;
   /* Keep a bin's only page: a thread that frees its last block of a size
    * usually allocates that size again. */
-  mv_page_queue_t *q = &h->queues[page->bin];
+  mv_page_queue_t *q = page_queue(h, page);
   if (q->first == page && q->last == page) return;
   page_retire(h, page);
 }
@@ -376,12 +411,15 @@ mv_heap_t *mv_heap_get(void) {
 static void heap_collect(mv_heap_t *h, bool keep_one) {
   heap_drain_notified(h);
   heap_rescan_full(h);
-  for (unsigned bin = 1; bin < MV_BINS; bin++) {
-    for (mv_page_t *page = h->queues[bin].first, *next; page; page = next) {
-      next = page->next;
-      page_collect(page);
-      if (page->used == 0 && !(keep_one && h->queues[bin].first == page && !next))
-        page_retire(h, page);
+  unsigned classes = mv_lifetime_on ? MV_LIFECLASSES : 1; /* long queues stay empty */
+  for (unsigned c = 0; c < classes; c++) {
+    for (unsigned bin = 1; bin < MV_BINS; bin++) {
+      mv_page_queue_t *q = bin_queue(h, bin, c);
+      for (mv_page_t *page = q->first, *next; page; page = next) {
+        next = page->next;
+        page_collect(page);
+        if (page->used == 0 && !(keep_one && q->first == page && !next)) page_retire(h, page);
+      }
     }
   }
 }
@@ -440,11 +478,13 @@ static bool block_on_list(const mv_page_t *page, const mv_block_t *head, const m
   return false;
 }
 
-/* Is b free: on the owner's lists or on other threads' frees? Exact for the
- * owner; for another thread it races with the owner and may miss. */
+/* Is b free: on the owner's lists (sample_rest: the profiler's held-back part
+ * of free) or on other threads' frees? Exact for the owner; for another thread
+ * it races with the owner and may miss. */
 static bool block_is_free(const mv_page_t *page, const mv_block_t *b) {
   return block_on_list(page, __atomic_load_n(&page->free, __ATOMIC_RELAXED), b) ||
          block_on_list(page, __atomic_load_n(&page->local_free, __ATOMIC_RELAXED), b) ||
+         block_on_list(page, __atomic_load_n(&page->sample_rest, __ATOMIC_RELAXED), b) ||
          block_on_list(page, (const mv_block_t *)atomic_load(&page->xthread_free), b);
 }
 
@@ -455,6 +495,8 @@ static void free_small(mv_page_t *page, mv_block_t *b) {
     return;
   }
   mv_heap_t *h = mv_tls_heap;
+  /* A page tagged MV_HEAP_SAMPLED takes even its owner's frees the other
+   * threads' way below: correct, and it spares every slow free a mask. */
   if (atomic_load_explicit(&page->heap, memory_order_relaxed) == h) {
     if (mv_looks_freed(b) && block_is_free(page, b)) {
       report_misuse("free", b, "double free", true);
@@ -485,6 +527,12 @@ void mv_free_slow(void *p) {
     report_misuse("free", p, "not allocated by movalloc", false);
     return;
   }
+  /* MOVALLOC_PROFILE: frees of blocks in pages holding sampled blocks come here
+   * (mv_page.heap is tagged), as do large and huge ones: a sampled block is
+   * forgotten before it can be reused. */
+  if (MV_UNLIKELY(mv_prof_rate) &&
+      MV_UNLIKELY(atomic_load_explicit(&page->sampled, memory_order_relaxed)))
+    mv_prof_freed(p, page);
   switch (page->kind) {
     case MV_PAGE_SMALL:
       free_small(page, (mv_block_t *)p);
@@ -505,9 +553,16 @@ void mv_free_slow(void *p) {
   }
 }
 
+
 /* ---- allocation beyond the fast path ---- */
 
-static void *alloc_big(size_t size, size_t align, bool *zeroed) {
+/* Counts p for the profiler, when it is on. */
+static inline void *counted(void *p, size_t size) {
+  return MV_UNLIKELY(mv_prof_rate) ? mv_prof_count(p, size) : p;
+}
+
+static MV_ALLOC_ENTRY void *alloc_big(size_t size, size_t align, bool *zeroed,
+                                      unsigned lifeclass) {
   mv_compactor_poke();
   bool z;
   if (size > PTRDIFF_MAX) {
@@ -517,7 +572,7 @@ static void *alloc_big(size_t size, size_t align, bool *zeroed) {
   mv_page_t *page;
   if (size <= MV_LARGE_MAX && align <= MV_SLICE_SIZE) {
     unsigned n = (unsigned)((size + MV_SLICE_SIZE - 1) >> MV_SLICE_SHIFT);
-    page = mv_arena_alloc_slices(n, &z);
+    page = mv_arena_alloc_class(n, &z, lifeclass);
     if (!page) return NULL;
     page->huge_size = (size_t)n << MV_SLICE_SHIFT;
     page->kind = MV_PAGE_LARGE;
@@ -527,7 +582,7 @@ static void *alloc_big(size_t size, size_t align, bool *zeroed) {
   }
   if (zeroed) *zeroed = z;
   mv_channel_poke(); /* the heap grew: the inspection channel may publish */
-  return (void *)page->start;
+  return counted((void *)page->start, size);
 }
 
 /* A block of the size class of size (<= MV_SMALL_MAX) from h. */
@@ -535,7 +590,7 @@ static void *small_alloc(mv_heap_t *h, size_t size) {
   unsigned bin = mv_bin_of(size);
   mv_page_t *page = h->direct[bin];
   if (!page->free) {
-    page = heap_page_for(h, bin);
+    page = heap_page_for(h, bin, MV_LIFE_SHORT);
     if (!page) {
       errno = ENOMEM;
       return NULL;
@@ -567,7 +622,7 @@ static void *check_alloc(mv_heap_t *h, size_t n, size_t align, bool *zeroed) {
   if (rounded <= MV_SMALL_MAX && align <= MV_SLICE_SIZE)
     p = small_alloc(h, rounded); /* as mv_aligned: bin sizes keep the alignment */
   else
-    p = alloc_big(real, align > MV_ALIGN ? align : 0, &z);
+    p = alloc_big(real, align > MV_ALIGN ? align : 0, &z, MV_LIFE_SHORT);
   if (!p) return NULL;
   if (zeroed) *zeroed = z;
   mv_page_t *page = mv_page_of(p);
@@ -575,18 +630,138 @@ static void *check_alloc(mv_heap_t *h, size_t n, size_t align, bool *zeroed) {
   return p;
 }
 
-void *mv_malloc_slow(size_t size) {
+static MV_NOINLINE MV_ALLOC_ENTRY void *malloc_slow(size_t size) {
   mv_heap_t *h = mv_heap_get();
   if (!h) {
     errno = ENOMEM;
     return NULL;
   }
   if (MV_UNLIKELY(mv_options.check)) return check_alloc(h, size, 0, NULL);
-  if (size > MV_SMALL_MAX) return alloc_big(size, 0, NULL);
+  if (size > MV_SMALL_MAX) return alloc_big(size, 0, NULL, MV_LIFE_SHORT);
   return small_alloc(h, size);
 }
 
-void *mv_calloc(size_t n, size_t size) {
+/* A routed allocation (MOVALLOC_PROFILE_LONGLIVED): pages of the heap's long
+ * queues, in arenas of their own. */
+static MV_NOINLINE MV_ALLOC_ENTRY void *malloc_long(size_t size) {
+  mv_heap_t *h = mv_heap_get();
+  if (!h) {
+    errno = ENOMEM;
+    return NULL;
+  }
+  if (size > MV_SMALL_MAX) return alloc_big(size, 0, NULL, MV_LIFE_LONG);
+  unsigned bin = mv_bin_of(size);
+  mv_page_t *page = h->queues[MV_LIFE_LONG][bin].first;
+  if (!page || !page->free) {
+    page = heap_page_for(h, bin, MV_LIFE_LONG);
+    if (!page) {
+      errno = ENOMEM;
+      return NULL;
+    }
+  }
+  mv_block_t *b = page->free;
+  page->free = mv_ptr_decode(b->next_enc);
+  page->used++;
+  return counted(b, size);
+}
+
+/* MOVALLOC_PROFILE, sizes the fast path serves: a page's free list is counted
+ * against the thread's byte countdown when it is installed for the fast path,
+ * all at once. If the countdown runs out within it, the list is cut before the
+ * block where it does; that block heads sample_rest, so the fast path stops
+ * short of it and malloc_refill samples it. The fast path itself counts nothing. */
+static inline __attribute__((always_inline)) void prof_install(mv_page_t *page) {
+  int64_t bs = page->block_size;
+  mv_block_t *b = page->free;
+  if (!b) return;
+  if (!page->local_free) { /* used counts blocks waiting in xthread_free as handed out */
+    int64_t bytes = (int64_t)(page->capacity - page->used) * bs; /* the whole list */
+    if (mv_prof_left >= bytes) {
+      mv_prof_left -= bytes;
+      return;
+    }
+  }
+  for (mv_block_t *prev = NULL; b; prev = b, b = mv_ptr_decode(b->next_enc)) {
+    if (mv_prof_left < bs && mv_prof_cross()) { /* the countdown ran out in b */
+      if (prev) prev->next_enc = mv_ptr_encode(NULL);
+      else page->free = NULL;
+      page->sample_rest = b; /* the rest is counted when installed after b */
+      return;
+    }
+    mv_prof_left -= bs;
+  }
+}
+
+/* MOVALLOC_PROFILE, size <= 1024, the direct page's list is used up: install
+ * the next one (prof_install), or hand out and sample the held-back block. */
+static MV_NOINLINE MV_ALLOC_ENTRY void *malloc_refill(size_t size) {
+  mv_heap_t *h = mv_heap_get();
+  if (!h) {
+    errno = ENOMEM;
+    return NULL;
+  }
+  unsigned bin = mv_bin_of(size);
+  mv_page_t *page = h->direct[bin];
+  if (!page->free && !page->sample_rest) {
+    page = heap_page_for(h, bin, MV_LIFE_SHORT);
+    if (!page) {
+      errno = ENOMEM;
+      return NULL;
+    }
+    prof_install(page);
+  }
+  mv_block_t *b = page->free;
+  if (b) {
+    page->free = mv_ptr_decode(b->next_enc);
+    page->used++;
+    return b;
+  }
+  b = page->sample_rest;
+  page->sample_rest = NULL;
+  page->free = mv_ptr_decode(b->next_enc);
+  page->used++;
+  prof_install(page);
+  return mv_prof_sample(b, size, (size_t)page->block_size);
+}
+
+/* A routed allocation (MOVALLOC_PROFILE_LONGLIVED) or a profiled one
+ * (MOVALLOC_PROFILE) that left the fast path. ra: the return address of
+ * mv_malloc_slow, malloc's caller when malloc jumped there. Under routing,
+ * every malloc comes here (mv_malloc_fast_max is 0). */
+static MV_NOINLINE MV_ALLOC_ENTRY void *malloc_hooked(size_t size, uintptr_t ra) {
+  if (mv_lifetime_on && mv_lifetime_class(ra) == MV_LIFE_LONG) return malloc_long(size);
+  if (size <= 1024) {
+    mv_page_t *page = mv_tls_heap->direct[mv_bin_of(size)];
+    mv_block_t *b = page->free;
+    if (MV_LIKELY(b != NULL)) { /* the fast path's pop, counted when installed */
+      page->free = mv_ptr_decode(b->next_enc);
+      page->used++;
+      return b;
+    }
+    if (mv_prof_rate) return malloc_refill(size);
+  }
+  if (size > MV_SMALL_MAX) return malloc_slow(size); /* alloc_big counts it */
+  return counted(malloc_slow(size), size);
+}
+
+/* Profiling alone, sizes the fast path does not serve: counted one by one. Out
+ * of line, so that mv_malloc_slow needs no frame. */
+static MV_NOINLINE MV_ALLOC_ENTRY void *malloc_counted(size_t size) {
+  return mv_prof_count(malloc_slow(size), size);
+}
+
+MV_ALLOC_ENTRY void *mv_malloc_slow(size_t size) {
+  if (MV_UNLIKELY(mv_malloc_hooked)) {
+    if (mv_lifetime_on) return malloc_hooked(size, (uintptr_t)__builtin_return_address(0));
+    /* Profiling alone: up to 1024 the fast path's list ran out; above, count it. */
+    if (size <= 1024) return malloc_refill(size);
+    if (size > MV_SMALL_MAX) return malloc_slow(size); /* alloc_big counts it */
+    return malloc_counted(size);
+  }
+  return malloc_slow(size);
+}
+
+MV_ALLOC_ENTRY void *mv_calloc(size_t n, size_t size) {
   size_t total;
   if (__builtin_mul_overflow(n, size, &total)) {
     errno = ENOMEM;
@@ -603,12 +778,13 @@ void *mv_calloc(size_t n, size_t size) {
     return NULL;
   }
   bool zeroed;
-  void *p = mv_options.check ? check_alloc(h, total, 0, &zeroed) : alloc_big(total, 0, &zeroed);
+  void *p = mv_options.check ? check_alloc(h, total, 0, &zeroed)
+                            : alloc_big(total, 0, &zeroed, MV_LIFE_SHORT);
   if (p && !zeroed) memset(p, 0, total);
   return p;
 }
 
-void *mv_aligned(size_t align, size_t size) {
+MV_ALLOC_ENTRY void *mv_aligned(size_t align, size_t size) {
   if (align <= MV_ALIGN) return mv_malloc(size);
   if (size > PTRDIFF_MAX - align) {
     errno = ENOMEM;
@@ -626,7 +802,7 @@ void *mv_aligned(size_t align, size_t size) {
     size_t rounded = ((size ? size : 1) + align - 1) & ~(align - 1);
     if (rounded <= MV_SMALL_MAX) return mv_malloc(rounded);
   }
-  return alloc_big(size ? size : 1, align, NULL);
+  return alloc_big(size ? size : 1, align, NULL, MV_LIFE_SHORT);
 }
 
 size_t mv_usable_size(const void *p) {
@@ -685,7 +861,7 @@ static void *check_realloc(void *p, mv_page_t *page, size_t size) {
   return q;
 }
 
-void *mv_realloc(void *p, size_t size) {
+MV_ALLOC_ENTRY void *mv_realloc(void *p, size_t size) {
   if (!p) return mv_malloc(size);
   if (size == 0) { /* glibc: realloc(p, 0) frees p and returns NULL */
     mv_free(p);

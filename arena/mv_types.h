@@ -39,6 +39,10 @@
 #define MV_EXPORT __attribute__((visibility("default")))
 #define MV_NOINLINE __attribute__((noinline))
 #define MV_COLD __attribute__((cold, noinline))
+/* Every function that can sit between a program's allocation call and the
+ * profiler's stack capture lives in this section: the profiler cuts its frames
+ * off a sampled stack (profiler/mv_profile.c), linked statically or preloaded. */
+#define MV_ALLOC_ENTRY __attribute__((section("mv_alloc_text")))
 
 /* A free block: its first word is the encoded address of the next free block
  * (mv_ptr_encode), so a heap overflow cannot plant a plain pointer. */
@@ -54,6 +58,15 @@ enum mv_page_kind {
 };
 
 struct mv_heap;
+
+/* Lifetime classes (MOVALLOC_PROFILE_LONGLIVED): allocations from sites an
+ * earlier profile found long-lived get pages in arenas of their own, so the
+ * holes short-lived churn leaves do not pin arenas holding long-lived data. */
+enum mv_lifeclass {
+  MV_LIFE_SHORT, /* everything by default */
+  MV_LIFE_LONG,  /* routed: predicted long-lived */
+  MV_LIFECLASSES,
+};
 
 /* One page. Lives in the meta region, in the arena that holds its first slice.
  *
@@ -73,7 +86,10 @@ typedef struct mv_page {
   uint32_t block_size;
   mv_block_t *local_free;    /* the owner's frees; become `free` when it runs out */
   _Atomic(uintptr_t) xthread_free; /* other threads' frees (plain next pointers) */
-  _Atomic(struct mv_heap *) heap;  /* owner; NULL for LARGE/HUGE */
+  _Atomic(struct mv_heap *) heap;  /* owner; NULL for LARGE/HUGE. Bit 0 set (MV_HEAP_SAMPLED):
+                                      the page holds blocks the profiler sampled, so no
+                                      heap matches it and every free of its blocks takes
+                                      the slow path; read it through mv_page_owner */
   struct mv_page *next, *prev;     /* the owner's bin queue or full list */
   struct mv_page *xnext;           /* link on a heap's xthread_pages stack */
   uintptr_t start;           /* first data byte */
@@ -84,7 +100,14 @@ typedef struct mv_page {
   uint8_t bin;
   _Atomic(uint8_t) in_full;
   uint16_t slice_count;      /* slices this page covers (SMALL, LARGE) */
+  _Atomic(uint16_t) sampled; /* live blocks in the profiler's table (mv_profile.h);
+                                SMALL: != 0 <=> heap has MV_HEAP_SAMPLED (profile lock) */
   size_t huge_size;          /* HUGE/LARGE: usable bytes */
+  uint8_t lifeclass;         /* SMALL, LARGE: enum mv_lifeclass, that of its arena;
+                                SMALL: which of the owner's queue sets holds it */
+  mv_block_t *sample_rest;   /* MOVALLOC_PROFILE, owner only: free blocks held back
+                                from `free` because the first of them is to be sampled
+                                (mv_heap.c, prof_install); only a bin's direct page */
 } __attribute__((aligned(64))) mv_page_t; /* no two pages share a cache line */
 
 /* Arena states. Transitions are atomic (mv_arena_set_state asserts each one):
@@ -109,7 +132,8 @@ enum mv_arena_state {
  *   free_mask bit i set <=> slice i belongs to no page;
  *   free_mask == all ones <=> the arena is FREE or about to be (release deferred
  *   while ISOLATED/MIGRATING: release_pending);
- *   on a bucket list <=> ACTIVE, not huge, and 0 < free slices < MV_SLICES;
+ *   on a bucket list (of its lifeclass) <=> ACTIVE, not huge, and
+ *   0 < free slices < MV_SLICES;
  *   committed: its pages may be resident (not released since last use);
  *   zero_mask bit i set => slice i holds only zeros (fresh, or released and not
  *   handed out since). */
@@ -119,6 +143,8 @@ typedef struct mv_arena {
   bool committed;
   bool release_pending;
   bool thp;                   /* known to sit on a transparent huge page */
+  uint8_t lifeclass;          /* enum mv_lifeclass of every page in it (set when taken
+                                 FREE -> ACTIVE); its bucket list is that class's */
   uint8_t free_count;         /* popcount(free_mask) */
   uint32_t free_mask;
   uint32_t zero_mask;         /* slices known to hold only zeros */
@@ -139,13 +165,14 @@ typedef struct mv_page_queue {
 /* A thread heap. Heaps are never freed: a thread that exits abandons its heap,
  * and the next new thread adopts it (so a cross-thread free may always write to
  * a page's heap, even a dead thread's).
- * Invariants: direct[b] == queues[b].first, or &mv_page_empty when that is NULL
- * or under MOVALLOC_CHECK (so that every malloc takes the slow path, which arms
- * the block's canary);
+ * Invariants: direct[b] == queues[MV_LIFE_SHORT][b].first, or &mv_page_empty
+ * when that is NULL or under MOVALLOC_CHECK (so that every malloc takes the
+ * slow path, which arms the block's canary); queues[c] holds pages of lifetime
+ * class c (MV_LIFE_LONG: routed allocations, always through the slow path);
  * only the owning thread (owned == 1) touches anything but xthread_pages. */
 typedef struct mv_heap {
   mv_page_t *direct[MV_BINS];         /* the fast path's page per bin */
-  mv_page_queue_t queues[MV_BINS];
+  mv_page_queue_t queues[MV_LIFECLASSES][MV_BINS];
   mv_page_queue_t full;               /* pages with no free block when last looked */
   _Atomic(mv_page_t *) xthread_pages; /* full pages that got a cross-thread free */
   _Atomic(uint8_t) owned;

@@ -154,6 +154,46 @@ int movalloc_region_unregister(void *start);
  * the backend is "off", -EBUSY when called from inside an ops callback. */
 int movalloc_compact(unsigned flags);
 
+/* ---------------------------------------------------------------------------
+ * Allocation-site profiler (MOVALLOC_PROFILE=on or a mean sampling interval in
+ * bytes). One allocation per that many bytes allocated, on average, is sampled
+ * with its stack; each sample stands for size / (1 - exp(-size / rate)) bytes,
+ * so the per-site figures below are unbiased estimates. All of these return
+ * -ENOSYS when profiling is off.
+ * ------------------------------------------------------------------------- */
+
+#define MOVALLOC_PROFILE_DEPTH 32    /* frames kept per site */
+#define MOVALLOC_LIFETIME_BUCKETS 7  /* freed samples that lived < 1 ms, < 10 ms, ...
+                                        < 100 s (bucket i: < 10^i ms), and the rest */
+
+struct movalloc_profile_site {
+  uint64_t live_bytes;       /* estimated bytes allocated here and not freed */
+  uint64_t live_objects;     /* estimated objects, same */
+  uint64_t alloc_bytes;      /* estimated bytes ever allocated here */
+  uint64_t allocs;           /* estimated allocations */
+  uint64_t samples;          /* sampled allocations */
+  uint64_t live_samples;     /* of which not freed yet */
+  uint64_t sparse_bytes;     /* of live_bytes: in arenas less than half in use */
+  uint64_t small_page_bytes; /* of live_bytes: in arenas not on a huge page */
+  uint64_t long_lived_samples; /* samples still live, or that lived 10 s or more */
+  uint64_t lifetime[MOVALLOC_LIFETIME_BUCKETS]; /* freed samples by lifetime */
+  unsigned depth;            /* frames[0 .. depth) */
+  void *frames[MOVALLOC_PROFILE_DEPTH]; /* return addresses, the caller of malloc first */
+};
+
+/* The sites, largest estimated live bytes first, into out[0 .. max). Returns
+ * how many sites there are (may exceed max), or -ENOSYS. Never allocates. */
+int movalloc_profile_sites(struct movalloc_profile_site *out, size_t max);
+
+/* Writes the top sites by live bytes with symbolized frames to fd (what
+ * MOVALLOC_PROFILE prints at exit). Returns 0 or -errno. */
+int movalloc_profile_report(int fd, unsigned top);
+
+/* Writes live bytes per site as folded stacks ("outer;...;inner bytes" lines,
+ * what flamegraph.pl and speedscope read) to path, created mode 0600 (what
+ * MOVALLOC_PROFILE_OUT gets at exit). Returns 0 or -errno. */
+int movalloc_profile_dump(const char *path);
+
 #ifdef __cplusplus
 }
 #endif

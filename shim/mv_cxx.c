@@ -34,22 +34,22 @@ static inline void *new_aligned_or_throw(size_t size, size_t align, const char *
 }
 
 /* operator new(size_t), new[](size_t) */
-MV_EXPORT void *_Znwm(size_t size) { return new_or_throw(size, "_Znwm"); }
-MV_EXPORT void *_Znam(size_t size) { return new_or_throw(size, "_Znam"); }
+MV_EXPORT MV_ALLOC_ENTRY void *_Znwm(size_t size) { return new_or_throw(size, "_Znwm"); }
+MV_EXPORT MV_ALLOC_ENTRY void *_Znam(size_t size) { return new_or_throw(size, "_Znam"); }
 /* nothrow */
-MV_EXPORT void *_ZnwmRKSt9nothrow_t(size_t size, const void *tag) { return mv_malloc(size); }
-MV_EXPORT void *_ZnamRKSt9nothrow_t(size_t size, const void *tag) { return mv_malloc(size); }
+MV_EXPORT MV_ALLOC_ENTRY void *_ZnwmRKSt9nothrow_t(size_t size, const void *tag) { return mv_malloc(size); }
+MV_EXPORT MV_ALLOC_ENTRY void *_ZnamRKSt9nothrow_t(size_t size, const void *tag) { return mv_malloc(size); }
 /* aligned (C++17) */
-MV_EXPORT void *_ZnwmSt11align_val_t(size_t size, size_t align) {
+MV_EXPORT MV_ALLOC_ENTRY void *_ZnwmSt11align_val_t(size_t size, size_t align) {
   return new_aligned_or_throw(size, align, "_ZnwmSt11align_val_t");
 }
-MV_EXPORT void *_ZnamSt11align_val_t(size_t size, size_t align) {
+MV_EXPORT MV_ALLOC_ENTRY void *_ZnamSt11align_val_t(size_t size, size_t align) {
   return new_aligned_or_throw(size, align, "_ZnamSt11align_val_t");
 }
-MV_EXPORT void *_ZnwmSt11align_val_tRKSt9nothrow_t(size_t size, size_t align, const void *tag) {
+MV_EXPORT MV_ALLOC_ENTRY void *_ZnwmSt11align_val_tRKSt9nothrow_t(size_t size, size_t align, const void *tag) {
   return mv_aligned(align, size);
 }
-MV_EXPORT void *_ZnamSt11align_val_tRKSt9nothrow_t(size_t size, size_t align, const void *tag) {
+MV_EXPORT MV_ALLOC_ENTRY void *_ZnamSt11align_val_tRKSt9nothrow_t(size_t size, size_t align, const void *tag) {
   return mv_aligned(align, size);
 }
 

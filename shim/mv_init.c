@@ -13,6 +13,8 @@
 #include "arena/mv_print.h"
 #include "compactor/mv_engine.h"
 #include "include/movalloc.h"
+#include "profiler/mv_lifetime.h"
+#include "profiler/mv_profile.h"
 #include "shim/mv_options.h"
 #include "shim/mv_stats.h"
 
@@ -27,13 +29,15 @@ static void thread_exit(void *unused) { mv_heap_thread_exit(); }
 
 /* ---- fork: every lock, in the documented order ---- */
 
-static mv_lock_t *const fork_locks[] = {&mv_engine_lock, &mv_heaps_lock, &mv_arena_lock};
+static mv_lock_t *const fork_locks[] = {&mv_engine_lock, &mv_heaps_lock, &mv_arena_lock,
+                                        &mv_prof_lock};
 #define FORK_LOCKS (sizeof fork_locks / sizeof fork_locks[0])
 /* Locks the forking thread already held (fork() from a signal handler that
  * interrupted an allocation): not taken again, not released by the handlers. */
 static bool held_before_fork[FORK_LOCKS];
 
 static void fork_prepare(void) {
+  mv_prof_fork_prepare();
   for (size_t i = 0; i < FORK_LOCKS; i++) {
     held_before_fork[i] = mv_lock_held_by_me(fork_locks[i]);
     if (!held_before_fork[i]) mv_lock(fork_locks[i]);
@@ -43,6 +47,7 @@ static void fork_prepare(void) {
 static void fork_parent(void) {
   for (size_t i = FORK_LOCKS; i-- > 0;)
     if (!held_before_fork[i]) mv_unlock(fork_locks[i]);
+  mv_prof_fork_done();
 }
 
 static void fork_child(void) {
@@ -50,6 +55,7 @@ static void fork_child(void) {
     if (!held_before_fork[i]) mv_lock_reinit(fork_locks[i]);
   mv_heap_fork_child();
   mv_engine_fork_child();
+  mv_prof_fork_done();
 }
 
 /* ---- start-up ---- */
@@ -60,6 +66,14 @@ static bool init_core(void) {
   mv_os_random(mv_keys, sizeof mv_keys);
   /* Every free checked; every malloc is slow too (no heap's direct[] is filled). */
   if (mv_options.check) mv_free_fast_mask = ~(uintptr_t)0;
+  /* Check mode arms a canary in every block on its own slow path: the
+   * profiler's and routing's hooks on the slow paths stay off then. */
+  if (mv_options.check && (mv_options.profile || mv_options.profile_longlived)) {
+    mv_log("MOVALLOC_PROFILE and MOVALLOC_PROFILE_LONGLIVED are ignored under MOVALLOC_CHECK=1");
+    mv_options.profile = 0;
+    mv_options.profile_longlived = NULL;
+  }
+  if (mv_options.profile) mv_prof_init(mv_options.profile);
   int rc = mv_arena_init();
   if (rc != 0) {
     mv_log("cannot reserve address space for the heap (%d); every allocation will fail "
@@ -96,8 +110,14 @@ void mv_thread_attach(void) {
   if (exit_key_ok) pthread_setspecific(exit_key, (void *)1);
 }
 
-__attribute__((constructor)) static void movalloc_constructor(void) { mv_ensure_init(); }
+__attribute__((constructor)) static void movalloc_constructor(void) {
+  if (!mv_ensure_init()) return;
+  if (mv_prof_rate) mv_prof_start();
+  if (mv_options.profile_longlived) mv_lifetime_start(mv_options.profile_longlived);
+}
 
 __attribute__((destructor)) static void movalloc_destructor(void) {
-  if (atomic_load(&init_state) == READY && mv_options.stats) mv_stats_write(2, "stats at exit");
+  if (atomic_load(&init_state) != READY) return;
+  if (mv_options.stats) mv_stats_write(2, "stats at exit");
+  if (mv_prof_rate) mv_prof_exit();
 }

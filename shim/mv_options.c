@@ -50,6 +50,17 @@ const struct mv_option mv_option_table[] = {
      "append a CSV line per migration to this file (mode 0600, its owner's only)"},
     {"MOVALLOC_ARENA_CACHE", MV_OPT_UINT, NULL, 0, 64, 8, FIELD(arena_cache),
      "empty 2 MiB arenas kept for reuse before returning them to the kernel"},
+    {"MOVALLOC_PROFILE", MV_OPT_RATE, NULL, 1, (uint64_t)1 << 40, 0, FIELD(profile),
+     "allocation-site profiler: sample one allocation per this many bytes on average "
+     "(on: 2097152); report at exit"},
+    {"MOVALLOC_PROFILE_OUT", MV_OPT_PATH, NULL, 0, 0, 0, FIELD(profile_out),
+     "with MOVALLOC_PROFILE: write live bytes per site as folded stacks here at exit (mode 0600)"},
+    {"MOVALLOC_PROFILE_LONGLIVED_OUT", MV_OPT_PATH, NULL, 0, 0, 0, FIELD(profile_longlived_out),
+     "with MOVALLOC_PROFILE: write the sites whose samples are mostly still live at exit, or "
+     "lived 10 s or more, here at exit (mode 0600), for MOVALLOC_PROFILE_LONGLIVED"},
+    {"MOVALLOC_PROFILE_LONGLIVED", MV_OPT_PATH, NULL, 0, 0, 0, FIELD(profile_longlived),
+     "route allocations from the sites listed in this file (MOVALLOC_PROFILE_LONGLIVED_OUT of "
+     "an earlier run) into arenas of their own"},
 };
 const size_t mv_option_count = sizeof mv_option_table / sizeof mv_option_table[0];
 
@@ -105,6 +116,11 @@ static bool parse(const struct mv_option *o, const char *value, uint64_t *out) {
       *out = (uint64_t)i;
       return true;
     }
+    case MV_OPT_RATE:
+      if (!strcmp(value, "off")) return *out = 0, true;
+      if (!strcmp(value, "on")) return *out = MV_PROF_DEFAULT_RATE, true;
+      if (!strcmp(value, "0")) return *out = 0, true;
+      return parse_uint(value, out) && *out >= o->min && *out <= o->max;
     case MV_OPT_PATH: /* the environment's own string: nothing to copy */
       if (value[0] != '/') return false;
       *out = (uint64_t)(uintptr_t)value;
@@ -120,6 +136,9 @@ void mv_option_accepted(const struct mv_option *o, char *buf, size_t cap) {
                                (unsigned long long)o->min, (unsigned long long)o->max); break;
     case MV_OPT_ENUM: mv_snprintf(buf, cap, "one of %s", o->choices); break;
     case MV_OPT_PATH: mv_snprintf(buf, cap, "an absolute path"); break;
+    case MV_OPT_RATE: mv_snprintf(buf, cap, "off, 0, on (= %llu) or bytes from %llu to %llu",
+                                  (unsigned long long)MV_PROF_DEFAULT_RATE,
+                                  (unsigned long long)o->min, (unsigned long long)o->max); break;
   }
 }
 

@@ -28,6 +28,8 @@ enum mv_purge_mode {
  * RSS and spare the compactor most moves. */
 #define MV_THP_AUTO_FROM 16u
 
+#define MV_PROF_DEFAULT_RATE ((uint64_t)2 << 20) /* MOVALLOC_PROFILE=on: tcmalloc's 2 MiB */
+
 struct mv_options {
   bool stats;             /* MOVALLOC_STATS: summary on stderr at exit */
   bool check;             /* MOVALLOC_CHECK: full misuse checks, abort on misuse */
@@ -46,12 +48,17 @@ struct mv_options {
   size_t reserve_gib;     /* MOVALLOC_RESERVE_GIB: virtual reservation for the heap */
   unsigned arena_cache;   /* MOVALLOC_ARENA_CACHE: empty arenas kept before release */
   const char *trace;      /* MOVALLOC_TRACE: file that gets a CSV line per migration */
+  uint64_t profile;       /* MOVALLOC_PROFILE: mean bytes between samples; 0: off */
+  const char *profile_out; /* MOVALLOC_PROFILE_OUT: folded stacks written here at exit */
+  const char *profile_longlived_out; /* MOVALLOC_PROFILE_LONGLIVED_OUT: long-lived sites */
+  const char *profile_longlived;     /* MOVALLOC_PROFILE_LONGLIVED: route those sites */
 };
 
 extern struct mv_options mv_options;
 
+/* MV_OPT_RATE: like MV_OPT_UINT, plus "off" (0) and "on" (MV_PROF_DEFAULT_RATE). */
+enum mv_option_type { MV_OPT_BOOL, MV_OPT_UINT, MV_OPT_ENUM, MV_OPT_PATH, MV_OPT_RATE };
 /* The option table: one entry per MOVALLOC_* variable, in the order listed. */
-enum mv_option_type { MV_OPT_BOOL, MV_OPT_UINT, MV_OPT_ENUM, MV_OPT_PATH };
 struct mv_option {
   const char *name;
   enum mv_option_type type;

@@ -15,15 +15,15 @@
 
 #define PAGE_SIZE_BYTES 4096u
 
-MV_EXPORT void *malloc(size_t size) { return mv_malloc(size); }
+MV_EXPORT MV_ALLOC_ENTRY void *malloc(size_t size) { return mv_malloc(size); }
 
 MV_EXPORT void free(void *p) { mv_free(p); }
 
-MV_EXPORT void *calloc(size_t n, size_t size) { return mv_calloc(n, size); }
+MV_EXPORT MV_ALLOC_ENTRY void *calloc(size_t n, size_t size) { return mv_calloc(n, size); }
 
-MV_EXPORT void *realloc(void *p, size_t size) { return mv_realloc(p, size); }
+MV_EXPORT MV_ALLOC_ENTRY void *realloc(void *p, size_t size) { return mv_realloc(p, size); }
 
-MV_EXPORT void *reallocarray(void *p, size_t n, size_t size) {
+MV_EXPORT MV_ALLOC_ENTRY void *reallocarray(void *p, size_t n, size_t size) {
   size_t total;
   if (__builtin_mul_overflow(n, size, &total)) {
     errno = ENOMEM;
@@ -34,7 +34,7 @@ MV_EXPORT void *reallocarray(void *p, size_t n, size_t size) {
 
 static inline bool power_of_two(size_t x) { return x && !(x & (x - 1)); }
 
-MV_EXPORT int posix_memalign(void **out, size_t align, size_t size) {
+MV_EXPORT MV_ALLOC_ENTRY int posix_memalign(void **out, size_t align, size_t size) {
   if (!power_of_two(align) || align % sizeof(void *) != 0) return EINVAL;
   int saved = errno;
   void *p = mv_aligned(align, size);
@@ -46,7 +46,7 @@ MV_EXPORT int posix_memalign(void **out, size_t align, size_t size) {
   return 0;
 }
 
-MV_EXPORT void *aligned_alloc(size_t align, size_t size) {
+MV_EXPORT MV_ALLOC_ENTRY void *aligned_alloc(size_t align, size_t size) {
   if (align != 0 && !power_of_two(align)) { /* C17, glibc >= 2.38 (2.36 rounds up) */
     errno = EINVAL;
     return NULL;
@@ -54,7 +54,7 @@ MV_EXPORT void *aligned_alloc(size_t align, size_t size) {
   return mv_aligned(align, size);
 }
 
-MV_EXPORT void *memalign(size_t align, size_t size) {
+MV_EXPORT MV_ALLOC_ENTRY void *memalign(size_t align, size_t size) {
   if (align > SIZE_MAX / 2 + 1) {
     errno = EINVAL;
     return NULL;
@@ -67,9 +67,9 @@ MV_EXPORT void *memalign(size_t align, size_t size) {
   return mv_aligned(align, size);
 }
 
-MV_EXPORT void *valloc(size_t size) { return mv_aligned(PAGE_SIZE_BYTES, size); }
+MV_EXPORT MV_ALLOC_ENTRY void *valloc(size_t size) { return mv_aligned(PAGE_SIZE_BYTES, size); }
 
-MV_EXPORT void *pvalloc(size_t size) {
+MV_EXPORT MV_ALLOC_ENTRY void *pvalloc(size_t size) {
   if (size > SIZE_MAX - PAGE_SIZE_BYTES) {
     errno = ENOMEM;
     return NULL;

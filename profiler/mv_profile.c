@@ -1,0 +1,572 @@
+/* The allocation-site profiler (see mv_profile.h). */
+#include "profiler/mv_profile.h"
+
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <sched.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "arena/mv_alloc.h"
+#include "arena/mv_prim.h"
+#include "arena/mv_print.h"
+#include "include/movalloc.h"
+#include "profiler/mv_lifetime.h"
+#include "shim/mv_options.h"
+
+#define CAPTURE 64                         /* frames unwound per sample */
+#define DEPTH MOVALLOC_PROFILE_DEPTH       /* frames kept per site */
+#define SITES 8192u                        /* site table slots (power of two) */
+#define SITES_MAX (SITES / 8 * 7)          /* sites kept; later ones are dropped */
+#define OBJECTS 65536u                     /* sampled-object table slots (power of two) */
+#define OBJECTS_MAX (OBJECTS / 4 * 3)      /* live samples kept; later ones are dropped */
+#define LIFE MOVALLOC_LIFETIME_BUCKETS
+#define LONG_BUCKET 5                     /* freed samples that lived >= 10 s (buckets from
+                                             here on) are long-lived, as are live ones */
+
+/* One allocation site. Invariants (mv_prof_lock): hash == 0 <=> unused slot;
+ * live_samples == samples - freed samples; live_bytes == sum of the weights of
+ * its objects in the object table. */
+typedef struct site {
+  uint64_t hash;
+  uint32_t depth;
+  uint64_t samples, live_samples;
+  uint64_t alloc_bytes, allocs;      /* estimates: sums of sample weights */
+  uint64_t live_bytes, live_objects; /* same, over samples not freed */
+  uint64_t lifetime[LIFE];
+  uintptr_t frames[DEPTH];           /* return addresses, innermost first */
+} site_t;
+
+/* One live sampled object. addr == 0 <=> empty slot (linear probing, deletion
+ * by backward shift: no tombstones). */
+typedef struct object {
+  uintptr_t addr;
+  uint32_t site;
+  uint64_t bytes, objects; /* its weight: the bytes and allocations it stands for */
+  uint64_t born_ns;
+} object_t;
+
+uint64_t mv_prof_rate;
+__thread int64_t mv_prof_left __attribute__((tls_model("initial-exec")));
+mv_lock_t mv_prof_lock = MV_LOCK_INIT;
+
+static site_t *sites;          /* SITES slots, mmap'd */
+static object_t *objects;      /* OBJECTS slots, mmap'd */
+/* filter[h]: live samples whose address hashes to slot h (object_slot), changed
+ * under the lock, read without it: a free whose slot counts 0 is not sampled,
+ * and skips the lock. A sample is counted before its block is handed out, so
+ * any later free of it sees a count above 0. OBJECTS counters, mmap'd. */
+static _Atomic(uint16_t) *filter;
+static uint32_t site_count;    /* mv_prof_lock */
+static uint32_t object_count;  /* mv_prof_lock */
+static uint64_t dropped;       /* mv_prof_lock: samples lost to full tables */
+
+/* libunwind's unw_backtrace, loaded by mv_prof_start with RTLD_LOCAL: linked
+ * in, libunwind.so.8 would interpose its own backtrace() and
+ * _Unwind_Backtrace() on every program movalloc is preloaded into, and load
+ * (with liblzma) even when profiling is off. */
+typedef int (*backtrace_fn)(void **frames, int max);
+static _Atomic(backtrace_fn) unwind_backtrace;
+static _Atomic bool started;   /* mv_prof_start ran: samples are taken */
+
+/* fork() while another thread is inside libunwind (or the loader's lock it
+ * takes) would leave the child a lock nobody releases: fork waits for the
+ * unwinds in flight, and none start until it is over. */
+static _Atomic uint32_t unwinding; /* unwinds in flight */
+static _Atomic bool forking;
+
+static __thread bool in_profiler __attribute__((tls_model("initial-exec")));
+static __thread uint64_t rng __attribute__((tls_model("initial-exec"))); /* 0: unseeded */
+/* This thread is inside unw_backtrace (a fork from a signal handler that
+ * interrupted it must not wait for itself). */
+static __thread bool unwinding_here __attribute__((tls_model("initial-exec")));
+
+bool mv_prof_init(uint64_t rate) {
+  size_t slen = SITES * sizeof(site_t);
+  size_t olen = OBJECTS * (sizeof(object_t) + sizeof(uint16_t)); /* objects, then filter */
+  void *s = mv_os_mmap(NULL, slen, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  void *o = mv_os_mmap(NULL, olen, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (s == MAP_FAILED || o == MAP_FAILED) {
+    if (s != MAP_FAILED) mv_os_munmap(s, slen);
+    if (o != MAP_FAILED) mv_os_munmap(o, olen);
+    mv_log("MOVALLOC_PROFILE: cannot map the profile tables; profiling is off");
+    return false;
+  }
+  sites = s;
+  objects = o;
+  filter = (_Atomic(uint16_t) *)(objects + OBJECTS);
+  mv_prof_rate = rate;
+  mv_malloc_hooked = true;
+  return true;
+}
+
+void mv_prof_load_unwind(void) {
+  static bool tried; /* the constructor runs on one thread */
+  if (tried) return;
+  tried = true;
+  bool was = in_profiler;
+  in_profiler = true; /* dlopen allocates: served, not sampled */
+  void *h = dlopen("libunwind.so.8", RTLD_NOW | RTLD_LOCAL);
+  backtrace_fn fn = h ? (backtrace_fn)dlsym(h, "unw_backtrace") : NULL;
+  if (!fn)
+    mv_log("cannot load unw_backtrace from libunwind.so.8 (%s): profile samples have no "
+           "stacks, and sites are not found through calloc or new. Install libunwind8.",
+           h ? "no such symbol" : dlerror());
+  atomic_store(&unwind_backtrace, fn);
+  in_profiler = was;
+}
+
+/* unw_backtrace unless a fork is under way (0 frames then). */
+static int unwind(backtrace_fn fn, void **frames, int max) {
+  atomic_fetch_add(&unwinding, 1);
+  unwinding_here = true;
+  int n = atomic_load(&forking) ? 0 : fn(frames, max);
+  unwinding_here = false;
+  atomic_fetch_sub(&unwinding, 1);
+  return n;
+}
+
+int mv_prof_backtrace(void **frames, int max) {
+  backtrace_fn fn = atomic_load_explicit(&unwind_backtrace, memory_order_relaxed);
+  if (!fn || in_profiler) return 0; /* in_profiler: libunwind allocating */
+  in_profiler = true;
+  int n = unwind(fn, frames, max);
+  in_profiler = false;
+  return n;
+}
+
+void mv_prof_fork_prepare(void) {
+  atomic_store(&forking, true);
+  while (atomic_load(&unwinding) > (unwinding_here ? 1u : 0u)) sched_yield();
+}
+
+void mv_prof_fork_done(void) { atomic_store(&forking, false); }
+
+void mv_prof_start(void) {
+  mv_prof_load_unwind();
+  atomic_store(&started, true);
+}
+
+/* ---- sampling ---- */
+
+static uint64_t next_random(void) { /* xorshift64* */
+  rng ^= rng >> 12;
+  rng ^= rng << 25;
+  rng ^= rng >> 27;
+  return rng * 0x2545F4914F6CDD1DULL;
+}
+
+/* Bytes to the next sample: exponential with mean mv_prof_rate. */
+static int64_t next_interval(void) {
+  double u = ((double)(next_random() >> 11) + 1.0) * 0x1.0p-53; /* (0, 1] */
+  double x = -log(u) * (double)mv_prof_rate;
+  if (x > (double)mv_prof_rate * 64) x = (double)mv_prof_rate * 64;
+  return (int64_t)x + 1;
+}
+
+static uint64_t hash_frames(const uintptr_t *f, unsigned n) {
+  uint64_t h = 0xcbf29ce484222325ULL ^ n;
+  for (unsigned i = 0; i < n; i++) h = (h ^ f[i]) * 0x100000001b3ULL;
+  return h ? h : 1;
+}
+
+/* The slot of the site with this stack, inserted if new; SITES when full. */
+static uint32_t site_find(uint64_t hash, const uintptr_t *f, unsigned n) {
+  for (uint32_t i = (uint32_t)hash & (SITES - 1);; i = (i + 1) & (SITES - 1)) {
+    site_t *s = &sites[i];
+    if (s->hash == hash && s->depth == n && !memcmp(s->frames, f, n * sizeof *f)) return i;
+    if (s->hash == 0) {
+      if (site_count >= SITES_MAX) return SITES;
+      s->hash = hash;
+      s->depth = n;
+      memcpy(s->frames, f, n * sizeof *f);
+      site_count++;
+      return i;
+    }
+  }
+}
+
+/* Sets or clears MV_HEAP_SAMPLED on a small page (profile lock held; the owner
+ * never changes while the page has live blocks). */
+static void page_tag(mv_page_t *page, bool sampled) {
+  if (page->kind != MV_PAGE_SMALL) return; /* large and huge frees are slow anyway */
+  mv_heap_t *h = atomic_load_explicit(&page->heap, memory_order_relaxed);
+  mv_heap_t *want;
+  do want = (mv_heap_t *)(sampled ? (uintptr_t)h | MV_HEAP_SAMPLED
+                                  : (uintptr_t)h & ~MV_HEAP_SAMPLED);
+  while (!atomic_compare_exchange_weak(&page->heap, &h, want));
+}
+
+static uint32_t object_slot(uintptr_t addr) {
+  uint64_t h = (uint64_t)addr * 0x9E3779B97F4A7C15ULL;
+  return (uint32_t)(h >> 40) & (OBJECTS - 1);
+}
+
+bool mv_prof_cross(void) {
+  bool first = rng == 0;
+  if (MV_UNLIKELY(first)) {
+    mv_os_random(&rng, sizeof rng);
+    rng |= 1;
+  }
+  mv_prof_left = next_interval();
+  return !first;
+}
+
+MV_ALLOC_ENTRY void *mv_prof_sample(void *p, size_t size, size_t unit) {
+  if (in_profiler || !atomic_load_explicit(&started, memory_order_acquire))
+    return p; /* libunwind allocating inside the sampler, or before start-up */
+  in_profiler = true;
+
+  void *raw[CAPTURE];
+  backtrace_fn backtrace = atomic_load_explicit(&unwind_backtrace, memory_order_relaxed);
+  int n = backtrace ? unwind(backtrace, raw, CAPTURE) : 0;
+  /* Drop libunwind's frames, then the allocator's: keep the program's. */
+  int first = 0;
+  while (first < n && !mv_in_allocator((uintptr_t)raw[first])) first++;
+  if (first == n) first = 0;
+  while (first < n && mv_in_allocator((uintptr_t)raw[first])) first++;
+  unsigned depth = (unsigned)(n - first) < DEPTH ? (unsigned)(n - first) : DEPTH;
+  uintptr_t frames[DEPTH];
+  for (unsigned i = 0; i < depth; i++) frames[i] = (uintptr_t)raw[first + i];
+
+  double s = size ? (double)size : 1.0;
+  double weight = s / -expm1(-(double)unit / (double)mv_prof_rate); /* s / P(sampled) */
+  uint64_t now = mv_os_now_ns();
+  uint64_t hash = hash_frames(frames, depth);
+  mv_page_t *page = mv_page_of(p);
+
+  mv_lock(&mv_prof_lock);
+  uint32_t si = site_find(hash, frames, depth);
+  if (si == SITES || object_count >= OBJECTS_MAX || !page) {
+    dropped++;
+  } else {
+    site_t *st = &sites[si];
+    object_t o = {(uintptr_t)p, si, (uint64_t)weight, (uint64_t)(weight / s + 0.5), now};
+    st->samples++;
+    st->live_samples++;
+    st->alloc_bytes += o.bytes;
+    st->allocs += o.objects;
+    st->live_bytes += o.bytes;
+    st->live_objects += o.objects;
+    uint32_t i = object_slot(o.addr);
+    while (objects[i].addr) i = (i + 1) & (OBJECTS - 1);
+    objects[i] = o;
+    object_count++;
+    atomic_fetch_add_explicit(&filter[object_slot(o.addr)], 1, memory_order_release);
+    if (atomic_fetch_add_explicit(&page->sampled, 1, memory_order_relaxed) == 0)
+      page_tag(page, true);
+  }
+  mv_unlock(&mv_prof_lock);
+  in_profiler = false;
+  return p;
+}
+
+static unsigned lifetime_bucket(uint64_t ns) {
+  unsigned b = 0;
+  for (uint64_t limit = 1000000; b + 1 < LIFE && ns >= limit; limit *= 10) b++;
+  return b;
+}
+
+void mv_prof_freed(void *p, mv_page_t *page) {
+  uint32_t i = object_slot((uintptr_t)p);
+  if (!atomic_load_explicit(&filter[i], memory_order_acquire)) return;
+  uint64_t now = mv_os_now_ns();
+  mv_lock(&mv_prof_lock);
+  while (objects[i].addr && objects[i].addr != (uintptr_t)p) i = (i + 1) & (OBJECTS - 1);
+  if (objects[i].addr) {
+    object_t *o = &objects[i];
+    site_t *st = &sites[o->site];
+    st->live_samples--;
+    st->live_bytes -= o->bytes;
+    st->live_objects -= o->objects;
+    st->lifetime[lifetime_bucket(now - o->born_ns)]++;
+    object_count--;
+    atomic_fetch_sub_explicit(&filter[object_slot((uintptr_t)p)], 1, memory_order_relaxed);
+    if (atomic_fetch_sub_explicit(&page->sampled, 1, memory_order_relaxed) == 1)
+      page_tag(page, false);
+    /* Backward shift: pull later entries of the probe run into the hole. */
+    uint32_t hole = i;
+    for (uint32_t j = (i + 1) & (OBJECTS - 1); objects[j].addr; j = (j + 1) & (OBJECTS - 1)) {
+      uint32_t home = object_slot(objects[j].addr);
+      /* j's entry may move to hole unless its home lies cyclically in (hole, j]. */
+      bool stays = hole <= j ? (hole < home && home <= j) : (hole < home || home <= j);
+      if (stays) continue;
+      objects[hole] = objects[j];
+      hole = j;
+    }
+    objects[hole].addr = 0;
+  }
+  mv_unlock(&mv_prof_lock);
+}
+
+/* ---- reports ---- */
+
+/* What arena descriptors say about where a live object sits. */
+static void classify(uintptr_t addr, bool *sparse, bool *small_pages) {
+  mv_arena_t *a = mv_arena_of(addr);
+  *small_pages = !a->thp;
+  if (a->huge) { /* a huge object owns its arenas whole */
+    *sparse = false;
+    return;
+  }
+  uint64_t used = 0;
+  for (unsigned s = 0; s < MV_SLICES; s++) {
+    const mv_page_t *pg = a->slice_page[s];
+    if (pg != &a->pages[s]) continue; /* each page once, at its first slice */
+    if (pg->kind == MV_PAGE_SMALL) used += (uint64_t)pg->used * pg->block_size;
+    else if (pg->kind == MV_PAGE_LARGE) used += pg->huge_size;
+  }
+  *sparse = used < MV_ARENA_SIZE / 2;
+}
+
+/* A snapshot of every site, taken under the lock so that symbolizing (dladdr
+ * takes the loader's lock, which a thread inside dlopen holds while it
+ * allocates) happens without it. mmap'd; free with snap_free. */
+typedef struct snap {
+  size_t len, count;
+  uint64_t dropped, samples;
+  struct movalloc_profile_site site[];
+} snap_t;
+
+static void snap_free(snap_t *sn) { mv_os_munmap(sn, sn->len); }
+
+static void sort_by_live(struct movalloc_profile_site *s, size_t n) { /* shell sort */
+  static const size_t gaps[] = {701, 301, 132, 57, 23, 10, 4, 1};
+  for (size_t g = 0; g < sizeof gaps / sizeof gaps[0]; g++) {
+    size_t gap = gaps[g];
+    for (size_t i = gap; i < n; i++) {
+      struct movalloc_profile_site t = s[i];
+      size_t j = i;
+      for (; j >= gap && s[j - gap].live_bytes < t.live_bytes; j -= gap) s[j] = s[j - gap];
+      s[j] = t;
+    }
+  }
+}
+
+static snap_t *snap_take(void) {
+  /* Sized for every slot; untouched pages cost nothing. */
+  size_t len = sizeof(snap_t) + (size_t)SITES * sizeof(struct movalloc_profile_site) +
+               SITES * sizeof(uint32_t);
+  len = (len + 4095) & ~(size_t)4095;
+  snap_t *sn = mv_os_mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (sn == MAP_FAILED) return NULL;
+  sn->len = len;
+  uint32_t *index = (uint32_t *)&sn->site[SITES]; /* site slot -> snapshot entry */
+  mv_lock(&mv_prof_lock);
+  for (uint32_t i = 0; i < SITES; i++) {
+    const site_t *st = &sites[i];
+    if (!st->hash) continue;
+    struct movalloc_profile_site *o = &sn->site[sn->count];
+    index[i] = (uint32_t)sn->count++;
+    o->live_bytes = st->live_bytes;
+    o->live_objects = st->live_objects;
+    o->alloc_bytes = st->alloc_bytes;
+    o->allocs = st->allocs;
+    o->samples = st->samples;
+    o->live_samples = st->live_samples;
+    memcpy(o->lifetime, st->lifetime, sizeof o->lifetime);
+    o->depth = st->depth;
+    for (unsigned f = 0; f < st->depth; f++) o->frames[f] = (void *)st->frames[f];
+    sn->samples += st->samples;
+  }
+  for (uint32_t i = 0; i < SITES; i++)
+    if (sites[i].hash)
+      for (unsigned b = LONG_BUCKET; b < LIFE; b++)
+        sn->site[index[i]].long_lived_samples += sites[i].lifetime[b];
+  for (uint32_t i = 0; i < OBJECTS; i++) {
+    const object_t *ob = &objects[i];
+    if (!ob->addr) continue;
+    bool sparse, small_pages;
+    classify(ob->addr, &sparse, &small_pages);
+    struct movalloc_profile_site *o = &sn->site[index[ob->site]];
+    if (sparse) o->sparse_bytes += ob->bytes;
+    if (small_pages) o->small_page_bytes += ob->bytes;
+    o->long_lived_samples++;
+  }
+  sn->dropped = dropped;
+  mv_unlock(&mv_prof_lock);
+  sort_by_live(sn->site, sn->count);
+  return sn;
+}
+
+int movalloc_profile_sites(struct movalloc_profile_site *out, size_t max) {
+  if (!mv_prof_rate) return -ENOSYS;
+  snap_t *sn = snap_take();
+  if (!sn) return -ENOMEM;
+  size_t n = sn->count < max ? sn->count : max;
+  memcpy(out, sn->site, n * sizeof *out);
+  int count = (int)sn->count;
+  snap_free(sn);
+  return count;
+}
+
+/* "symbol+0xoff" or "module+0xoff" for a return address (the call is at ip - 1). */
+static void frame_name(void *ip, char *buf, size_t cap) {
+  Dl_info info;
+  uintptr_t pc = (uintptr_t)ip - 1;
+  if (dladdr((void *)pc, &info) && info.dli_sname && info.dli_saddr) {
+    mv_snprintf(buf, cap, "%s+0x%lx", info.dli_sname, (unsigned long)(pc - (uintptr_t)info.dli_saddr));
+  } else if (info.dli_fname && info.dli_fbase) {
+    const char *base = strrchr(info.dli_fname, '/');
+    mv_snprintf(buf, cap, "%s+0x%lx", base ? base + 1 : info.dli_fname,
+                (unsigned long)(pc - (uintptr_t)info.dli_fbase));
+  } else {
+    mv_snprintf(buf, cap, "0x%lx", (unsigned long)pc);
+  }
+}
+
+static unsigned percent(uint64_t part, uint64_t whole) {
+  return whole ? (unsigned)(part * 100 / whole) : 0;
+}
+
+int movalloc_profile_report(int fd, unsigned top) {
+  if (!mv_prof_rate) return -ENOSYS;
+  bool was = in_profiler;
+  in_profiler = true; /* whatever dladdr allocates is not sampled */
+  snap_t *sn = snap_take();
+  if (!sn) {
+    in_profiler = was;
+    return -ENOMEM;
+  }
+  uint64_t live = 0;
+  for (size_t i = 0; i < sn->count; i++) live += sn->site[i].live_bytes;
+  mv_dprintf(fd, "movalloc profile (pid %d): one sample per %llu bytes on average; %llu samples, "
+             "%zu sites, %llu dropped (tables full); estimated live %llu bytes\n", (int)getpid(),
+             (unsigned long long)mv_prof_rate, (unsigned long long)sn->samples, sn->count,
+             (unsigned long long)sn->dropped, (unsigned long long)live);
+  for (size_t i = 0; i < sn->count && i < top; i++) {
+    const struct movalloc_profile_site *s = &sn->site[i];
+    if (!s->live_bytes) break;
+    mv_dprintf(fd, "#%zu live %llu bytes (%u%%) in ~%llu objects; allocated %llu bytes in ~%llu "
+               "allocations; %u%% in sparse arenas, %u%% not on huge pages\n",
+               i + 1, (unsigned long long)s->live_bytes, percent(s->live_bytes, live),
+               (unsigned long long)s->live_objects, (unsigned long long)s->alloc_bytes,
+               (unsigned long long)s->allocs, percent(s->sparse_bytes, s->live_bytes),
+               percent(s->small_page_bytes, s->live_bytes));
+    mv_dprintf(fd, "    freed samples by lifetime: <1ms %llu, <10ms %llu, <100ms %llu, <1s %llu, "
+               "<10s %llu, <100s %llu, more %llu\n",
+               (unsigned long long)s->lifetime[0], (unsigned long long)s->lifetime[1],
+               (unsigned long long)s->lifetime[2], (unsigned long long)s->lifetime[3],
+               (unsigned long long)s->lifetime[4], (unsigned long long)s->lifetime[5],
+               (unsigned long long)s->lifetime[6]);
+    for (unsigned f = 0; f < s->depth; f++) {
+      char name[256];
+      frame_name(s->frames[f], name, sizeof name);
+      mv_dprintf(fd, "    %s\n", name);
+    }
+  }
+  snap_free(sn);
+  in_profiler = was;
+  return 0;
+}
+
+/* Buffered writes to an fd, through a stack buffer. */
+struct out {
+  int fd;
+  size_t n;
+  char buf[4096];
+};
+
+static void out_put(struct out *o, const char *s, size_t len) {
+  if (o->n + len > sizeof o->buf) {
+    mv_os_write_all(o->fd, o->buf, o->n);
+    o->n = 0;
+  }
+  if (len > sizeof o->buf) {
+    mv_os_write_all(o->fd, s, len);
+    return;
+  }
+  memcpy(o->buf + o->n, s, len);
+  o->n += len;
+}
+
+int movalloc_profile_dump(const char *path) {
+  if (!mv_prof_rate) return -ENOSYS;
+  if (!path) return -EINVAL;
+  int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (fd < 0) return -errno;
+  bool was = in_profiler;
+  in_profiler = true;
+  snap_t *sn = snap_take();
+  if (!sn) {
+    close(fd);
+    in_profiler = was;
+    return -ENOMEM;
+  }
+  struct out o = {.fd = fd};
+  for (size_t i = 0; i < sn->count; i++) {
+    const struct movalloc_profile_site *s = &sn->site[i];
+    if (!s->live_bytes) break;
+    if (!s->depth) out_put(&o, "[unknown]", 9);
+    for (unsigned f = s->depth; f-- > 0;) { /* outermost caller first */
+      char name[256];
+      frame_name(s->frames[f], name, sizeof name);
+      for (char *c = name; *c; c++)
+        if (*c == ';' || *c == ' ') *c = '_'; /* the format's separators */
+      out_put(&o, name, strlen(name));
+      if (f) out_put(&o, ";", 1);
+    }
+    char num[32];
+    size_t len = mv_snprintf(num, sizeof num, " %llu\n", (unsigned long long)s->live_bytes);
+    out_put(&o, num, len);
+  }
+  mv_os_write_all(fd, o.buf, o.n);
+  snap_free(sn);
+  in_profiler = was;
+  return close(fd) == 0 ? 0 : -errno;
+}
+
+/* The sites whose samples are mostly still live, or lived 10 s or more, as
+ * "module 0xoffset symbol"
+ * lines (mv_lifetime.h reads them): the return address into malloc's caller,
+ * relative to its object, so that it survives address space randomisation. */
+static int write_longlived(const char *path) {
+  int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (fd < 0) return -errno;
+  bool was = in_profiler;
+  in_profiler = true;
+  snap_t *sn = snap_take();
+  if (!sn) {
+    close(fd);
+    in_profiler = was;
+    return -ENOMEM;
+  }
+  struct out o = {.fd = fd};
+  char line[512];
+  size_t len = mv_snprintf(line, sizeof line, "# movalloc long-lived allocation sites "
+                           "(samples live or that lived >= 10 s / samples): module offset symbol\n");
+  out_put(&o, line, len);
+  for (size_t i = 0; i < sn->count; i++) {
+    const struct movalloc_profile_site *s = &sn->site[i];
+    if (!s->depth || s->samples < 2 || s->long_lived_samples * 2 < s->samples) continue;
+    uintptr_t ip = (uintptr_t)s->frames[0], bias;
+    char module[256], name[256];
+    if (!mv_lifetime_object_of(ip - 1, &bias, module, sizeof module)) continue;
+    frame_name(s->frames[0], name, sizeof name);
+    len = mv_snprintf(line, sizeof line, "%s 0x%lx %s %llu/%llu\n", module,
+                      (unsigned long)(ip - bias), name,
+                      (unsigned long long)s->long_lived_samples, (unsigned long long)s->samples);
+    out_put(&o, line, len);
+  }
+  mv_os_write_all(fd, o.buf, o.n);
+  snap_free(sn);
+  in_profiler = was;
+  return close(fd) == 0 ? 0 : -errno;
+}
+
+void mv_prof_exit(void) {
+  movalloc_profile_report(2, 10);
+  if (mv_options.profile_out) {
+    int rc = movalloc_profile_dump(mv_options.profile_out);
+    if (rc) mv_log("MOVALLOC_PROFILE_OUT=%s: cannot write it (%d)", mv_options.profile_out, rc);
+  }
+  if (mv_options.profile_longlived_out) {
+    int rc = write_longlived(mv_options.profile_longlived_out);
+    if (rc)
+      mv_log("MOVALLOC_PROFILE_LONGLIVED_OUT=%s: cannot write it (%d)",
+             mv_options.profile_longlived_out, rc);
+  }
+}

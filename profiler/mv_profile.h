@@ -1,0 +1,93 @@
+/* The allocation-site profiler (MOVALLOC_PROFILE): samples one allocation per
+ * mean-rate bytes allocated (exponentially distributed intervals, so periodic
+ * patterns are not aliased), captures its stack with libunwind, and keeps per
+ * site (stack hash) estimated live bytes, allocations and lifetimes in mmap'd
+ * fixed-size tables.
+ *
+ * The allocator's fast paths are the same instructions on or off. On, the
+ * slow path counts a page's free list against the countdown when it installs
+ * it for the fast path, and cuts it short before a block to be sampled, so the
+ * fast path comes back to the slow path exactly there (mv_heap.c,
+ * prof_install); allocations the fast path does not serve are counted one by
+ * one (mv_prof_count). A page holding sampled blocks has its owner pointer
+ * tagged (MV_HEAP_SAMPLED), so frees of its blocks miss the fast path and reach
+ * mv_free_slow, which looks the block up (mv_page_t.sampled counts them); every
+ * other free stays on the fast path.
+ *
+ * Stacks come from libunwind's unw_backtrace, dlopen'ed by mv_prof_start.
+ * Nothing here allocates: the sampler runs with a per-thread guard set, so an
+ * allocation libunwind makes from inside it is served but never sampled. Lock:
+ * mv_prof_lock, a leaf (nothing else is taken under it); the stack is captured
+ * before it is taken. */
+#ifndef MV_PROFILE_H
+#define MV_PROFILE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "arena/mv_lock.h"
+#include "arena/mv_types.h"
+
+/* Mean bytes between samples; 0: off. Hidden: the slow paths test it directly,
+ * not through the GOT. */
+extern uint64_t mv_prof_rate __attribute__((visibility("hidden")));
+extern __thread int64_t mv_prof_left __attribute__((tls_model("initial-exec")));
+extern mv_lock_t mv_prof_lock;
+
+/* After the options are read: maps the tables and hooks the slow paths
+ * (mv_malloc_hooked). Returns false (profiling stays off, said on stderr) when
+ * the tables cannot be mapped. */
+bool mv_prof_init(uint64_t rate);
+
+/* From movalloc's constructor, once the process can dlopen: loads libunwind.
+ * Samples are taken from then on. */
+void mv_prof_start(void);
+
+/* fork handlers: prepare waits for the unwinds in flight (before any lock is
+ * taken: an unwind may allocate), and none start until done (parent, child). */
+void mv_prof_fork_prepare(void);
+void mv_prof_fork_done(void);
+
+/* Loads libunwind (once; later calls return at once). */
+void mv_prof_load_unwind(void);
+
+/* unw_backtrace into frames (return addresses, innermost first); 0 when
+ * libunwind is not loaded. */
+int mv_prof_backtrace(void **frames, int max);
+
+/* Linker-made bounds of the MV_ALLOC_ENTRY section. */
+extern const char __start_mv_alloc_text[] __attribute__((visibility("hidden")));
+extern const char __stop_mv_alloc_text[] __attribute__((visibility("hidden")));
+
+/* Is this return address inside a function between a program's allocation
+ * call and the profiler? */
+static inline bool mv_in_allocator(uintptr_t ip) {
+  return ip > (uintptr_t)__start_mv_alloc_text && ip <= (uintptr_t)__stop_mv_alloc_text;
+}
+
+/* The thread's byte countdown ran out: starts the next one (exponential, mean
+ * mv_prof_rate). True if the allocation where it ran out is to be sampled;
+ * false for a thread's first countdown, which starts at 0 rather than drawn. */
+bool mv_prof_cross(void) MV_NOINLINE;
+
+/* Records p (size bytes asked for, just allocated), picked by mv_prof_cross;
+ * unit: the bytes the countdown counted for it (its size, or its block's for
+ * the sizes the fast path serves). Returns p. */
+void *mv_prof_sample(void *p, size_t size, size_t unit) MV_NOINLINE;
+
+/* Counts an allocation the fast path does not serve. */
+static inline void *mv_prof_count(void *p, size_t size) {
+  if (MV_UNLIKELY((mv_prof_left -= (int64_t)size) < 0) && p && mv_prof_cross())
+    return mv_prof_sample(p, size, size);
+  return p;
+}
+
+/* p, in page (page->sampled != 0), is being freed: forgets it if sampled. */
+void mv_prof_freed(void *p, mv_page_t *page) MV_NOINLINE;
+
+/* At exit with MOVALLOC_PROFILE set: the report on stderr, and the folded
+ * stacks into MOVALLOC_PROFILE_OUT if given. */
+void mv_prof_exit(void);
+
+#endif /* MV_PROFILE_H */

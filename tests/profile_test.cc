@@ -1,0 +1,353 @@
+// The allocation-site profiler, run with MOVALLOC_PROFILE=65536 (set by the
+// BUILD rule): sampling rate, per-site estimates, frees, the folded-stacks file,
+// the report at exit, and threads with fork while sampling.
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <fstream>
+#include <regex>
+#include <string>
+#include <thread>
+#include <vector>
+
+extern "C" {
+#include "include/movalloc.h"
+#include "profiler/mv_lifetime.h"
+}
+
+namespace {
+
+constexpr double kRate = 65536; // MOVALLOC_PROFILE in BUILD
+
+void *Opaque(void *p) {
+  asm volatile("" : "+r"(p));
+  return p;
+}
+
+std::vector<movalloc_profile_site> Sites() {
+  std::vector<movalloc_profile_site> v(64);
+  int n = movalloc_profile_sites(v.data(), v.size());
+  EXPECT_GE(n, 0);
+  if (n > (int)v.size()) {
+    v.resize(n + 64);
+    n = movalloc_profile_sites(v.data(), v.size());
+  }
+  v.resize(n < 0 ? 0 : std::min<size_t>(n, v.size()));
+  return v;
+}
+
+uint64_t TotalSamples() {
+  uint64_t n = 0;
+  for (auto &s : Sites()) n += s.samples;
+  return n;
+}
+
+// The site whose innermost frame returns into fn (a noinline function that
+// calls malloc directly), or nullptr.
+const movalloc_profile_site *SiteIn(const std::vector<movalloc_profile_site> &sites, void *fn) {
+  for (auto &s : sites) {
+    if (s.depth == 0) continue;
+    uintptr_t ip = (uintptr_t)s.frames[0];
+    if (ip > (uintptr_t)fn && ip - (uintptr_t)fn < 256) return &s;
+  }
+  return nullptr;
+}
+
+}  // namespace
+
+extern "C" {
+// Allocation sites the tests look for, by address and (-rdynamic) by name.
+__attribute__((noinline)) void *profile_hold_site(size_t n) { return Opaque(malloc(n)); }
+__attribute__((noinline)) void *profile_churn_site(size_t n) { return Opaque(malloc(n)); }
+__attribute__((noinline)) void *profile_thread_site(size_t n) { return Opaque(malloc(n)); }
+__attribute__((noinline)) void *profile_exit_site(size_t n) { return Opaque(malloc(n)); }
+__attribute__((noinline)) void *profile_route_site(size_t n) { return Opaque(malloc(n)); }
+}
+
+namespace {
+
+// Allocates from the routed and an unrouted site, interleaved; true when no
+// 2 MiB arena holds blocks of both.
+bool SitesInSeparateArenas() {
+  std::vector<void *> routed, other;
+  for (int i = 0; i < 4000; i++) {
+    routed.push_back(profile_route_site(64));
+    other.push_back(profile_churn_site(64));
+  }
+  bool separate = true;
+  for (void *r : routed)
+    for (void *o : other)
+      if (((uintptr_t)r >> 21) == ((uintptr_t)o >> 21)) separate = false;
+  for (void *p : routed) free(p);
+  for (void *p : other) free(p);
+  return separate;
+}
+
+}  // namespace
+
+TEST(Profile, OnWithTheRateFromTheEnvironment) {
+  movalloc_profile_site one;
+  EXPECT_GE(movalloc_profile_sites(&one, 1), 0); // -ENOSYS when off
+}
+
+// Samples are a Poisson process over allocated bytes: 64 MiB at one sample per
+// 64 KiB gives 1024 samples on average, standard deviation 32.
+TEST(Profile, SamplingRateWithinStatisticalBounds) {
+  uint64_t before = TotalSamples();
+  const size_t size = 256, count = (64u << 20) / size;
+  for (size_t i = 0; i < count; i++) free(profile_churn_site(size));
+  double got = (double)(TotalSamples() - before);
+  double expected = (double)(size * count) / kRate;
+  EXPECT_NEAR(got, expected, 5 * std::sqrt(expected));
+}
+
+// A known site holding 32 MiB dominates, with live bytes within sampling error;
+// freeing its objects takes its live bytes down to nothing, and every freed
+// sample lands in the lifetime histogram.
+TEST(Profile, KnownSiteDominatesThenFreesLeaveLiveBytes) {
+  const size_t size = 16 << 10, count = 2048; // 32 MiB
+  std::vector<void *> held;
+  for (size_t i = 0; i < count; i++) held.push_back(profile_hold_site(size));
+
+  auto sites = Sites();
+  ASSERT_FALSE(sites.empty());
+  const movalloc_profile_site *top = &sites[0];
+  ASSERT_EQ(SiteIn(sites, (void *)profile_hold_site), top) << "the holding site is not on top";
+  double live = (double)size * count;
+  // Each sample stands for about rate + size/2 bytes: 512 samples, sd ~ 4.4%.
+  EXPECT_NEAR((double)top->live_bytes, live, 0.2 * live);
+  EXPECT_NEAR((double)top->live_objects, (double)count, 0.2 * count);
+  EXPECT_EQ(top->live_samples, top->samples);
+  uint64_t samples = top->samples;
+  EXPECT_GT(samples, 300u);
+
+  for (size_t i = 0; i < count / 2; i++) free(held[i]);
+  sites = Sites();
+  const movalloc_profile_site *half = SiteIn(sites, (void *)profile_hold_site);
+  ASSERT_NE(half, nullptr);
+  EXPECT_NEAR((double)half->live_bytes, live / 2, 0.2 * live);
+  EXPECT_LT(half->live_samples, samples);
+
+  for (size_t i = count / 2; i < count; i++) free(held[i]);
+  sites = Sites();
+  const movalloc_profile_site *gone = SiteIn(sites, (void *)profile_hold_site);
+  ASSERT_NE(gone, nullptr);
+  EXPECT_EQ(gone->live_bytes, 0u);
+  EXPECT_EQ(gone->live_samples, 0u);
+  uint64_t lifetimes = 0;
+  for (uint64_t n : gone->lifetime) lifetimes += n;
+  EXPECT_EQ(lifetimes, gone->samples);
+}
+
+// realloc moves a sampled block: the old one is freed (forgotten), the new one
+// may be sampled; nothing stays live once the last one is freed.
+TEST(Profile, ReallocAndCallocAreCountedAndForgotten) {
+  std::vector<void *> held;
+  for (int i = 0; i < 4096; i++) {
+    void *p = profile_hold_site(512);
+    p = realloc(p, 4096);
+    held.push_back(p);
+    held.push_back(calloc(1, 4096));
+  }
+  for (void *p : held) free(p);
+  for (auto &s : Sites()) {
+    if (SiteIn(std::vector<movalloc_profile_site>{s}, (void *)profile_hold_site)) {
+      EXPECT_EQ(s.live_samples, 0u);
+    }
+  }
+}
+
+TEST(Profile, FoldedStacksFileParses) {
+  std::vector<void *> held;
+  for (int i = 0; i < 1024; i++) held.push_back(profile_hold_site(16 << 10)); // 16 MiB
+  char path[] = "/tmp/movalloc_profile_test_XXXXXX";
+  int fd = mkstemp(path);
+  ASSERT_GE(fd, 0);
+  close(fd);
+  unlink(path); // dump creates it, mode 0600
+  ASSERT_EQ(movalloc_profile_dump(path), 0);
+  struct stat st;
+  ASSERT_EQ(stat(path, &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
+
+  std::ifstream in(path);
+  std::string line;
+  std::regex folded(R"(^([^ ;]+;)*[^ ;]+ ([0-9]+)$)");
+  int lines = 0;
+  bool found = false;
+  uint64_t total = 0;
+  while (std::getline(in, line)) {
+    lines++;
+    std::smatch m;
+    ASSERT_TRUE(std::regex_match(line, m, folded)) << line;
+    total += std::stoull(m[2]);
+    // Outermost first: main comes before the allocating function.
+    size_t at = line.find("profile_hold_site");
+    if (at != std::string::npos && line.rfind(';') < at) {
+      found = true;
+      EXPECT_NE(line.find("main"), std::string::npos);
+      EXPECT_LT(line.find("main"), at);
+      EXPECT_NEAR((double)std::stoull(m[2]), 16.0 * (1 << 20), 0.25 * 16 * (1 << 20));
+    }
+  }
+  EXPECT_GT(lines, 0);
+  EXPECT_TRUE(found) << "no line ends in profile_hold_site";
+  unlink(path);
+  for (void *p : held) free(p);
+}
+
+// Threads allocate (sampled, with cross-thread frees) while the main thread
+// forks; children allocate too. A deadlock is a test timeout.
+TEST(Profile, ThreadsAndForkDoNotDeadlock) {
+  std::atomic<bool> stop{false};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 3; t++) {
+    threads.emplace_back([&stop] {
+      std::vector<void *> mine;
+      while (!stop.load()) {
+        for (int i = 0; i < 256; i++) mine.push_back(profile_thread_site(64 + (i % 32) * 64));
+        // Hand half to another thread to free.
+        std::vector<void *> half(mine.begin(), mine.begin() + mine.size() / 2);
+        std::thread([half] { for (void *p : half) free(p); }).join();
+        for (size_t i = mine.size() / 2; i < mine.size(); i++) free(mine[i]);
+        mine.clear();
+      }
+    });
+  }
+  for (int f = 0; f < 40; f++) {
+    pid_t pid = fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      std::vector<void *> v;
+      for (int i = 0; i < 2000; i++) v.push_back(profile_thread_site(1024));
+      movalloc_profile_site one;
+      int n = movalloc_profile_sites(&one, 1);
+      for (void *p : v) free(p);
+      _exit(n >= 1 ? 0 : 1);
+    }
+    int status;
+    ASSERT_EQ(waitpid(pid, &status, 0), pid);
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
+  }
+  stop = true;
+  for (auto &t : threads) t.join();
+  auto sites = Sites();
+  for (auto &s : sites) {
+    if (SiteIn(std::vector<movalloc_profile_site>{s}, (void *)profile_thread_site)) {
+      EXPECT_EQ(s.live_samples, 0u);
+    }
+  }
+}
+
+// The child half of ReportAtExit: allocates and exits normally.
+TEST(Profile, ExitChild) {
+  if (!getenv("PROFILE_TEST_EXIT_CHILD")) GTEST_SKIP() << "run by ReportAtExit";
+  static std::vector<void *> held;
+  for (int i = 0; i < 1024; i++) held.push_back(profile_exit_site(8192)); // 8 MiB, kept
+  for (int i = 0; i < 1024; i++) free(profile_churn_site(8192));         // 8 MiB, freed
+}
+
+TEST(Profile, ReportAtExitAndFoldedFile) {
+  char out[] = "/tmp/movalloc_profile_exit_XXXXXX";
+  int fd = mkstemp(out);
+  ASSERT_GE(fd, 0);
+  close(fd);
+  unlink(out);
+  char ll[] = "/tmp/movalloc_profile_ll_XXXXXX";
+  int lfd = mkstemp(ll);
+  ASSERT_GE(lfd, 0);
+  close(lfd);
+  char err[] = "/tmp/movalloc_profile_err_XXXXXX";
+  int efd = mkstemp(err);
+  ASSERT_GE(efd, 0);
+  pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    dup2(efd, 2);
+    int null = open("/dev/null", O_WRONLY);
+    dup2(null, 1);
+    std::string out_env = std::string("MOVALLOC_PROFILE_OUT=") + out;
+    std::string ll_env = std::string("MOVALLOC_PROFILE_LONGLIVED_OUT=") + ll;
+    char *env[] = {(char *)"MOVALLOC_PROFILE=65536", (char *)out_env.c_str(),
+                   (char *)ll_env.c_str(), (char *)"PROFILE_TEST_EXIT_CHILD=1", nullptr};
+    char *argv[] = {(char *)"profile_test", (char *)"--gtest_filter=Profile.ExitChild", nullptr};
+    execve("/proc/self/exe", argv, env);
+    _exit(127);
+  }
+  int status;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
+  close(efd);
+  std::ifstream e(err);
+  std::string report((std::istreambuf_iterator<char>(e)), std::istreambuf_iterator<char>());
+  EXPECT_NE(report.find("movalloc profile (pid "), std::string::npos) << report;
+  EXPECT_NE(report.find("profile_exit_site"), std::string::npos) << report;
+  std::ifstream f(out);
+  std::string folded((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  EXPECT_NE(folded.find("profile_exit_site"), std::string::npos) << folded;
+  struct stat st;
+  ASSERT_EQ(stat(out, &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
+  // The long-lived sites: the kept site, as "[exe] 0x<offset>", not the freed one.
+  std::ifstream l(ll);
+  std::string sites((std::istreambuf_iterator<char>(l)), std::istreambuf_iterator<char>());
+  EXPECT_TRUE(std::regex_search(sites, std::regex(R"(\n\[exe\] 0x[0-9a-f]+ profile_exit_site)")))
+      << sites;
+  EXPECT_EQ(sites.find("profile_churn_site"), std::string::npos) << sites;
+  unlink(out);
+  unlink(err);
+  unlink(ll);
+}
+
+// The child half of RoutingSeparatesArenas, run with MOVALLOC_PROFILE_LONGLIVED.
+TEST(Profile, RouteChild) {
+  if (!getenv("PROFILE_TEST_ROUTE_CHILD")) GTEST_SKIP() << "run by RoutingSeparatesArenas";
+  EXPECT_TRUE(SitesInSeparateArenas());
+}
+
+TEST(Profile, RoutingSeparatesArenas) {
+  // Without routing, the two sites share arenas.
+  EXPECT_FALSE(SitesInSeparateArenas());
+
+  // The routed site's return address, from a sample of it.
+  std::vector<void *> held;
+  for (int i = 0; i < 64; i++) held.push_back(profile_route_site(64 << 10));
+  auto sites = Sites();
+  const movalloc_profile_site *s = SiteIn(sites, (void *)profile_route_site);
+  ASSERT_NE(s, nullptr);
+  for (void *p : held) free(p);
+  uintptr_t ip = (uintptr_t)s->frames[0], bias;
+  char module[256];
+  ASSERT_TRUE(mv_lifetime_object_of(ip - 1, &bias, module, sizeof module));
+  EXPECT_STREQ(module, "[exe]");
+  char path[] = "/tmp/movalloc_profile_route_XXXXXX";
+  int fd = mkstemp(path);
+  ASSERT_GE(fd, 0);
+  dprintf(fd, "# test\n%s 0x%lx profile_route_site\n", module, (unsigned long)(ip - bias));
+  close(fd);
+
+  pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    int null = open("/dev/null", O_WRONLY);
+    dup2(null, 1);
+    std::string env_ll = std::string("MOVALLOC_PROFILE_LONGLIVED=") + path;
+    char *env[] = {(char *)env_ll.c_str(), (char *)"PROFILE_TEST_ROUTE_CHILD=1", nullptr};
+    char *argv[] = {(char *)"profile_test", (char *)"--gtest_filter=Profile.RouteChild", nullptr};
+    execve("/proc/self/exe", argv, env);
+    _exit(127);
+  }
+  int status;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
+  unlink(path);
+}
