@@ -4,6 +4,7 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <libunwind.h>
 #include <math.h>
 #include <sched.h>
 #include <string.h>
@@ -68,7 +69,7 @@ static uint64_t dropped;       /* mv_prof_lock: samples lost to full tables */
  * in, libunwind.so.8 would interpose its own backtrace() and
  * _Unwind_Backtrace() on every program movalloc is preloaded into, and load
  * (with liblzma) even when profiling is off. */
-typedef int (*backtrace_fn)(void **frames, int max);
+typedef __typeof__(unw_backtrace) *backtrace_fn; /* the prototype checked against the header */
 static _Atomic(backtrace_fn) unwind_backtrace;
 static _Atomic bool started;   /* mv_prof_start ran: samples are taken */
 
