@@ -86,6 +86,10 @@ void mv_thp_unstage(struct mv_move *m);
  * 0 or -errno. */
 int mv_thp_page_map(uintptr_t addr, struct mv_page_map *map);
 
+/* The same for the n pages from page first on only: sets or clears their bits
+ * in *map and leaves the others alone. */
+int mv_thp_page_map_part(uintptr_t addr, size_t first, size_t n, struct mv_page_map *map);
+
 /* Copies the 4 KiB pages marked in *map (all of them when map is NULL) from src
  * to dst, both MV_ARENA_SIZE long. */
 void mv_thp_copy_pages(void *dst, const void *src, const struct mv_page_map *map);

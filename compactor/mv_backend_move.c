@@ -129,10 +129,8 @@ static int check_pins(struct mv_move *m, struct mv_page_map *data) {
     int err;
     size_t out = mv_uffd_move(s + off, a + off, step,
                               UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES | UFFDIO_MOVE_MODE_DONTWAKE, &err);
-    struct mv_page_map here;
-    rc = err ? temporary_or(err) : mv_thp_page_map(s, &here);
-    for (size_t w = off / MV_PAGE_SIZE / 64; rc == 0 && w < (off + step) / MV_PAGE_SIZE / 64; w++)
-      data->bits[w] = here.bits[w];
+    rc = err ? temporary_or(err)
+             : mv_thp_page_map_part(s, off / MV_PAGE_SIZE, step / MV_PAGE_SIZE, data);
     move_back(m, off, off + out);
     int wp = mv_uffd_writeprotect(a + off, step, true, true);
     if (rc || wp) return rc ? rc : wp;

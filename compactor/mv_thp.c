@@ -153,19 +153,29 @@ static int proc_pread(enum mv_kept which, void *buf, size_t len, off_t off) {
   return kept_is_ours(which, fd) ? rc : -EAGAIN;
 }
 
-static int read_pagemap(uintptr_t addr, uint64_t entries[MV_ARENA_PAGES]) {
-  return proc_pread(MV_KEPT_PAGEMAP, entries, MV_ARENA_PAGES * sizeof(uint64_t),
+static int read_pagemap_n(uintptr_t addr, uint64_t *entries, size_t n) {
+  return proc_pread(MV_KEPT_PAGEMAP, entries, n * sizeof(uint64_t),
                     (off_t)(addr / MV_PAGE_SIZE * sizeof(uint64_t)));
 }
 
-int mv_thp_page_map(uintptr_t addr, struct mv_page_map *map) {
+static int read_pagemap(uintptr_t addr, uint64_t entries[MV_ARENA_PAGES]) {
+  return read_pagemap_n(addr, entries, MV_ARENA_PAGES);
+}
+
+int mv_thp_page_map_part(uintptr_t addr, size_t first, size_t n, struct mv_page_map *map) {
   uint64_t pm[MV_ARENA_PAGES];
-  int rc = read_pagemap(addr, pm);
+  int rc = read_pagemap_n(addr + first * MV_PAGE_SIZE, pm, n);
   if (rc) return rc;
-  memset(map, 0, sizeof *map);
-  for (size_t i = 0; i < MV_ARENA_PAGES; i++)
-    if (pm[i] & (PM_PRESENT | PM_SWAP)) map->bits[i / 64] |= UINT64_C(1) << (i % 64);
+  for (size_t i = first; i < first + n; i++) {
+    uint64_t bit = UINT64_C(1) << (i % 64);
+    if (pm[i - first] & (PM_PRESENT | PM_SWAP)) map->bits[i / 64] |= bit;
+    else map->bits[i / 64] &= ~bit;
+  }
   return 0;
+}
+
+int mv_thp_page_map(uintptr_t addr, struct mv_page_map *map) {
+  return mv_thp_page_map_part(addr, 0, MV_ARENA_PAGES, map);
 }
 
 void mv_thp_copy_pages(void *dst, const void *src, const struct mv_page_map *map) {
