@@ -45,14 +45,45 @@ static bool kept_is_ours(enum mv_kept which, int fd) {
          (uint64_t)st.st_dev == atomic_load_explicit(&kept[which].dev, memory_order_relaxed);
 }
 
+/* Where the soft RLIMIT_NOFILE allows no number >= 512, or is so high that a
+ * number above it would grow the descriptor table a lot, no raise is tried. */
+#define KEPT_FD_RAISE_MAX 16384
+#define KEPT_FD_ROOM 16 /* numbers the raise opens up: the kept files and spares */
+
+/* A program takes its descriptors to be [0, soft limit): sysconf(_SC_OPEN_MAX)
+ * bounds the scans that check which are open (Python's subprocess tests list
+ * them in a child and compare with the ones they passed down). A number at or
+ * above the soft limit is invisible to those scans and can never be handed to
+ * the program, and the kernel keeps such a descriptor valid; F_DUPFD only
+ * creates it while the limit is higher, so the soft limit is raised for the
+ * one fcntl and put back. If the program set a limit of its own in between,
+ * that one is put back instead. -1 where the hard limit leaves no room. */
+static int dup_above_limit(int fd, const struct rlimit *rl) {
+  rlim_t at = rl->rlim_cur > KEPT_FD_FLOOR ? rl->rlim_cur : KEPT_FD_FLOOR;
+  if (rl->rlim_cur > KEPT_FD_RAISE_MAX || rl->rlim_max == RLIM_INFINITY ||
+      at + KEPT_FD_ROOM > rl->rlim_max)
+    return -1;
+  struct rlimit raised = {at + KEPT_FD_ROOM, rl->rlim_max}, before, during;
+  if (prlimit(0, RLIMIT_NOFILE, &raised, &before) != 0) return -1;
+  int high = fcntl(fd, F_DUPFD_CLOEXEC, (int)at);
+  if (prlimit(0, RLIMIT_NOFILE, &before, &during) == 0 &&
+      (during.rlim_cur != raised.rlim_cur || during.rlim_max != raised.rlim_max))
+    prlimit(0, RLIMIT_NOFILE, &during, NULL);
+  return high;
+}
+
 int mv_fd_high(int fd) {
   struct rlimit rl;
-  int floor = KEPT_FD_FLOOR;
-  if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur / 2 < (rlim_t)floor)
-    floor = (int)(rl.rlim_cur / 2);
-  if (fd >= floor) return fd;
-  int high = fcntl(fd, F_DUPFD_CLOEXEC, floor);
-  if (high < 0) return fd;
+  if (getrlimit(RLIMIT_NOFILE, &rl) != 0) return fd;
+  int high = dup_above_limit(fd, &rl);
+  if (high < 0) {
+    /* soft == hard (containers often): the upper half of the program's range */
+    int floor = KEPT_FD_FLOOR;
+    if (rl.rlim_cur / 2 < (rlim_t)floor) floor = (int)(rl.rlim_cur / 2);
+    if (fd >= floor) return fd;
+    high = fcntl(fd, F_DUPFD_CLOEXEC, floor);
+    if (high < 0) return fd;
+  }
   close(fd);
   return high;
 }
