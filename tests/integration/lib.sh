@@ -26,7 +26,7 @@ IT_TIMEOUT=${MOVALLOC_IT_TIMEOUT:-300}
 it_pass() {
   local plain shim
   plain=$(<"$IT_TMP/plain.time") shim=$(<"$IT_TMP/shim.time")
-  echo "PASS $IT_NAME ($((SECONDS - IT_START))s; glibc ${plain}s, movalloc ${shim}s, ratio $(awk -v a="$shim" -v b="$plain" 'BEGIN { printf "%.2f", b > 0 ? a / b : 0 }'))"
+  echo "PASS $IT_NAME ($((SECONDS - IT_START))s; glibc ${plain}s, movalloc ${shim}s, ratio $(awk -v a="$shim" -v b="$plain" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'))"
   exit 0
 }
 it_fail() { echo "FAIL $IT_NAME: $*"; exit 1; }
