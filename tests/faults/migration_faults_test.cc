@@ -265,4 +265,236 @@ TEST_F(Faults, OsRefusesAStepWithEnomem) {
   }
 }
 
+// ---- events while an arena is held ----
+
+// A backend that runs on_hold on the compacting thread right after the real
+// backend holds an arena's writers, before anything is moved.
+const mv_backend *hooked_real;
+std::function<void(uintptr_t)> on_hold;
+int HookedHold(struct mv_move *m) {
+  int rc = hooked_real->hold(m);
+  if (rc == 0 && on_hold) on_hold(m->start);
+  return rc;
+}
+mv_backend Hooked(const mv_backend *real) {
+  hooked_real = real;
+  mv_backend b = *real;
+  b.hold = HookedHold;
+  return b;
+}
+
+uintptr_t ArenaOf(const void *p) { return (uintptr_t)p & ~(MV_ARENA_SIZE - 1); }
+
+// Memory outside movalloc's heap, for bookkeeping that must not move or be
+// held itself.
+template <typename T>
+T *Outside(size_t n) {
+  void *p = mmap(nullptr, n * sizeof(T), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  return p == MAP_FAILED ? nullptr : (T *)p;
+}
+
+constexpr int kBlocks = 4096;
+constexpr size_t kBlockSize = 256;
+
+// Blocks whose first word is a counter and the rest the address pattern.
+size_t BadBlocks(unsigned char **blocks, const uint64_t *shadow) {
+  size_t bad = 0;
+  for (int i = 0; i < kBlocks; i++) {
+    uint64_t c;
+    memcpy(&c, blocks[i], 8);
+    if (shadow && c != shadow[i] && c != shadow[i] + 1) bad++;
+    for (size_t k = 8; k < kBlockSize; k++)
+      bad += blocks[i][k] != Pattern((uintptr_t)(blocks[i] + k));
+  }
+  return bad;
+}
+
+void FillBlocks(unsigned char **blocks) {
+  for (int i = 0; i < kBlocks; i++) {
+    blocks[i] = (unsigned char *)malloc(kBlockSize);
+    memset(blocks[i], 0, 8);
+    for (size_t k = 8; k < kBlockSize; k++) blocks[i][k] = Pattern((uintptr_t)(blocks[i] + k));
+  }
+}
+
+enum class Exit { kPthreadExit, kSignalPthreadExit, kSignalSysExit };
+
+struct Victim {
+  unsigned char **blocks;  // allocated by the victim: its own heap's arenas
+  uint64_t *shadow;        // the counters' values, outside the heap
+  std::atomic<bool> ready{false}, exit_now{false};
+};
+Victim *victim;
+
+void *VictimMain(void *) {
+  FillBlocks(victim->blocks);
+  victim->ready = true;
+  for (;;) {
+    // A pass of writes into its arenas, then a pause in which it notices the
+    // request to exit: it exits while the arena is held, not only after.
+    for (int i = 0; i < kBlocks; i++) {
+      uint64_t c = victim->shadow[i] + 1;
+      memcpy(victim->blocks[i], &c, 8);
+      victim->shadow[i] = c;
+    }
+    for (int k = 0; k < 20; k++) {
+      if (victim->exit_now) {
+        free(malloc(100));  // and the exit path allocates and frees
+        pthread_exit(nullptr);
+      }
+      usleep(50);
+    }
+  }
+}
+
+void ExitByPthreadExit(int) { pthread_exit(nullptr); }
+void ExitBySysExit(int) { syscall(SYS_exit, 0); }
+
+// A thread exits while an arena it owns and writes is held: by pthread_exit,
+// or killed by a signal handler that calls pthread_exit or the raw exit system
+// call (no thread-exit cleanup at all). The migration completes, no thread
+// hangs, every byte and counter is right, and the heap it left serves others.
+TEST_F(Faults, ThreadExitsWhileItsArenaIsHeld) {
+  for (const mv_backend *b : MovingBackends()) {
+    for (Exit how : {Exit::kPthreadExit, Exit::kSignalPthreadExit, Exit::kSignalSysExit}) {
+      SCOPED_TRACE(std::string(b->name) + ", exit kind " + std::to_string((int)how));
+      Victim v;
+      v.blocks = Outside<unsigned char *>(kBlocks);
+      v.shadow = Outside<uint64_t>(kBlocks);
+      victim = &v;
+      struct sigaction sa = {};
+      sa.sa_handler = how == Exit::kSignalSysExit ? ExitBySysExit : ExitByPthreadExit;
+      sigaction(SIGUSR1, &sa, nullptr);
+      pthread_t tid;
+      ASSERT_EQ(pthread_create(&tid, nullptr, VictimMain, nullptr), 0);
+      while (!v.ready) usleep(1000);
+
+      std::atomic<bool> fired{false};
+      uintptr_t arena = ArenaOf(v.blocks[kBlocks / 2]);
+      on_hold = [&](uintptr_t start) {
+        if (start != arena || fired) return;
+        fired = true;
+        if (how == Exit::kPthreadExit) v.exit_now = true;
+        else pthread_kill(tid, SIGUSR1);
+        usleep(30 * 1000);  // it exits (or blocks on the held arena) meanwhile
+      };
+      mv_backend hooked = Hooked(b);
+      mv_engine_use_backend(&hooked, MV_STEP_NONE);
+      for (int round = 0; round < 20 && !fired; round++) movalloc_compact(MOVALLOC_COMPACT_ALL);
+      mv_engine_use_backend(saved_, MV_STEP_NONE);
+      on_hold = nullptr;
+      EXPECT_TRUE(fired.load()) << "the victim's arena was never held";
+      if (!fired) pthread_kill(tid, SIGUSR1);
+      struct timespec deadline;
+      clock_gettime(CLOCK_REALTIME, &deadline);
+      deadline.tv_sec += 10;
+      ASSERT_EQ(pthread_timedjoin_np(tid, nullptr, &deadline), 0) << "the thread hung";
+      EXPECT_EQ(BadBlocks(v.blocks, v.shadow), 0u);
+      // Its heap serves a new thread; its blocks are freed from here.
+      std::thread([] {
+        std::vector<void *> ps;
+        for (int i = 0; i < 20000; i++) ps.push_back(malloc(i % 700 + 1));
+        for (void *p : ps) free(p);
+      }).join();
+      EXPECT_GE(movalloc_compact(MOVALLOC_COMPACT_ALL), 0);
+      EXPECT_EQ(BadBlocks(v.blocks, v.shadow), 0u);
+      for (int i = 0; i < kBlocks; i++) free(v.blocks[i]);
+      signal(SIGUSR1, SIG_DFL);
+      munmap(v.blocks, kBlocks * sizeof(unsigned char *));
+      munmap(v.shadow, kBlocks * sizeof(uint64_t));
+    }
+  }
+}
+
+std::string SoakPath() {
+  const char *dir = getenv("TEST_SRCDIR"), *ws = getenv("TEST_WORKSPACE");
+  return std::string(dir ? dir : ".") + "/" + (ws ? ws : "movalloc") + "/tests/soak/soak";
+}
+
+// Another thread calls fork(), vfork() or posix_spawn() while an arena is
+// held. fork() waits for the engine (the atfork handler quiesces it), so the
+// child never starts with an arena held; its copy of the heap is whole, it
+// allocates and compacts. vfork() and posix_spawn() run no atfork handlers and
+// go ahead during the hold: the vfork child reads every byte of the held arena,
+// the spawned program (the soak, 1 s under stress) allocates, checks and
+// migrates. The parent's data stays intact throughout.
+TEST_F(Faults, ForkVforkPosixSpawnWhileAnArenaIsHeld) {
+  unsigned char **blocks = Outside<unsigned char *>(kBlocks);
+  FillBlocks(blocks);
+  std::string soak = SoakPath();
+  ASSERT_EQ(access(soak.c_str(), X_OK), 0) << soak;
+  for (const mv_backend *b : MovingBackends()) {
+    for (const char *how : {"fork", "vfork", "posix_spawn"}) {
+      SCOPED_TRACE(std::string(b->name) + ", " + how);
+      std::atomic<int> request{0};    // 1: go
+      std::atomic<bool> done{false};  // the call returned in the parent
+      std::atomic<uint64_t> returned_ns{0}, hook_end_ns{0};
+      pid_t child = -1;
+      std::thread spawner([&] {
+        while (request.load() == 0) usleep(200);
+        if (!strcmp(how, "fork")) {
+          child = fork();
+          if (child == 0) {
+            size_t bad = BadBlocks(blocks, nullptr);
+            std::vector<void *> ps;
+            for (int i = 0; i < 10000; i++) ps.push_back(malloc(i % 1000 + 1));
+            for (void *p : ps) free(p);
+            int rc = movalloc_compact(MOVALLOC_COMPACT_ALL);
+            _exit(bad == 0 && rc >= 0 ? 0 : 1);
+          }
+        } else if (!strcmp(how, "vfork")) {
+          child = vfork();
+          if (child == 0) _exit(BadBlocks(blocks, nullptr) == 0 ? 0 : 1);
+        } else {
+          const char *argv[] = {soak.c_str(), "--seconds", "1", "--threads", "2",
+                                "--live", "500", "--min-migrations", "1", nullptr};
+          std::vector<char *> env;
+          for (char **e = environ; *e; e++)
+            if (strncmp(*e, "MOVALLOC_", 9)) env.push_back(*e);
+          char stress[] = "MOVALLOC_COMPACT_STRESS=1";
+          env.push_back(stress);
+          env.push_back(nullptr);
+          if (posix_spawn(&child, argv[0], nullptr, nullptr, (char **)argv, env.data()) != 0)
+            child = -1;
+        }
+        returned_ns = NowNs();
+        done = true;
+      });
+      uintptr_t arena = ArenaOf(blocks[kBlocks / 2]);
+      std::atomic<bool> fired{false}, done_while_held{false};
+      on_hold = [&](uintptr_t start) {
+        if (start != arena || fired) return;
+        fired = true;
+        request = 1;
+        // Up to 2 s for the call to return while the arena is held (fork is
+        // expected not to, until the engine lets go).
+        for (int i = 0; i < (strcmp(how, "fork") ? 2000 : 50) && !done; i++) usleep(1000);
+        done_while_held = done.load();
+        hook_end_ns = NowNs();
+      };
+      mv_backend hooked = Hooked(b);
+      mv_engine_use_backend(&hooked, MV_STEP_NONE);
+      for (int round = 0; round < 20 && !fired; round++) movalloc_compact(MOVALLOC_COMPACT_ALL);
+      mv_engine_use_backend(saved_, MV_STEP_NONE);
+      on_hold = nullptr;
+      request = 1;
+      spawner.join();
+      EXPECT_TRUE(fired.load());
+      ASSERT_GT(child, 0);
+      if (!strcmp(how, "fork")) {
+        EXPECT_FALSE(done_while_held.load()) << "fork() went ahead during a hold";
+        EXPECT_GE(returned_ns.load(), hook_end_ns.load());
+      } else {
+        EXPECT_TRUE(done_while_held.load()) << how << " waited for the hold";
+      }
+      int status = -1;
+      ASSERT_EQ(waitpid(child, &status, 0), child);
+      EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << how << " child: " << status;
+      EXPECT_EQ(BadBlocks(blocks, nullptr), 0u);
+    }
+  }
+  for (int i = 0; i < kBlocks; i++) free(blocks[i]);
+  munmap(blocks, kBlocks * sizeof(unsigned char *));
+}
+
 }  // namespace
