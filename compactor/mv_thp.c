@@ -7,6 +7,7 @@
 #include <sched.h>
 #include <stdatomic.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -283,6 +284,42 @@ int mv_thp_is_huge_smaps(uintptr_t addr) {
   return -EOPNOTSUPP;
 }
 
+/* PAGEMAP_SCAN (Linux 6.7; not in glibc 2.36's headers): asks pagemap for the
+ * runs of [start, end) whose pages are in a category. */
+#define MV_PAGEMAP_SCAN _IOWR('f', 16, struct mv_pm_scan_arg)
+#define MV_PAGE_IS_HUGE (1ull << 6) /* mapped by a PMD: a THP (or hugetlb) */
+struct mv_pm_scan_arg {
+  uint64_t size, flags, start, end, walk_end, vec, vec_len, max_pages;
+  uint64_t category_inverted, category_mask, category_anyof_mask, return_mask;
+};
+struct mv_page_region {
+  uint64_t start, end, categories;
+};
+
+/* 1 if one PMD maps the whole range, 0 if not, -errno when the kernel cannot
+ * say (before 6.7). Needs no privilege, unlike the PFNs in pagemap entries: a
+ * process without CAP_SYS_ADMIN otherwise has only smaps, which cannot tell
+ * one arena inside a larger VMA (the heap), and MADV_COLLAPSE would never be
+ * confirmed. */
+static int scan_is_huge(uintptr_t addr) {
+  int fd = mv_proc_fd(MV_KEPT_PAGEMAP);
+  if (fd < 0) return fd;
+  struct mv_page_region r[2];
+  struct mv_pm_scan_arg a = {
+      .size = sizeof a,
+      .start = addr,
+      .end = addr + MV_ARENA_SIZE,
+      .vec = (uintptr_t)r,
+      .vec_len = 2,
+      .category_mask = MV_PAGE_IS_HUGE,
+      .return_mask = MV_PAGE_IS_HUGE,
+  };
+  long n = ioctl(fd, MV_PAGEMAP_SCAN, &a);
+  if (n < 0) return -errno;
+  if (!kept_is_ours(MV_KEPT_PAGEMAP, fd)) return -EAGAIN; /* as proc_pread */
+  return n == 1 && r[0].start == addr && r[0].end == addr + MV_ARENA_SIZE;
+}
+
 int mv_thp_is_huge(uintptr_t addr) {
   if (addr & (MV_ARENA_SIZE - 1)) return -EINVAL;
   uint64_t pm[MV_ARENA_PAGES];
@@ -299,7 +336,8 @@ int mv_thp_is_huge(uintptr_t addr) {
         return (flags >> KPF_THP & 1) && (flags >> KPF_COMPOUND_HEAD & 1);
     }
   }
-  return mv_thp_is_huge_smaps(addr);
+  int rc = scan_is_huge(addr);
+  return rc >= 0 ? rc : mv_thp_is_huge_smaps(addr);
 }
 
 long mv_thp_resident_pages(uintptr_t addr, size_t len) {

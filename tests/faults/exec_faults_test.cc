@@ -208,7 +208,8 @@ TEST_F(ExecFaults, SeccompRefusesUserfaultfd) {
 
 // Non-root with vm.unprivileged_userfaultfd=0 and /dev/userfaultfd not
 // theirs: only a user-mode-only userfaultfd is there, which auto avoids (a
-// system call writing a held arena would get EFAULT); the program runs.
+// system call writing a held arena would get EFAULT); the program runs, and
+// collapse migrates.
 TEST_F(ExecFaults, NonRootWithoutUserfaultfd) {
   if (geteuid() != 0) GTEST_SKIP() << "needs root to switch to user nobody and set the sysctl";
   const char *knob = "/proc/sys/vm/unprivileged_userfaultfd";
@@ -233,6 +234,8 @@ TEST_F(ExecFaults, NonRootWithoutUserfaultfd) {
   EXPECT_TRUE(s.line.find("uffd-user-only") != std::string::npos ||
               s.line.find("no-uffd") != std::string::npos)
       << s.line;
+  // Confirmed without PFNs in pagemap (PAGEMAP_SCAN): it really migrates.
+  if (s.backend == "collapse") { EXPECT_GT(s.migrated, 0); }
 }
 
 // THP disabled for the process (inherited over exec): no huge page can be

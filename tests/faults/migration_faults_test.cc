@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -263,6 +264,64 @@ TEST_F(Faults, OsRefusesAStepWithEnomem) {
       EXPECT_EQ(movalloc_region_unregister(fresh.base), 0);
     }
   }
+}
+
+// A process without CAP_SYS_ADMIN sees no PFNs in pagemap: the check that
+// MADV_COLLAPSE produced a huge page must still confirm it (PAGEMAP_SCAN), or
+// collapse, the backend a non-root user gets, would retry every arena forever
+// and move none. In a child running as user nobody.
+TEST_F(Faults, CollapseIsConfirmedWithoutPrivilege) {
+  const mv_backend *collapse = mv_backend_select(MV_BACKEND_COLLAPSE, nullptr, 0);
+  if (collapse->kind != MV_BACKEND_COLLAPSE) GTEST_SKIP() << "no MADV_COLLAPSE here";
+  if (geteuid() != 0) GTEST_SKIP() << "needs root to become user nobody";
+  pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    // Dumpable again, as after an exec: a uid change clears it and makes
+    // /proc/self root's.
+    if (setgid(65534) != 0 || setuid(65534) != 0 || prctl(PR_SET_DUMPABLE, 1) != 0) _exit(10);
+    mv_engine_use_backend(collapse, MV_STEP_NONE);
+    // The arena inside a larger VMA, as the heap's are: smaps cannot tell it.
+    Region r;
+    unsigned char *map = r.base - MV_ARENA_SIZE / 2;
+    size_t len = 2 * MV_ARENA_SIZE;
+    if (mmap(r.base + MV_ARENA_SIZE, MV_ARENA_SIZE / 2, PROT_READ | PROT_WRITE,
+             MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) == MAP_FAILED ||
+        mmap(map, MV_ARENA_SIZE / 2, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED,
+             -1, 0) == MAP_FAILED ||
+        madvise(map, len, MADV_HUGEPAGE) != 0)
+      _exit(16);
+    bool larger = false;
+    if (FILE *maps = fopen("/proc/self/maps", "r")) {
+      unsigned long lo, hi;
+      char line[512];
+      while (fgets(line, sizeof line, maps))
+        if (sscanf(line, "%lx-%lx", &lo, &hi) == 2 && lo <= (uintptr_t)r.base &&
+            hi > (uintptr_t)r.base)
+          larger = lo < (uintptr_t)r.base || hi > (uintptr_t)r.base + MV_ARENA_SIZE;
+      fclose(maps);
+    }
+    if (!larger) _exit(17);
+    // Precondition: the PFN of a present page is hidden from this process.
+    uint64_t entry = 0;
+    FILE *pm = fopen("/proc/self/pagemap", "r");
+    if (!pm || fseek(pm, (long)((uintptr_t)r.base / 4096 * 8), SEEK_SET) != 0 ||
+        fread(&entry, 8, 1, pm) != 1)
+      _exit(11);
+    fclose(pm);
+    if (!(entry >> 63) || (entry & ((1ull << 55) - 1)) != 0) _exit(12);
+    if (movalloc_region_register(r.base, MV_ARENA_SIZE, &kOps, &r) != 0) _exit(13);
+    int moved = movalloc_compact(0);
+    if (r.Bad() != 0) _exit(14);
+    if (moved != 1 || mv_thp_is_huge((uintptr_t)r.base) != 1) _exit(15);
+    _exit(0);
+  }
+  int status;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFEXITED(status)) << status;
+  EXPECT_EQ(WEXITSTATUS(status), 0)
+      << "11-12, 16-17: precondition (PFNs hidden, arena inside a larger VMA) not met, "
+         "14: data changed, 15: not moved or not confirmed";
 }
 
 // ---- events while an arena is held ----
