@@ -11,6 +11,8 @@ PY=/usr/bin/python3
 # first so that they start first.
 PY_TESTS=(test_subprocess test_threading test_weakref test_gc test_set test_json
   test_unicode test_re test_dict test_list)
+# MOVALLOC_PY_TESTS="test_x test_y" runs those instead (tools/test under stress).
+if [[ -n ${MOVALLOC_PY_TESTS:-} ]]; then read -ra PY_TESTS <<<"$MOVALLOC_PY_TESTS"; fi
 # Each test module runs in its own regrtest process, for a verdict line per
 # module, this many at a time.
 PY_TEST_JOBS=4
