@@ -46,8 +46,8 @@ static bool kept_is_ours(enum mv_kept which, int fd) {
          (uint64_t)st.st_dev == atomic_load_explicit(&kept[which].dev, memory_order_relaxed);
 }
 
-/* Where the soft RLIMIT_NOFILE allows no number >= 512, or is so high that a
- * number above it would grow the descriptor table a lot, no raise is tried. */
+/* A soft limit above this is left alone: a number above it would grow the
+ * descriptor table a lot (8 bytes a slot and more). */
 #define KEPT_FD_RAISE_MAX 16384
 #define KEPT_FD_ROOM 16 /* numbers the raise opens up: the kept files and spares */
 
@@ -61,9 +61,7 @@ static bool kept_is_ours(enum mv_kept which, int fd) {
  * that one is put back instead. -1 where the hard limit leaves no room. */
 static int dup_above_limit(int fd, const struct rlimit *rl) {
   rlim_t at = rl->rlim_cur > KEPT_FD_FLOOR ? rl->rlim_cur : KEPT_FD_FLOOR;
-  if (rl->rlim_cur > KEPT_FD_RAISE_MAX || rl->rlim_max == RLIM_INFINITY ||
-      at + KEPT_FD_ROOM > rl->rlim_max)
-    return -1;
+  if (rl->rlim_cur > KEPT_FD_RAISE_MAX || at + KEPT_FD_ROOM > rl->rlim_max) return -1;
   struct rlimit raised = {at + KEPT_FD_ROOM, rl->rlim_max}, before, during;
   if (prlimit(0, RLIMIT_NOFILE, &raised, &before) != 0) return -1;
   int high = fcntl(fd, F_DUPFD_CLOEXEC, (int)at);
