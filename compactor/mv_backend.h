@@ -147,7 +147,8 @@ size_t mv_backend_remap_vmas(void);
 
 /* 1 if [addr, addr + MV_ARENA_SIZE) is mapped by one transparent huge page,
  * 0 if not, -errno if it cannot be told. Uses /proc/self/pagemap and
- * /proc/kpageflags where readable, else /proc/self/smaps. addr must be
+ * /proc/kpageflags where PFNs are shown (CAP_SYS_ADMIN), else pagemap's
+ * PAGEMAP_SCAN (Linux 6.7), else /proc/self/smaps. addr must be
  * MV_ARENA_SIZE aligned and every page of the range present. */
 int mv_thp_is_huge(uintptr_t addr);
 

@@ -34,10 +34,12 @@ extern const struct mv_backend mv_backend_move_impl;
 extern const struct mv_backend mv_backend_move_user_only;
 
 /* Descriptors the backends keep open, each opened once per process at a
- * number >= 512 (half the RLIMIT_NOFILE soft limit when that is lower), away
- * from the lowest free numbers a program counts on (it closes 0 and expects
- * open() to give 0 back; a child expects exactly the descriptors it was
- * given). Every use checks that the number still holds the file opened there
+ * number >= 512 and >= the RLIMIT_NOFILE soft limit when the hard limit leaves
+ * room (the soft one is raised for the dup and put back), else >= 512 (half the
+ * soft limit when that is lower): away from the lowest free numbers a program
+ * counts on (it closes 0 and expects open() to give 0 back) and, where there is
+ * room, out of the range a program scans to list its descriptors (a child that
+ * checks it holds exactly the descriptors it was given). Every use checks that the number still holds the file opened there
  * (st_dev, st_ino) in this process (getpid(): a /proc/self file describes the
  * process that opened it). If the program closed it or put its own file on
  * that number, another is opened and the number is left alone; one inherited
@@ -51,8 +53,9 @@ enum mv_kept {
   MV_KEPT_COUNT,
 };
 
-/* Moves fd to the lowest free number >= 512 (or half the soft limit), closing
- * the low one; returns the new number, or fd where there is no room up there. */
+/* Moves fd to the lowest free number >= max(512, soft limit) where the hard
+ * limit allows, else >= 512 (or half the soft limit), closing the low one;
+ * returns the new number, or fd where there is no room up there. */
 int mv_fd_high(int fd);
 
 /* The kept descriptor, opened with open_fd (a new descriptor, or -errno) when

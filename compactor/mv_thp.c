@@ -7,6 +7,7 @@
 #include <sched.h>
 #include <stdatomic.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -45,14 +46,43 @@ static bool kept_is_ours(enum mv_kept which, int fd) {
          (uint64_t)st.st_dev == atomic_load_explicit(&kept[which].dev, memory_order_relaxed);
 }
 
+/* A soft limit above this is left alone: a number above it would grow the
+ * descriptor table a lot (8 bytes a slot and more). */
+#define KEPT_FD_RAISE_MAX 16384
+#define KEPT_FD_ROOM 16 /* numbers the raise opens up: the kept files and spares */
+
+/* A program takes its descriptors to be [0, soft limit): sysconf(_SC_OPEN_MAX)
+ * bounds the scans that check which are open (Python's subprocess tests list
+ * them in a child and compare with the ones they passed down). A number at or
+ * above the soft limit is invisible to those scans and can never be handed to
+ * the program, and the kernel keeps such a descriptor valid; F_DUPFD only
+ * creates it while the limit is higher, so the soft limit is raised for the
+ * one fcntl and put back. If the program set a limit of its own in between,
+ * that one is put back instead. -1 where the hard limit leaves no room. */
+static int dup_above_limit(int fd, const struct rlimit *rl) {
+  rlim_t at = rl->rlim_cur > KEPT_FD_FLOOR ? rl->rlim_cur : KEPT_FD_FLOOR;
+  if (rl->rlim_cur > KEPT_FD_RAISE_MAX || at + KEPT_FD_ROOM > rl->rlim_max) return -1;
+  struct rlimit raised = {at + KEPT_FD_ROOM, rl->rlim_max}, before, during;
+  if (prlimit(0, RLIMIT_NOFILE, &raised, &before) != 0) return -1;
+  int high = fcntl(fd, F_DUPFD_CLOEXEC, (int)at);
+  if (prlimit(0, RLIMIT_NOFILE, &before, &during) == 0 &&
+      (during.rlim_cur != raised.rlim_cur || during.rlim_max != raised.rlim_max))
+    prlimit(0, RLIMIT_NOFILE, &during, NULL);
+  return high;
+}
+
 int mv_fd_high(int fd) {
   struct rlimit rl;
-  int floor = KEPT_FD_FLOOR;
-  if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur / 2 < (rlim_t)floor)
-    floor = (int)(rl.rlim_cur / 2);
-  if (fd >= floor) return fd;
-  int high = fcntl(fd, F_DUPFD_CLOEXEC, floor);
-  if (high < 0) return fd;
+  if (getrlimit(RLIMIT_NOFILE, &rl) != 0) return fd;
+  int high = dup_above_limit(fd, &rl);
+  if (high < 0) {
+    /* soft == hard (containers often): the upper half of the program's range */
+    int floor = KEPT_FD_FLOOR;
+    if (rl.rlim_cur / 2 < (rlim_t)floor) floor = (int)(rl.rlim_cur / 2);
+    if (fd >= floor) return fd;
+    high = fcntl(fd, F_DUPFD_CLOEXEC, floor);
+    if (high < 0) return fd;
+  }
   close(fd);
   return high;
 }
@@ -262,6 +292,42 @@ int mv_thp_is_huge_smaps(uintptr_t addr) {
   return -EOPNOTSUPP;
 }
 
+/* PAGEMAP_SCAN (Linux 6.7; not in glibc 2.36's headers): asks pagemap for the
+ * runs of [start, end) whose pages are in a category. */
+#define MV_PAGEMAP_SCAN _IOWR('f', 16, struct mv_pm_scan_arg)
+#define MV_PAGE_IS_HUGE (1ull << 6) /* mapped by a PMD: a THP (or hugetlb) */
+struct mv_pm_scan_arg {
+  uint64_t size, flags, start, end, walk_end, vec, vec_len, max_pages;
+  uint64_t category_inverted, category_mask, category_anyof_mask, return_mask;
+};
+struct mv_page_region {
+  uint64_t start, end, categories;
+};
+
+/* 1 if one PMD maps the whole range, 0 if not, -errno when the kernel cannot
+ * say (before 6.7). Needs no privilege, unlike the PFNs in pagemap entries: a
+ * process without CAP_SYS_ADMIN otherwise has only smaps, which cannot tell
+ * one arena inside a larger VMA (the heap), and MADV_COLLAPSE would never be
+ * confirmed. */
+static int scan_is_huge(uintptr_t addr) {
+  int fd = mv_proc_fd(MV_KEPT_PAGEMAP);
+  if (fd < 0) return fd;
+  struct mv_page_region r[2];
+  struct mv_pm_scan_arg a = {
+      .size = sizeof a,
+      .start = addr,
+      .end = addr + MV_ARENA_SIZE,
+      .vec = (uintptr_t)r,
+      .vec_len = 2,
+      .category_mask = MV_PAGE_IS_HUGE,
+      .return_mask = MV_PAGE_IS_HUGE,
+  };
+  long n = ioctl(fd, MV_PAGEMAP_SCAN, &a);
+  if (n < 0) return -errno;
+  if (!kept_is_ours(MV_KEPT_PAGEMAP, fd)) return -EAGAIN; /* as proc_pread */
+  return n == 1 && r[0].start == addr && r[0].end == addr + MV_ARENA_SIZE;
+}
+
 int mv_thp_is_huge(uintptr_t addr) {
   if (addr & (MV_ARENA_SIZE - 1)) return -EINVAL;
   uint64_t pm[MV_ARENA_PAGES];
@@ -278,7 +344,8 @@ int mv_thp_is_huge(uintptr_t addr) {
         return (flags >> KPF_THP & 1) && (flags >> KPF_COMPOUND_HEAD & 1);
     }
   }
-  return mv_thp_is_huge_smaps(addr);
+  int rc = scan_is_huge(addr);
+  return rc >= 0 ? rc : mv_thp_is_huge_smaps(addr);
 }
 
 long mv_thp_resident_pages(uintptr_t addr, size_t len) {

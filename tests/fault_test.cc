@@ -3,7 +3,13 @@
 #include <errno.h>
 #include <gtest/gtest.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/mman.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <thread>
+#include <vector>
 
 extern "C" {
 #include "arena/mv_alloc.h"
@@ -57,6 +63,59 @@ TEST(Fault, ReleaseFailureKeepsArenasUsable) {
   p[0] = 1;
   p[(30 << 20) - 1] = 1;
   free(p);
+}
+
+// A thread whose heap cannot be created (the mmap of a new chunk of heap
+// descriptors fails): its malloc returns NULL with ENOMEM, nothing crashes, and
+// once mmap works again a new thread allocates. Threads stay alive, so their
+// heaps are not adopted and new ones keep being needed.
+std::atomic<int> heap_mmaps_refused{0};
+void *NoSmallMmap(void *addr, size_t len, int prot, int flags, int fd, off_t off) {
+  if (len == (size_t)64 << 10 && prot == (PROT_READ | PROT_WRITE)) {
+    heap_mmaps_refused++;
+    errno = ENOMEM;
+    return MAP_FAILED;
+  }
+  return mv_prim_real.mmap(addr, len, prot, flags, fd, off);
+}
+
+TEST(Fault, NewThreadHeapFailureGivesEnomem) {
+  struct mv_prim fake = mv_prim_real;
+  fake.mmap = NoSmallMmap;
+  mv_prim_set(&fake);
+  std::atomic<bool> release{false};
+  std::atomic<int> nulls{0}, enomem{0}, ok{0};
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 400 && heap_mmaps_refused == 0; i++) {
+    std::atomic<bool> done{false};
+    threads.emplace_back([&] {
+      errno = 0;
+      void *p = Opaque(malloc(100));
+      int err = errno;
+      if (p) {
+        ok++;
+        memset(p, 1, 100);
+      } else {
+        nulls++;
+        enomem += err == ENOMEM;
+      }
+      done = true;
+      while (!release) usleep(1000);
+      free(p);
+    });
+    while (!done) usleep(100);
+  }
+  mv_prim_reset();
+  release = true;
+  for (std::thread &t : threads) t.join();
+  ASSERT_GT(heap_mmaps_refused.load(), 0) << "never needed a new heap chunk in 400 threads";
+  EXPECT_GT(nulls.load(), 0);
+  EXPECT_EQ(enomem.load(), nulls.load());
+  std::thread([] {
+    void *p = Opaque(malloc(100));
+    EXPECT_NE(p, nullptr);
+    free(p);
+  }).join();
 }
 
 }  // namespace

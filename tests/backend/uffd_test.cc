@@ -8,6 +8,7 @@
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "tests/backend/backend_util.h"
@@ -97,17 +98,45 @@ TEST_F(Uffd, DescriptorIsHigh) {
   EXPECT_EQ(mv_uffd_get(), fd);
 }
 
-// Under a small RLIMIT_NOFILE it still goes to the upper half.
-TEST_F(Uffd, DescriptorIsHighUnderASmallLimit) {
+// Under a small soft RLIMIT_NOFILE with room below the hard one, it goes above
+// the soft limit, where a program's scan of [0, sysconf(_SC_OPEN_MAX)) does not
+// look and no open() of the program can land; the limit is put back.
+TEST_F(Uffd, DescriptorIsAboveASmallSoftLimit) {
   rlimit old;
   ASSERT_EQ(getrlimit(RLIMIT_NOFILE, &old), 0);
+  if (old.rlim_max < 512 + 16) GTEST_SKIP() << "hard limit " << old.rlim_max << " leaves no room";
+  mv_uffd_drop();
   rlimit small = old;
   small.rlim_cur = 64;
   ASSERT_EQ(setrlimit(RLIMIT_NOFILE, &small), 0);
   int fd = mv_uffd_get();
+  rlimit now;
+  ASSERT_EQ(getrlimit(RLIMIT_NOFILE, &now), 0);
   ASSERT_EQ(setrlimit(RLIMIT_NOFILE, &old), 0);
-  EXPECT_GE(fd, 32);
-  EXPECT_LT(fd, 64);
+  EXPECT_GE(fd, 512);
+  EXPECT_TRUE(IsUserfaultfd(fd));
+  EXPECT_EQ(now.rlim_cur, 64u) << "the soft limit was not put back";
+  EXPECT_EQ(now.rlim_max, old.rlim_max);
+}
+
+// With the soft limit equal to the hard one (no room above), it still goes to
+// the upper half of the program's range. In a child: lowering the hard limit
+// is for good.
+TEST_F(Uffd, DescriptorIsHighUnderASmallHardLimit) {
+  pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    mv_uffd_drop();
+    rlimit tight = {64, 64};
+    if (setrlimit(RLIMIT_NOFILE, &tight) != 0) _exit(2);
+    int fd = mv_uffd_get();
+    rlimit now;
+    if (getrlimit(RLIMIT_NOFILE, &now) != 0 || now.rlim_cur != 64 || now.rlim_max != 64) _exit(3);
+    _exit(fd >= 32 && fd < 64 && IsUserfaultfd(fd) ? 0 : 4);
+  }
+  int status;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "child status " << status;
 }
 
 // The program closes it (closefrom, close_range): the next use opens another,

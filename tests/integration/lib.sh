@@ -21,7 +21,14 @@ IT_TEST_ENV=()
 IT_TIMEOUT=${MOVALLOC_IT_TIMEOUT:-300}
 # MOVALLOC_IT_KEEP=1 keeps the runs' directories and outputs for a post-mortem.
 
-it_pass() { echo "PASS $IT_NAME ($((SECONDS - IT_START))s)"; exit 0; }
+# The verdict line carries each run's wall time and their ratio, which
+# tools/test-matrix collects.
+it_pass() {
+  local plain shim
+  plain=$(<"$IT_TMP/plain.time") shim=$(<"$IT_TMP/shim.time")
+  echo "PASS $IT_NAME ($((SECONDS - IT_START))s; glibc ${plain}s, movalloc ${shim}s, ratio $(awk -v a="$shim" -v b="$plain" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'))"
+  exit 0
+}
 it_fail() { echo "FAIL $IT_NAME: $*"; exit 1; }
 it_skip() { echo "SKIP $IT_NAME: $*"; exit 77; }
 
@@ -91,11 +98,13 @@ it_wait_for() {
 }
 
 # it_run MODE WORKLOAD: run WORKLOAD in $IT_TMP/MODE (plain or shim); leaves
-# MODE.out, MODE.err, MODE.rc and, on a timeout, MODE.timeout beside it.
+# MODE.out, MODE.err, MODE.rc, MODE.time (wall seconds) and, on a timeout,
+# MODE.timeout beside it.
 it_run() {
   local mode=$1 fn=$2 dir=$IT_TMP/$1 pid rc=0
-  local deadline=$((SECONDS + IT_TIMEOUT))
+  local deadline=$((SECONDS + IT_TIMEOUT)) t0
   mkdir -p "$dir/tmp"
+  t0=$(date +%s.%N)
   # set -m gives the job its own process group, so it can be killed whole.
   set -m
   (
@@ -120,6 +129,7 @@ it_run() {
     sleep 0.2
   done
   wait "$pid" 2>/dev/null || rc=$?
+  awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f\n", b - a }' >"$dir.time"
   # Whatever the workload left running (a server after a failure) goes too.
   kill -KILL -- "-$pid" 2>/dev/null || true
   echo "$rc" >"$dir.rc"
