@@ -41,10 +41,78 @@ static void futex_wake_all(_Atomic uint32_t *word) {
   syscall(SYS_futex, (uint32_t *)word, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
 }
 
+/* ---- alternate signal stacks ----
+ * The kernel writes a signal frame on a thread's alternate stack. When that
+ * stack lies in the heap (Python's faulthandler allocates it with malloc) and
+ * its arena is held read-only, the frame cannot be written and the kernel kills
+ * the process. sigaltstack() is interposed so that every such stack is known,
+ * and a hold overlapping one is refused. A slot is free while tid == 0; a
+ * thread changes only its own slot. */
+#define MV_ALTSTACK_SLOTS 64
+
+struct altstack {
+  _Atomic pid_t tid;
+  _Atomic uintptr_t start;
+  _Atomic size_t len;
+};
+
+static struct altstack altstacks[MV_ALTSTACK_SLOTS];
+static _Atomic bool altstacks_overflowed; /* a stack did not fit: refuse every hold */
+
+static void note_altstack(const stack_t *ss) {
+  pid_t tid = (pid_t)syscall(SYS_gettid);
+  bool disable = ss->ss_flags & SS_DISABLE;
+  struct altstack *mine = NULL, *free_slot = NULL;
+  for (unsigned i = 0; i < MV_ALTSTACK_SLOTS && !mine; i++) {
+    pid_t t = atomic_load(&altstacks[i].tid);
+    if (t == tid) mine = &altstacks[i];
+    else if (t == 0 && !free_slot) free_slot = &altstacks[i];
+  }
+  if (disable) {
+    if (mine) atomic_store(&mine->tid, 0);
+    return;
+  }
+  if (!mine) {
+    pid_t zero = 0;
+    if (!free_slot || !atomic_compare_exchange_strong(&free_slot->tid, &zero, tid)) {
+      atomic_store(&altstacks_overflowed, true);
+      return;
+    }
+    mine = free_slot;
+  }
+  atomic_store(&mine->len, 0); /* no stale range is seen while it changes */
+  atomic_store(&mine->start, (uintptr_t)ss->ss_sp);
+  atomic_store(&mine->len, ss->ss_size);
+}
+
+static bool altstack_in(uintptr_t start, size_t len) {
+  if (atomic_load(&altstacks_overflowed)) return true;
+  for (unsigned i = 0; i < MV_ALTSTACK_SLOTS; i++) {
+    if (!atomic_load(&altstacks[i].tid)) continue;
+    uintptr_t s = atomic_load(&altstacks[i].start);
+    size_t l = atomic_load(&altstacks[i].len);
+    if (l && s < start + len && start < s + l) return true;
+  }
+  return false;
+}
+
+MV_INTERPOSE int sigaltstack(const stack_t *ss, stack_t *old) {
+  int rc = (int)syscall(SYS_sigaltstack, ss, old);
+  if (rc == 0 && ss) note_altstack(ss);
+  return rc;
+}
+
 int mv_sigsegv_hold(uintptr_t start, size_t len) {
   for (unsigned i = 0; i < MV_SIGSEGV_SLOTS; i++) {
     uintptr_t free_slot = 0;
     if (!atomic_compare_exchange_strong(&held[i].start, &free_slot, start)) continue;
+    /* Claimed first, checked second: a stack registered after the check is
+     * one its thread set up while the range was being held (a race the
+     * program would need to run into within microseconds). */
+    if (altstack_in(start, len)) {
+      atomic_store(&held[i].start, 0);
+      return -EAGAIN;
+    }
     atomic_store(&held[i].len, len);
     atomic_fetch_add(&held_count, 1);
     atomic_fetch_add_explicit(&held[i].seq, 1, memory_order_release); /* odd: held */

@@ -8,6 +8,9 @@
  * Only SIGSEGV is taken: a write to a read-only mapping raises nothing else, so
  * SIGBUS never reaches movalloc and needs no chaining.
  *
+ * sigaltstack() is interposed too, to know the alternate signal stacks that a
+ * hold must not make read-only.
+ *
  * All of it is async-signal-safe and allocation-free.
  */
 #ifndef MV_SIGSEGV_H
@@ -29,8 +32,10 @@ extern "C" {
 int mv_sigsegv_install(void);
 
 /* Marks [start, start + len) held: from now on a write fault there waits. Call
- * before making the range read-only. 0, or -EBUSY when MV_SIGSEGV_SLOTS ranges
- * are held already. */
+ * before making the range read-only. 0, -EBUSY when MV_SIGSEGV_SLOTS ranges are
+ * held already, or -EAGAIN when a thread's alternate signal stack (interposed
+ * sigaltstack()) lies in the range: the kernel could not write a signal frame
+ * there while it is read-only. */
 int mv_sigsegv_hold(uintptr_t start, size_t len);
 
 /* Ends the hold of the range that starts at start and wakes its writers. Call

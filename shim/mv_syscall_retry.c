@@ -15,7 +15,10 @@
  */
 #include <errno.h>
 #include <stdint.h>
+#include <signal.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -90,6 +93,33 @@ MV_INTERPOSE ssize_t recvfrom(int fd, void *buf, size_t n, int flags, __SOCKADDR
 
 MV_INTERPOSE ssize_t recv(int fd, void *buf, size_t n, int flags) {
   return recvfrom(fd, buf, n, flags, NULL, NULL);
+}
+
+/* epoll: an event that cannot be copied out goes back on the ready list
+ * (fs/eventpoll.c), so calling again loses none. The wait restarts with its
+ * whole timeout, once per hold it met. epoll_pwait2 (glibc 2.35) is the real
+ * call: not interposed, and a cancellation point like the ones it stands for. */
+static int epoll_once(int epfd, struct epoll_event *events, int max, int timeout_ms,
+                      const sigset_t *sigmask) {
+  struct timespec ts = {timeout_ms / 1000, (long)(timeout_ms % 1000) * 1000000};
+  int r = epoll_pwait2(epfd, events, max, timeout_ms < 0 ? NULL : &ts, sigmask);
+  if (r < 0 && errno == ENOSYS) /* Linux < 5.11 */
+    r = (int)syscall(SYS_epoll_pwait, epfd, events, max, timeout_ms, sigmask, _NSIG / 8);
+  return r;
+}
+
+MV_INTERPOSE int epoll_pwait(int epfd, struct epoll_event *events, int max, int timeout_ms,
+                             const sigset_t *sigmask) {
+  for (;;) {
+    uint64_t epoch = mv_sigsegv_epoch();
+    int r = epoll_once(epfd, events, max, timeout_ms, sigmask);
+    size_t bytes = max > 0 ? (size_t)max * sizeof *events : 0;
+    if (!failed_on_hold(r, events, bytes, epoch)) return r;
+  }
+}
+
+MV_INTERPOSE int epoll_wait(int epfd, struct epoll_event *events, int max, int timeout_ms) {
+  return epoll_pwait(epfd, events, max, timeout_ms, NULL);
 }
 
 /* _FORTIFY_SOURCE builds call these instead. */

@@ -1,10 +1,12 @@
 // The mprotect backend's SIGSEGV side: held writers wait and lose nothing, the
 // program's own SIGSEGV handler still gets its faults (installed before or
 // after movalloc's, with sigaction or signal), SIG_DFL and SIG_IGN mean what
-// they meant, and the read() family retries an EFAULT caused by a hold.
+// they meant, the read() family and epoll_wait retry an EFAULT caused by a
+// hold, and a hold is refused over an alternate signal stack.
 #include <fcntl.h>
 #include <setjmp.h>
 #include <signal.h>
+#include <sys/epoll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -178,6 +180,31 @@ TEST_F(Sigsegv, IgnoredIsIgnoredButAFaultStillKills) {
   EXPECT_TRUE(DiedOfSegv(status)) << "status " << status;
 }
 
+// A thread's alternate signal stack inside a range: holding the range is
+// refused (the kernel could not write a signal frame on a read-only stack and
+// would kill the process), and allowed again once the stack is disabled.
+TEST(SigsegvAltstack, HoldRefusedOverAnAlternateStack) {
+  size_t len = 4 * kPage;
+  char *m = static_cast<char *>(
+      mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+  ASSERT_NE(m, MAP_FAILED);
+  uintptr_t a = reinterpret_cast<uintptr_t>(m);
+  stack_t ss = {}, old = {};
+  ss.ss_sp = m + kPage;
+  ss.ss_size = 2 * kPage;
+  ASSERT_EQ(sigaltstack(&ss, &old), 0);
+  EXPECT_EQ(mv_sigsegv_hold(a, len), -EAGAIN);
+  EXPECT_EQ(mv_sigsegv_held(), 0u);
+  EXPECT_EQ(mv_sigsegv_hold(a + 3 * kPage, kPage), 0) << "a range beside the stack is fine";
+  mv_sigsegv_release(a + 3 * kPage);
+  stack_t off = {};
+  off.ss_flags = SS_DISABLE;
+  ASSERT_EQ(sigaltstack(&off, nullptr), 0);
+  EXPECT_EQ(mv_sigsegv_hold(a, len), 0);
+  mv_sigsegv_release(a);
+  munmap(m, len);
+}
+
 // ---- the system call wrappers ----
 
 class SyscallRetry : public testing::Test {
@@ -260,6 +287,26 @@ TEST_F(SyscallRetry, RecvAndRecvfromWait) {
   EXPECT_GE(ms, 25.0);
   close(sv[0]);
   close(sv[1]);
+}
+
+TEST_F(SyscallRetry, EpollWaitWaitsAndLosesNoEvent) {
+  int fds[2];
+  ASSERT_EQ(pipe(fds), 0);
+  ASSERT_EQ(write(fds[1], "x", 1), 1);
+  int ep = epoll_create1(EPOLL_CLOEXEC);
+  ASSERT_GE(ep, 0);
+  epoll_event want = {};
+  want.events = EPOLLIN;
+  want.data.u64 = 42;
+  ASSERT_EQ(epoll_ctl(ep, EPOLL_CTL_ADD, fds[0], &want), 0);
+  auto *ev = reinterpret_cast<epoll_event *>(buf_ + 64);
+  double ms;
+  EXPECT_EQ(DuringHold([&] { return (ssize_t)epoll_wait(ep, ev, 4, 5000); }, &ms), 1);
+  EXPECT_EQ(ev[0].data.u64, 42u);
+  EXPECT_GE(ms, 25.0);
+  close(ep);
+  close(fds[0]);
+  close(fds[1]);
 }
 
 // A buffer nobody holds: EFAULT comes back at once, as without movalloc.
