@@ -19,12 +19,12 @@ dir=${MOVALLOC_FUZZ_DIR:-/tmp/movalloc-fuzz-$(pwd | md5sum | cut -c1-8)}
 mkdir -p "$dir/corpus"
 bin=$dir/fuzz_alloc
 
-srcs=(arena/*.c shim/*.c compactor/*.c tests/fuzz/fuzz_alloc.c)
-newest=$(ls -t "${srcs[@]}" arena/*.h shim/*.h compactor/*.h include/*.h tests/fuzz/run.sh | head -1)
+srcs=(arena/*.c shim/*.c compactor/*.c profiler/*.c tests/fuzz/fuzz_alloc.c)
+newest=$(ls -t "${srcs[@]}" arena/*.h shim/*.h compactor/*.h profiler/*.h include/*.h tests/fuzz/run.sh | head -1)
 if [[ ! -x $bin || $newest -nt $bin ]]; then
   echo "fuzz: building $bin" >&2
   clang -std=gnu11 -O1 -g -fsanitize=fuzzer -D_GNU_SOURCE -I. -ftls-model=initial-exec \
-    -Wno-unused-command-line-argument -pthread -o "$bin.tmp" "${srcs[@]}" -ldl
+    -Wno-unused-command-line-argument -pthread -o "$bin.tmp" "${srcs[@]}" -ldl -lm
   mv "$bin.tmp" "$bin"
 fi
 
