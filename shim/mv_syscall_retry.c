@@ -1,5 +1,6 @@
-/* System calls that write into a caller's buffer fail with EFAULT when the
- * buffer lies in a range the mprotect backend holds read-only. These wrappers
+/* System calls that write into a caller's buffer (the read family, epoll_wait)
+ * fail with EFAULT when the buffer lies in a range the mprotect backend holds
+ * read-only. These wrappers
  * wait for the release and call again, only then: when the call succeeded, or
  * failed otherwise, they cost one relaxed load.
  *
