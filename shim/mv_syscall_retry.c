@@ -1,8 +1,7 @@
 /* System calls that write into a caller's buffer (the read family, epoll_wait)
  * fail with EFAULT when the buffer lies in a range the mprotect backend holds
- * read-only. These wrappers
- * wait for the release and call again, only then: when the call succeeded, or
- * failed otherwise, they cost one relaxed load.
+ * read-only. These wrappers wait for the release and call again, only then:
+ * when the call succeeded, or failed otherwise, they cost one relaxed load.
  *
  * Calling again is safe for what they cover: a pipe, a stream socket or a file
  * consumes nothing when the copy to the user fails. A datagram socket does drop
