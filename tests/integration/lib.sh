@@ -97,6 +97,12 @@ it_wait_for() {
   done
 }
 
+# it_tool CMD ARGS: a helper the workload uses to check or prepare data
+# (sha256sum, md5sum, sed), run without movalloc: only the program under test
+# is preloaded, so that a tool's own trouble under a backend (mprotect cannot
+# hold the reads glibc's stdio makes internally) is not taken for the program's.
+it_tool() { env -u LD_PRELOAD -u MOVALLOC_STATS "$@"; }
+
 # it_run MODE WORKLOAD: run WORKLOAD in $IT_TMP/MODE (plain or shim); leaves
 # MODE.out, MODE.err, MODE.rc, MODE.time (wall seconds) and, on a timeout,
 # MODE.timeout beside it.

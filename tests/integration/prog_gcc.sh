@@ -43,7 +43,7 @@ workload() {
   gcc -O2 -wrapper ./probe.sh -c big.c -o big.o
   gcc -wrapper ./probe.sh big.o -o big
   size big.o
-  sha256sum big.o
+  it_tool sha256sum big.o
   ./big
 }
 

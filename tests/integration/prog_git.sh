@@ -56,7 +56,7 @@ EOF
 
   # Small edits to the same files, so that repack has deltas to find.
   for c in 1 2 3 4 5 6 7 8; do
-    sed -i "s/value $c/value x$c/" src/file0[0-4]*.txt
+    it_tool sed -i "s/value $c/value x$c/" src/file0[0-4]*.txt
     commit_all $((2 + c)) "edit round $c"
   done
 
@@ -64,7 +64,7 @@ EOF
   gen_files feature 3 150 80
   git mv src/file000.txt src/renamed000.txt
   commit_all 13 "feature: new tree and a rename"
-  sed -i 's/value 1/VALUE 1/' feature/file01*.txt
+  it_tool sed -i 's/value 1/VALUE 1/' feature/file01*.txt
   commit_all 14 "feature: edits"
 
   git checkout -q main
@@ -82,7 +82,7 @@ EOF
 
   git log --graph --format='%H %an %ad %s' --date=iso --all
   git diff --stat main~2 main | tail -n 3
-  git diff main~2 main -- feature/file010.txt | md5sum
+  git diff main~2 main -- feature/file010.txt | it_tool md5sum
   git blame -s -L 1,5 src/file150.txt
   git grep -c 'VALUE 1' -- 'feature/file01[0-4].txt'
   git rev-list --all --objects | wc -l
@@ -90,8 +90,8 @@ EOF
   git repack -q -a -d -f --depth=50 --window=50
   git count-objects -v | grep -E '^(count|in-pack|packs):'
   git fsck --full --strict --no-progress
-  git archive --format=tar v1 | md5sum
-  git ls-tree -r v1 | md5sum
+  git archive --format=tar v1 | it_tool md5sum
+  git ls-tree -r v1 | it_tool md5sum
 }
 
 it_compare_runs workload

@@ -55,11 +55,11 @@ read_back() {
     echo "string values read back differ from those written" >&2
     return 1
   fi
-  echo "strings: $NKEYS values read back intact, sha256 $(sha256sum <values.back | cut -c1-16)"
-  echo "list: $(rcli LLEN it:list) $(rcli LRANGE it:list 0 -1 | sha256sum | cut -c1-16)"
-  echo "hash: $(rcli HLEN it:hash) $(rcli --raw HGETALL it:hash | paste - - | sort | sha256sum | cut -c1-16)"
-  echo "set: $(rcli SCARD it:set) $(rcli SMEMBERS it:set | sort | sha256sum | cut -c1-16)"
-  echo "zset: $(rcli ZCARD it:zset) $(rcli ZRANGE it:zset 0 -1 WITHSCORES | sha256sum | cut -c1-16)"
+  echo "strings: $NKEYS values read back intact, sha256 $(it_tool sha256sum <values.back | cut -c1-16)"
+  echo "list: $(rcli LLEN it:list) $(rcli LRANGE it:list 0 -1 | it_tool sha256sum | cut -c1-16)"
+  echo "hash: $(rcli HLEN it:hash) $(rcli --raw HGETALL it:hash | paste - - | sort | it_tool sha256sum | cut -c1-16)"
+  echo "set: $(rcli SCARD it:set) $(rcli SMEMBERS it:set | sort | it_tool sha256sum | cut -c1-16)"
+  echo "zset: $(rcli ZCARD it:zset) $(rcli ZRANGE it:zset 0 -1 WITHSCORES | it_tool sha256sum | cut -c1-16)"
 }
 
 rcli() { timeout 60 redis-cli -h 127.0.0.1 -p "$PORT" "$@"; }
