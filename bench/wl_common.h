@@ -20,18 +20,21 @@
 enum wl_flags {
   WL_THREADED = 1 << 0,  // accepts --threads N
   WL_HAS_BIG = 1 << 1,   // accepts --big
+  WL_HAS_SETTLE = 1 << 2, // accepts --settle SECONDS
 };
 
 struct wl_opts {
   double scale;
   int threads;
   bool big;
+  double settle; // seconds between building the heap and using it
 };
 
 static void wl_usage(const char *name, unsigned flags) {
-  fprintf(stderr, "usage: %s [--scale X]%s%s\n", name,
+  fprintf(stderr, "usage: %s [--scale X]%s%s%s\n", name,
           (flags & WL_THREADED) ? " [--threads N]" : "",
-          (flags & WL_HAS_BIG) ? " [--big]" : "");
+          (flags & WL_HAS_BIG) ? " [--big]" : "",
+          (flags & WL_HAS_SETTLE) ? " [--settle SECONDS]" : "");
   exit(2);
 }
 
@@ -48,6 +51,9 @@ static struct wl_opts wl_parse(int argc, char **argv, unsigned flags,
       if (o.threads < 1 || o.threads > 256) wl_usage(argv[0], flags);
     } else if (!strcmp(a, "--big") && (flags & WL_HAS_BIG)) {
       o.big = true;
+    } else if (!strcmp(a, "--settle") && i + 1 < argc && (flags & WL_HAS_SETTLE)) {
+      o.settle = atof(argv[++i]);
+      if (!(o.settle >= 0)) wl_usage(argv[0], flags);
     } else {
       wl_usage(argv[0], flags);
     }
@@ -154,6 +160,21 @@ static inline void wl_checksum(uint64_t sum) {
 
 static inline void wl_metric(const char *name, double value) {
   printf("metric %s %.3f\n", name, value);
+}
+
+// AnonHugePages as a percentage of the anonymous RSS (Rss_Anon isn't in every
+// smaps_rollup: Anonymous is), from /proc/self/smaps_rollup; -1 if unreadable.
+static double wl_anon_huge_pct(void) {
+  FILE *f = fopen("/proc/self/smaps_rollup", "r");
+  if (!f) return -1;
+  char line[256];
+  double anon = 0, huge = 0;
+  while (fgets(line, sizeof line, f)) {
+    sscanf(line, "Anonymous: %lf", &anon);
+    sscanf(line, "AnonHugePages: %lf", &huge);
+  }
+  fclose(f);
+  return anon > 0 ? 100.0 * huge / anon : -1;
 }
 
 #endif  // MOVALLOC_BENCH_WL_COMMON_H_
