@@ -13,6 +13,7 @@
 #include <stdatomic.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -148,11 +149,24 @@ static bool try_collapse(void) {
 
 static const char *probe_note; /* a finding the flags cannot say, for why */
 
+/* THP is on in this kernel for this process: `enabled` is always or madvise
+ * and PR_SET_THP_DISABLE is not set. A THP fault that fails while memory is
+ * fragmented says "not now", not "never": staging returns -EAGAIN then, and
+ * the engine tries again later. */
+static bool thp_configured(void) {
+  char buf[128];
+  if (mv_os_read_file("/sys/kernel/mm/transparent_hugepage/enabled", buf, sizeof buf) <= 0)
+    return false;
+  if (!strstr(buf, "[always]") && !strstr(buf, "[madvise]")) return false;
+  return prctl(PR_GET_THP_DISABLE, 0, 0, 0, 0) == 0;
+}
+
 static void run_probe(struct mv_probe *p) {
   memset(p, 0, sizeof *p);
   probe_note = NULL;
   struct mv_move staged = {0};
-  p->thp = mv_thp_stage(&staged) == 0 || mv_thp_stage(&staged) == 0;
+  bool thp_now = mv_thp_stage(&staged) == 0 || mv_thp_stage(&staged) == 0;
+  p->thp = thp_now || thp_configured();
 
   int fd = mv_uffd_open(false);
   if (fd < 0) {
@@ -176,9 +190,9 @@ static void run_probe(struct mv_probe *p) {
       try_uffd(fd, want, &staged, &wp, &moved);
       p->uffd_wp = wp;
       p->uffd_wp_unpopulated = wp && (want & UFFD_FEATURE_WP_UNPOPULATED);
-      /* Without a THP the sequence cannot be tried: the bit is all there is. */
-      p->uffd_move = wp && (want & UFFD_FEATURE_MOVE) && (moved || !p->thp);
-      if (wp && (want & UFFD_FEATURE_MOVE) && p->thp && !moved)
+      /* Without a THP now the sequence cannot be tried: the bit is all there is. */
+      p->uffd_move = wp && (want & UFFD_FEATURE_MOVE) && (moved || !thp_now);
+      if (wp && (want & UFFD_FEATURE_MOVE) && thp_now && !moved)
         probe_note = "UFFDIO_MOVE did not leave a THP";
     }
     if (fd >= 0) close(fd);

@@ -210,16 +210,47 @@ TEST_F(Probe, UserModeOnlyIsAvoided) {
   close(fds[1]);
 }
 
+// MADV_HUGEPAGE accepted but the fault gets 4 KiB pages (fragmented memory).
+int NoHugeFault(void *addr, size_t len, int advice) {
+  if (advice == MADV_HUGEPAGE) return madvise(addr, len, MADV_NOHUGEPAGE);
+  return madvise(addr, len, advice);
+}
+
 TEST_F(Probe, NoMemoryAtAll) {
   struct mv_prim fake = mv_prim_real;
   fake.mmap = NoMmap;
   mv_prim_set(&fake);
   mv_backend_forget_probe();
   const mv_probe *p = mv_backend_probe();
-  EXPECT_FALSE(p->thp);
+  // THP stays "configured" (sysfs and prctl say so; a failed fault only means
+  // "not now"), but nothing that needed memory to be tried is claimed.
   EXPECT_FALSE(p->collapse);
   EXPECT_FALSE(p->uffd_wp);
-  EXPECT_EQ(Auto(), MV_BACKEND_OFF);
+  EXPECT_FALSE(p->uffd_move);
+  enum mv_backend_kind chosen = Auto();
+  EXPECT_TRUE(chosen == MV_BACKEND_MPROTECT || chosen == MV_BACKEND_OFF) << chosen;
+  EXPECT_EQ(chosen == MV_BACKEND_MPROTECT, p->thp);
+  printf("[ info     ] %s\n", p->why);
+}
+
+// A THP fault failing while memory is fragmented is "not now": THP counts as
+// available when the kernel has it on, so the best backend is still chosen
+// and staging retries later (-EAGAIN), instead of the process settling for a
+// worse backend for its whole life.
+TEST_F(Probe, ThpFaultFailingNowIsNotNever) {
+  char buf[128] = {};
+  FILE *f = fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r");
+  if (!f) GTEST_SKIP() << "no THP in this kernel";
+  bool on = fgets(buf, sizeof buf, f) && (strstr(buf, "[always]") || strstr(buf, "[madvise]"));
+  fclose(f);
+  if (!on) GTEST_SKIP() << "THP is off here: " << buf;
+  struct mv_prim fake = mv_prim_real;
+  fake.madvise = NoHugeFault;
+  mv_prim_set(&fake);
+  mv_backend_forget_probe();
+  const mv_probe *p = mv_backend_probe();
+  EXPECT_TRUE(p->thp);
+  mv_prim_reset();
   printf("[ info     ] %s\n", p->why);
 }
 
