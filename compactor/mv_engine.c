@@ -178,6 +178,13 @@ static void count_stall(uint64_t ns) {
   atomic_fetch_add(&counters.stall_hist[bucket], 1);
 }
 
+/* Staging failures in a row in this compact_locked call (engine lock). After
+ * MV_STAGING_GIVE_UP the kernel has no huge page to give for now (fragmented
+ * memory): every further try would cost a failed THP fault, often with direct
+ * compaction, for nothing. The call ends; the next one tries again. */
+#define MV_STAGING_GIVE_UP 4
+static unsigned staging_misses;
+
 static enum outcome migrate_one(const struct mv_backend *b,
                                 const struct movalloc_movable_ops *ops, void *ctx,
                                 uintptr_t start) {
@@ -188,9 +195,11 @@ static enum outcome migrate_one(const struct mv_backend *b,
   m.backend = b;
   if (b->stage(&m.move) != 0) {
     atomic_fetch_add(&counters.staging_failed, 1);
+    staging_misses++;
     trace_migration(b, start, RETRY, -EAGAIN, 0);
     return RETRY;
   }
+  staging_misses = 0;
   in_callback = true;
   bool isolated = ops->isolate(ctx, (void *)start, MV_ARENA_SIZE);
   in_callback = false;
@@ -283,6 +292,7 @@ static int compact_locked(unsigned flags, int max_moves) {
   gen++;
   uint8_t skip_region[MV_MAX_REGIONS][64];
   memset(skip_region, 0, sizeof skip_region);
+  staging_misses = 0;
   /* UFFDIO_MOVE refuses pages that are not exclusively the process's: shared
    * with a child after fork(), and even after the child is gone, until the
    * program writes them again. The last pass gives arenas the move backend keeps
@@ -307,6 +317,7 @@ static int compact_locked(unsigned flags, int max_moves) {
       if (o == FAILED) a->backoff_until_ns = now + MV_BACKOFF_NS;
       if (o == RETRY) again = true;
       else a->engine_gen = gen;
+      if (staging_misses >= MV_STAGING_GIVE_UP) goto out;
     }
     for (int r = 0; r < MV_MAX_REGIONS; r++) {
       struct region *reg = &regions[r];
@@ -323,10 +334,12 @@ static int compact_locked(unsigned flags, int max_moves) {
         if (o == FAILED) reg->backoff_until_ns = now + MV_BACKOFF_NS;
         if (o == RETRY) again = true;
         else if (tracked_k) skip_region[r][k] = 1;
+        if (staging_misses >= MV_STAGING_GIVE_UP) goto out;
       }
     }
     if (!again || moved >= max_moves) break;
   }
+out:
   atomic_fetch_add(&counters.cpu_ns, mv_os_thread_cpu_ns() - cpu0);
   return moved;
 }

@@ -215,6 +215,30 @@ TEST(Engine, InjectedFailuresEndInPutbackWithDataIntact) {
   }
 }
 
+// When the kernel has no huge page to stage onto (fragmented memory), a call
+// stops after a few staging failures in a row instead of paying a failed THP
+// fault for every arena in every pass; the next call tries again.
+TEST(Engine, StagingFailuresInARowEndTheCall) {
+  std::string why;
+  if (!HaveMovingBackend(&why)) GTEST_SKIP() << why;
+  const struct mv_backend *b = mv_backend_select(MV_BACKEND_AUTO, nullptr, 0);
+  if (b->kind == MV_BACKEND_COLLAPSE) GTEST_SKIP() << "collapse stages nothing";
+  const size_t arenas = 16;
+  Region r;
+  r.base = MapAligned(arenas * MV_ARENA_SIZE);
+  ASSERT_EQ(movalloc_region_register(r.base, arenas * MV_ARENA_SIZE, &kRegionOps, &r), 0);
+  mv_engine_use_backend(b, MV_STEP_STAGE);
+  for (int call = 0; call < 2; call++) {
+    struct movalloc_stats s0 = Stats();
+    EXPECT_EQ(movalloc_compact(0), 0);
+    EXPECT_EQ(Stats().staging_failed - s0.staging_failed, 4u) << "call " << call;
+  }
+  mv_engine_use_backend(b, MV_STEP_NONE);
+  EXPECT_EQ(r.isolations.load(), 0);
+  EXPECT_EQ(movalloc_region_unregister(r.base), 0);
+  munmap(r.base, arenas * MV_ARENA_SIZE);
+}
+
 TEST(Engine, TraceHasALinePerMigration) {
   std::string why;
   if (!HaveMovingBackend(&why)) GTEST_SKIP() << why;
