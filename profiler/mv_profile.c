@@ -484,40 +484,74 @@ static void out_put(struct out *o, const char *s, size_t len) {
   o->n += len;
 }
 
+/* One of the profile's files being written: opened as MOVALLOC_TRACE's are
+ * (only a regular file of the user's own, closed to others: what movalloc
+ * writes must not land in anyone else's file), emptied, with a snapshot of the
+ * sites taken while the profiler's own allocations are not sampled. */
+struct output {
+  struct out o;
+  snap_t *sn;
+  bool was;
+};
+
+/* 0, or -errno with nothing open (a refused file is named in a log line). */
+static int output_begin(const char *path, struct output *w) {
+  char why[160];
+  int fd = mv_os_open_private(path, why, sizeof why);
+  if (fd < 0) {
+    mv_log("%s: %s", path, why);
+    return -EACCES;
+  }
+  if (ftruncate(fd, 0) != 0) {
+    int e = errno;
+    close(fd);
+    return -e;
+  }
+  w->was = in_profiler;
+  in_profiler = true;
+  w->sn = snap_take();
+  if (!w->sn) {
+    close(fd);
+    in_profiler = w->was;
+    return -ENOMEM;
+  }
+  w->o.fd = fd;
+  w->o.n = 0;
+  return 0;
+}
+
+static int output_end(struct output *w) {
+  mv_os_write_all(w->o.fd, w->o.buf, w->o.n);
+  snap_free(w->sn);
+  in_profiler = w->was;
+  return close(w->o.fd) == 0 ? 0 : -errno;
+}
+
 int movalloc_profile_dump(const char *path) {
   if (!mv_prof_rate) return -ENOSYS;
   if (!path) return -EINVAL;
-  int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  if (fd < 0) return -errno;
-  bool was = in_profiler;
-  in_profiler = true;
-  snap_t *sn = snap_take();
-  if (!sn) {
-    close(fd);
-    in_profiler = was;
-    return -ENOMEM;
-  }
-  struct out o = {.fd = fd};
+  struct output w;
+  int rc = output_begin(path, &w);
+  if (rc) return rc;
+  struct out *o = &w.o;
+  const snap_t *sn = w.sn;
   for (size_t i = 0; i < sn->count; i++) {
     const struct movalloc_profile_site *s = &sn->site[i];
     if (!s->live_bytes) break;
-    if (!s->depth) out_put(&o, "[unknown]", 9);
+    if (!s->depth) out_put(o, "[unknown]", 9);
     for (unsigned f = s->depth; f-- > 0;) { /* outermost caller first */
       char name[256];
       frame_name(s->frames[f], name, sizeof name);
       for (char *c = name; *c; c++)
         if (*c == ';' || *c == ' ') *c = '_'; /* the format's separators */
-      out_put(&o, name, strlen(name));
-      if (f) out_put(&o, ";", 1);
+      out_put(o, name, strlen(name));
+      if (f) out_put(o, ";", 1);
     }
     char num[32];
     size_t len = mv_snprintf(num, sizeof num, " %llu\n", (unsigned long long)s->live_bytes);
-    out_put(&o, num, len);
+    out_put(o, num, len);
   }
-  mv_os_write_all(fd, o.buf, o.n);
-  snap_free(sn);
-  in_profiler = was;
-  return close(fd) == 0 ? 0 : -errno;
+  return output_end(&w);
 }
 
 /* The sites whose samples are mostly still live, or lived 10 s or more, as
@@ -525,21 +559,15 @@ int movalloc_profile_dump(const char *path) {
  * lines (mv_lifetime.h reads them): the return address into malloc's caller,
  * relative to its object, so that it survives address space randomisation. */
 static int write_longlived(const char *path) {
-  int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  if (fd < 0) return -errno;
-  bool was = in_profiler;
-  in_profiler = true;
-  snap_t *sn = snap_take();
-  if (!sn) {
-    close(fd);
-    in_profiler = was;
-    return -ENOMEM;
-  }
-  struct out o = {.fd = fd};
+  struct output w;
+  int rc = output_begin(path, &w);
+  if (rc) return rc;
+  struct out *o = &w.o;
+  const snap_t *sn = w.sn;
   char line[512];
   size_t len = mv_snprintf(line, sizeof line, "# movalloc long-lived allocation sites "
                            "(samples live or that lived >= 10 s / samples): module offset symbol\n");
-  out_put(&o, line, len);
+  out_put(o, line, len);
   for (size_t i = 0; i < sn->count; i++) {
     const struct movalloc_profile_site *s = &sn->site[i];
     if (!s->depth || s->samples < 2 || s->long_lived_samples * 2 < s->samples) continue;
@@ -550,12 +578,9 @@ static int write_longlived(const char *path) {
     len = mv_snprintf(line, sizeof line, "%s 0x%lx %s %llu/%llu\n", module,
                       (unsigned long)(ip - bias), name,
                       (unsigned long long)s->long_lived_samples, (unsigned long long)s->samples);
-    out_put(&o, line, len);
+    out_put(o, line, len);
   }
-  mv_os_write_all(fd, o.buf, o.n);
-  snap_free(sn);
-  in_profiler = was;
-  return close(fd) == 0 ? 0 : -errno;
+  return output_end(&w);
 }
 
 void mv_prof_exit(void) {

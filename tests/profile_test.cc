@@ -205,6 +205,33 @@ TEST(Profile, FoldedStacksFileParses) {
   for (void *p : held) free(p);
 }
 
+// The profile's files are written like MOVALLOC_TRACE's: a symbolic link, or
+// a file open to others, is refused and left as it was; an old file of the
+// user's own is emptied first.
+TEST(Profile, DumpRefusesLinksAndFilesOpenToOthers) {
+  char target[] = "/tmp/movalloc_profile_target_XXXXXX";
+  int fd = mkstemp(target);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(write(fd, "keep", 4), 4);
+  close(fd);
+  std::string link = std::string(target) + ".link";
+  ASSERT_EQ(symlink(target, link.c_str()), 0);
+  EXPECT_LT(movalloc_profile_dump(link.c_str()), 0);
+  ASSERT_EQ(chmod(target, 0644), 0);
+  EXPECT_LT(movalloc_profile_dump(target), 0);
+  struct stat st;
+  ASSERT_EQ(stat(target, &st), 0);
+  EXPECT_EQ(st.st_size, 4) << "a refused file is left alone";
+  ASSERT_EQ(chmod(target, 0600), 0);
+  EXPECT_EQ(movalloc_profile_dump(target), 0);
+  std::ifstream in(target);
+  std::string first;
+  std::getline(in, first);
+  EXPECT_NE(first, "keep") << "the old contents are replaced";
+  unlink(link.c_str());
+  unlink(target);
+}
+
 // Threads allocate (sampled, with cross-thread frees) while the main thread
 // forks; children allocate too. A deadlock is a test timeout.
 TEST(Profile, ThreadsAndForkDoNotDeadlock) {
