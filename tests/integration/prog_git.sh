@@ -19,7 +19,7 @@ git_at() {
 # gen_files DIR SEED COUNT LINES: COUNT text files of about LINES lines each.
 gen_files() {
   mkdir -p "$1"
-  awk -v dir="$1" -v seed="$2" -v count="$3" -v lines="$4" 'BEGIN {
+  it_tool awk -v dir="$1" -v seed="$2" -v count="$3" -v lines="$4" 'BEGIN {
     x = seed
     for (f = 0; f < count; f++) {
       path = sprintf("%s/file%03d.txt", dir, f)
@@ -81,14 +81,14 @@ EOF
   git_at 19 tag -a -m "release" v1 HEAD
 
   git log --graph --format='%H %an %ad %s' --date=iso --all
-  git diff --stat main~2 main | tail -n 3
+  git diff --stat main~2 main | it_tool tail -n 3
   git diff main~2 main -- feature/file010.txt | it_tool md5sum
   git blame -s -L 1,5 src/file150.txt
   git grep -c 'VALUE 1' -- 'feature/file01[0-4].txt'
-  git rev-list --all --objects | wc -l
+  git rev-list --all --objects | it_tool wc -l
   git gc -q --prune=now
   git repack -q -a -d -f --depth=50 --window=50
-  git count-objects -v | grep -E '^(count|in-pack|packs):'
+  git count-objects -v | it_tool grep -E '^(count|in-pack|packs):'
   git fsck --full --strict --no-progress
   git archive --format=tar v1 | it_tool md5sum
   git ls-tree -r v1 | it_tool md5sum

@@ -15,7 +15,7 @@ NKEYS=1000
 # The value of string key it:I: its number and a slice of the alphabet, of a
 # length from a few bytes to 1 MiB (every 100th key) or 64 KiB (every 10th).
 gen_values() {
-  awk -v n="$NKEYS" 'BEGIN {
+  it_tool awk -v n="$NKEYS" 'BEGIN {
     base = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
     while (length(base) < 1100000) base = base base
     for (i = 0; i < n; i++) {
@@ -28,7 +28,7 @@ gen_values() {
 # values.txt as SET commands in the Redis protocol, for redis-cli --pipe, plus
 # a list, a hash, a set and a sorted set.
 gen_commands() {
-  awk '
+  it_tool awk '
     function cmd(a, n,   s, k) {
       s = "*" n "\r\n"
       for (k = 1; k <= n; k++) s = s "$" length(a[k]) "\r\n" a[k] "\r\n"
@@ -51,15 +51,15 @@ read_back() {
     for ((i = first; i < first + 100 && i < NKEYS; i++)); do keys+=("it:$i"); done
     rcli --raw MGET "${keys[@]}"
   done >values.back
-  if ! cmp values.txt values.back >&2; then
+  if ! it_tool cmp values.txt values.back >&2; then
     echo "string values read back differ from those written" >&2
     return 1
   fi
-  echo "strings: $NKEYS values read back intact, sha256 $(it_tool sha256sum <values.back | cut -c1-16)"
-  echo "list: $(rcli LLEN it:list) $(rcli LRANGE it:list 0 -1 | it_tool sha256sum | cut -c1-16)"
-  echo "hash: $(rcli HLEN it:hash) $(rcli --raw HGETALL it:hash | paste - - | sort | it_tool sha256sum | cut -c1-16)"
-  echo "set: $(rcli SCARD it:set) $(rcli SMEMBERS it:set | sort | it_tool sha256sum | cut -c1-16)"
-  echo "zset: $(rcli ZCARD it:zset) $(rcli ZRANGE it:zset 0 -1 WITHSCORES | it_tool sha256sum | cut -c1-16)"
+  echo "strings: $NKEYS values read back intact, sha256 $(it_tool sha256sum <values.back | it_tool cut -c1-16)"
+  echo "list: $(rcli LLEN it:list) $(rcli LRANGE it:list 0 -1 | it_tool sha256sum | it_tool cut -c1-16)"
+  echo "hash: $(rcli HLEN it:hash) $(rcli --raw HGETALL it:hash | it_tool paste - - | it_tool sort | it_tool sha256sum | it_tool cut -c1-16)"
+  echo "set: $(rcli SCARD it:set) $(rcli SMEMBERS it:set | it_tool sort | it_tool sha256sum | it_tool cut -c1-16)"
+  echo "zset: $(rcli ZCARD it:zset) $(rcli ZRANGE it:zset 0 -1 WITHSCORES | it_tool sha256sum | it_tool cut -c1-16)"
 }
 
 rcli() { timeout 60 redis-cli -h 127.0.0.1 -p "$PORT" "$@"; }
@@ -75,12 +75,12 @@ workload() {
 
   gen_values >values.txt
   gen_commands | rcli --pipe >pipe.log
-  grep -q '^errors: 0, replies: 15000$' pipe.log || { cat pipe.log >&2; return 1; }
+  it_tool grep -q '^errors: 0, replies: 15000$' pipe.log || { cat pipe.log >&2; return 1; }
   read_back
 
   # Its own database, so that the key set above stays as written.
   timeout 120 redis-benchmark -h 127.0.0.1 -p "$PORT" --dbnum 1 -q -n 20000 -c 20 >bench.log
-  echo "benchmark: $(tr '\r' '\n' <bench.log | sed -n 's/: [0-9.]* requests per second.*//p' | paste -sd,)"
+  echo "benchmark: $(it_tool tr '\r' '\n' <bench.log | it_tool sed -n 's/: [0-9.]* requests per second.*//p' | it_tool paste -sd,)"
   read_back
 
   # Commands that reach into the allocator; their numbers are its own.
