@@ -25,18 +25,8 @@ import time
 REPO = pathlib.Path(__file__).resolve().parent.parent.parent
 INTERVAL = 0.5
 
-
-def rollup(pid):
-    vals = {}
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                k, _, rest = line.partition(":")
-                if k in ("Rss", "Anonymous", "AnonHugePages"):
-                    vals[k] = int(rest.split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-    return vals if "Rss" in vals else None
+sys.path.insert(0, str(REPO / "bench"))
+from phased import rollup  # noqa: E402  (rss, anon, anon_huge) in KiB, or None
 
 
 def run(label, cmd, env, csv_path):
@@ -61,8 +51,8 @@ def run(label, cmd, env, csv_path):
     while proc.poll() is None:
         r = rollup(proc.pid)
         if r:
-            anon = r.get("Anonymous", 0)
-            samples.append((time.monotonic() - t0, r["Rss"], r.get("AnonHugePages", 0) / anon if anon else 0.0))
+            rss, anon, huge = r
+            samples.append((time.monotonic() - t0, rss, huge / anon if anon else 0.0))
         time.sleep(INTERVAL)
     th.join()
     wall = time.monotonic() - t0
