@@ -452,53 +452,67 @@ static uint32_t huge_first(const mv_page_t *page) {
   return (uint32_t)((page->start - mv_heap_base) >> MV_ARENA_SHIFT);
 }
 
-/* Frees arenas [from, to) of a huge span. Lock held; releases what the cache
- * does not keep, in one madvise per contiguous range, after unlocking. */
-static void free_span_locked(uint32_t from, uint32_t to, uint32_t *rel_from, uint32_t *rel_to) {
-  *rel_from = *rel_to = 0;
+/* Frees arenas [from, to) of a huge span. Lock held. The arenas to release
+ * (FREE and out of free_bits: nobody else can take them) are tagged with a
+ * fresh ticket, returned for release_span_unlocked(). The others are not
+ * touched by the release: cached ones, and isolated ones, whose release the
+ * engine finishes when their move is over (a madvise over the whole span would
+ * zap an arena being copied). */
+static uint32_t free_span_locked(uint32_t from, uint32_t to) {
+  static uint32_t last_ticket;
+  if (++last_ticket == 0) last_ticket = 1; /* 0: not being released */
   for (uint32_t i = from; i < to; i++) {
     mv_arena_t *a = &mv_arenas[i];
     for (unsigned s = 0; s < MV_SLICES; s++) a->slice_page[s] = &mv_page_none;
     a->free_mask = all_slices;
     a->free_count = MV_SLICES;
     mv_arena_t *r = arena_emptied(a);
-    if (r) {
-      if (*rel_to == 0) *rel_from = i;
-      *rel_to = i + 1;
-    }
+    if (r) r->release_ticket = last_ticket;
   }
+  return last_ticket;
 }
 
-static void release_range_unlocked(uint32_t from, uint32_t to) {
-  if (from >= to) return;
-  uintptr_t addr = mv_heap_base + ((uintptr_t)from << MV_ARENA_SHIFT);
-  bool ok = mv_os_madvise((void *)addr, (size_t)(to - from) << MV_ARENA_SHIFT,
-                          MADV_DONTNEED) == 0;
+/* Releases the arenas of [from, to) tagged with ticket, one madvise per run
+ * of them, without the lock held across a madvise. */
+static void release_span_unlocked(uint32_t from, uint32_t to, uint32_t ticket) {
   mv_lock(&mv_arena_lock);
-  for (uint32_t i = from; i < to; i++) {
-    mv_arena_t *a = &mv_arenas[i];
-    if (atomic_load(&a->state) != MV_ARENA_FREE || bit_test(i)) continue; /* not ours */
-    if (ok) {
-      a->committed = false;
-      a->thp = false;
-      a->zero_mask = all_slices;
-      released_total++;
+  for (uint32_t i = from; i < to;) {
+    if (mv_arenas[i].release_ticket != ticket) {
+      i++;
+      continue;
     }
-    bit_set(i);
+    uint32_t end = i + 1;
+    while (end < to && mv_arenas[end].release_ticket == ticket) end++;
+    mv_unlock(&mv_arena_lock);
+    uintptr_t addr = mv_heap_base + ((uintptr_t)i << MV_ARENA_SHIFT);
+    bool ok = mv_os_madvise((void *)addr, (size_t)(end - i) << MV_ARENA_SHIFT,
+                            MADV_DONTNEED) == 0;
+    mv_lock(&mv_arena_lock);
+    for (uint32_t k = i; k < end; k++) {
+      mv_arena_t *a = &mv_arenas[k];
+      a->release_ticket = 0;
+      if (ok) {
+        a->committed = false;
+        a->thp = false;
+        a->zero_mask = all_slices;
+        released_total++;
+      }
+      bit_set(k);
+    }
+    if (i < free_hint) free_hint = i;
+    i = end;
   }
-  if (from < free_hint) free_hint = from;
   mv_unlock(&mv_arena_lock);
 }
 
 void mv_arena_free_huge(mv_page_t *page) {
   uint32_t first = huge_first(page), n = (uint32_t)(page->huge_size >> MV_ARENA_SHIFT);
-  uint32_t rf, rt;
   mv_lock(&mv_arena_lock);
   page->kind = MV_PAGE_NONE;
   huge_live--;
-  free_span_locked(first, first + n, &rf, &rt);
+  uint32_t ticket = free_span_locked(first, first + n);
   mv_unlock(&mv_arena_lock);
-  release_range_unlocked(rf, rt);
+  release_span_unlocked(first, first + n, ticket);
 }
 
 bool mv_arena_resize_huge(mv_page_t *page, size_t size) {
@@ -506,10 +520,10 @@ bool mv_arena_resize_huge(mv_page_t *page, size_t size) {
   size_t want = (size + MV_ARENA_SIZE - 1) >> MV_ARENA_SHIFT;
   if (want == 0 || want > max_arenas) return false;
   if (want == n) return true;
-  uint32_t rf = 0, rt = 0;
+  uint32_t ticket = 0;
   mv_lock(&mv_arena_lock);
   if (want < n) {
-    free_span_locked(first + (uint32_t)want, first + n, &rf, &rt);
+    ticket = free_span_locked(first + (uint32_t)want, first + n);
   } else {
     uint32_t end = first + (uint32_t)want;
     if (end > max_arenas) goto fail;
@@ -530,7 +544,7 @@ bool mv_arena_resize_huge(mv_page_t *page, size_t size) {
   }
   page->huge_size = want << MV_ARENA_SHIFT;
   mv_unlock(&mv_arena_lock);
-  release_range_unlocked(rf, rt);
+  if (ticket) release_span_unlocked(first + (uint32_t)want, first + n, ticket);
   return true;
 fail:
   mv_unlock(&mv_arena_lock);

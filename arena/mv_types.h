@@ -149,6 +149,8 @@ typedef struct mv_arena {
   uint32_t free_mask;
   uint32_t zero_mask;         /* slices known to hold only zeros */
   uint32_t index;
+  uint32_t release_ticket;    /* != 0: FREE, out of free_bits, being released by the
+                                 span free that drew this ticket (mv_arena.c) */
   uint64_t backoff_until_ns;  /* the engine skips it until then (permanent failure) */
   uint32_t engine_gen;        /* the engine's: last compaction that was done with it */
   uint64_t placed_ns;         /* when slices were last handed out (still filling?) */

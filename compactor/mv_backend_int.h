@@ -5,6 +5,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 #include "compactor/mv_backend.h"
 
@@ -50,6 +51,7 @@ enum mv_kept {
   MV_KEPT_KPAGEFLAGS, /* /proc/kpageflags */
   MV_KEPT_SMAPS,      /* /proc/self/smaps: read it with pread */
   MV_KEPT_MAPS,       /* /proc/self/maps, for PROCMAP_QUERY */
+  MV_KEPT_MEM,        /* /proc/self/mem, for reads that must not fault (pread) */
   MV_KEPT_COUNT,
 };
 
@@ -89,22 +91,25 @@ void mv_thp_unstage(struct mv_move *m);
  * 0 or -errno. */
 int mv_thp_page_map(uintptr_t addr, struct mv_page_map *map);
 
-/* The same for the n pages from page first on only: sets or clears their bits
- * in *map and leaves the others alone. */
-int mv_thp_page_map_part(uintptr_t addr, size_t first, size_t n, struct mv_page_map *map);
+/* Reads [src, src + len) of this process's memory into dst through
+ * /proc/self/mem, which never waits on a userfaultfd: a page that would (a
+ * hole in a range registered MISSING) ends the read. Returns the bytes read
+ * (fewer than len: the page at src + that count could not be read), or -errno
+ * (-EAGAIN: the descriptor was not ours any more; dst holds garbage). */
+ssize_t mv_thp_read_mem(void *dst, uintptr_t src, size_t len);
 
 /* Copies the 4 KiB pages marked in *map (all of them when map is NULL) from src
  * to dst, both MV_ARENA_SIZE long. */
 void mv_thp_copy_pages(void *dst, const void *src, const struct mv_page_map *map);
 
-/* Pre-copy (mv_precopy.c), for a range registered on the userfaultfd and
- * write-protected: copies its pages that hold data (data; NULL: read from the
- * range's page map, which must then not be registered MISSING) into
+/* Pre-copy (mv_precopy.c), for a range registered on the userfaultfd (also
+ * MISSING when missing is set: then it never reads a page that is not
+ * present) and write-protected: copies its pages that hold data into
  * m->staging while serving its writers, fills m->copied and m->dirty, then
  * write-protects the whole range again and sets m->held_at_ns: from its return
  * on, writers wait. 0, or -errno of the last step (nothing is released: the
  * caller unregisters). */
-int mv_precopy(struct mv_move *m, const struct mv_page_map *data);
+int mv_precopy(struct mv_move *m, bool missing);
 
 /* Serves every fault pending on the userfaultfd: a fault in the range marks its
  * page dirty, unprotects it (or maps the zero page into a hole) and wakes the

@@ -15,7 +15,9 @@
  *               (MISSING). Pre-copied clean pages hold data, so no marker.
  *            2. move the arena's pages out to scratch: the kernel refuses a
  *               pinned or copy-on-write shared page with EBUSY, which is the pin
- *               check; then everything moved goes back and the answer is -EAGAIN
+ *               check; then everything moved goes back and the answer is -EAGAIN.
+ *               A marker met here (the program zapped a protected page) is a
+ *               hole: unprotected, and passed
  *            3. copy what the pre-copy missed or writers dirtied, scratch ->
  *               staging: nothing can reach those pages any more, and no device
  *               was writing them (the pin check at hold)
@@ -109,17 +111,14 @@ static int temporary_or(int err) { return err == EBUSY || err == EAGAIN ? -EAGAI
  *
  * PIN_CHECK_PAGES at a time, serving faults in between, so that a reader or
  * writer of a page that is out waits for one batch only; a THP goes whole (one
- * PMD, a few microseconds). Fills data with the pages that hold data (from
- * scratch's page map: the arena's own would count write-protect markers, swap
- * entries to pagemap, as data, and a read of a hole there waits on ourselves).
- * 0, or -EAGAIN (pinned or shared) / -errno with the contents as before. */
+ * PMD, a few microseconds). 0, or -EAGAIN (pinned or shared) / -errno with
+ * the contents as before. */
 #define PIN_CHECK_PAGES 64
 
-static int check_pins(struct mv_move *m, struct mv_page_map *data) {
+static int check_pins(struct mv_move *m) {
   uintptr_t a = m->start, s = (uintptr_t)m->scratch;
   bool markers = mv_uffd_features() & UFFD_FEATURE_WP_UNPOPULATED;
   size_t step = mv_thp_is_huge(a) == 1 ? MV_ARENA_SIZE : PIN_CHECK_PAGES * MV_PAGE_SIZE;
-  memset(data, 0, sizeof *data);
   for (size_t off = 0; off < MV_ARENA_SIZE; off += step) {
     int rc = mv_precopy_serve(m);
     if (rc) return rc;
@@ -129,11 +128,9 @@ static int check_pins(struct mv_move *m, struct mv_page_map *data) {
     int err;
     size_t out = mv_uffd_move(s + off, a + off, step,
                               UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES | UFFDIO_MOVE_MODE_DONTWAKE, &err);
-    rc = err ? temporary_or(err)
-             : mv_thp_page_map_part(s, off / MV_PAGE_SIZE, step / MV_PAGE_SIZE, data);
     move_back(m, off, off + out);
     int wp = mv_uffd_writeprotect(a + off, step, true, true);
-    if (rc || wp) return rc ? rc : wp;
+    if (err || wp) return err ? temporary_or(err) : wp;
   }
   return 0;
 }
@@ -150,9 +147,8 @@ static int move_hold(struct mv_move *m) {
    * (EFAULT) instead of waiting: keep that window short, no pre-copy. */
   if (rc == 0 && mv_backend_probe()->uffd_user_only) m->held_at_ns = mv_os_now_ns();
   else {
-    struct mv_page_map data;
-    if (rc == 0) rc = check_pins(m, &data);
-    if (rc == 0) rc = mv_precopy(m, &data);
+    if (rc == 0) rc = check_pins(m);
+    if (rc == 0) rc = mv_precopy(m, true);
   }
   if (rc) {
     mv_uffd_unregister(m->start, MV_ARENA_SIZE);
@@ -175,8 +171,17 @@ static int move_move(struct mv_move *m) {
 
   /* The injected failure moves half out, then gets what a pinned page gives. */
   size_t len = m->fail_at == MV_STEP_MOVE_OUT ? MV_ARENA_SIZE / 2 : MV_ARENA_SIZE;
-  size_t out = mv_uffd_move(s, a, len,
-                            UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES | UFFDIO_MOVE_MODE_DONTWAKE, &err);
+  size_t out = 0;
+  for (size_t markers = 0;; markers++) {
+    out += mv_uffd_move(s + out, a + out, len - out,
+                        UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES | UFFDIO_MOVE_MODE_DONTWAKE, &err);
+    /* EFAULT: a marker, left where the program zapped (MADV_DONTNEED) a
+     * protected page since step 1. It is a hole: unprotected like the others,
+     * and the move goes on from it (a marker does not come back unprotected). */
+    if (err != EFAULT || markers == MV_ARENA_PAGES ||
+        mv_uffd_writeprotect(a + out, MV_PAGE_SIZE, false, false) != 0)
+      break;
+  }
   if (!err && m->fail_at == MV_STEP_MOVE_OUT) err = EBUSY;
   if (err) return put_back(m, 0, out, temporary_or(err));
 

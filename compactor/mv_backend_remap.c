@@ -107,7 +107,7 @@ static int remap_hold(struct mv_move *m) {
   /* With UFFD_USER_MODE_ONLY a system call writing a protected page fails
    * (EFAULT) instead of waiting: keep that window short, no pre-copy. */
   if (mv_backend_probe()->uffd_user_only) m->held_at_ns = mv_os_now_ns();
-  else if ((rc = mv_precopy(m, NULL)) != 0) {
+  else if ((rc = mv_precopy(m, !wp_unpopulated())) != 0) {
     mv_uffd_unregister(m->start, MV_ARENA_SIZE);
     return rc;
   }

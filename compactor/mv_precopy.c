@@ -25,6 +25,15 @@
  * served the same way. DMA does not fault: the move backend, the one that
  * promises pin safety, checks for pins right after arming the protection
  * (mv_backend_move.c), so that no device can be writing what is pre-copied.
+ *
+ * Why the copier never waits on itself: the engine is the only thread that
+ * serves the userfaultfd, so a fault of its own there would never end. It
+ * only reads the range, and a read faults only on a hole in a range
+ * registered MISSING (the move backend's). There it reads through
+ * /proc/self/mem, whose page lookups get an error instead of waiting (they
+ * cannot drop the mmap lock to wait, so the userfaultfd refuses them); it
+ * costs about twice a memcpy. A hole appears even where the page map showed
+ * data a moment earlier: the program may zap (MADV_DONTNEED) memory it holds.
  */
 #include <errno.h>
 #include <string.h>
@@ -75,19 +84,45 @@ int mv_precopy_serve(struct mv_move *m) {
   return n;
 }
 
+/* Copies pages [i, end) into staging and marks them copied. In a range
+ * registered MISSING (missing) a read of a hole would wait for this very
+ * thread to serve it, so there the pages are read through /proc/self/mem,
+ * which gets an error instead: a hole (never touched, a write-protect marker,
+ * or zapped by the program meanwhile) is left for mv_precopy_finish(), which
+ * reads where the pages went. False when pages cannot be read that way (no
+ * /proc): the rest is left to mv_precopy_finish() too. */
+static bool copy_run(struct mv_move *m, size_t i, size_t end, bool missing) {
+  char *dst = m->staging;
+  while (i < end) {
+    size_t len = (end - i) * MV_PAGE_SIZE;
+    ssize_t got = (ssize_t)len;
+    if (!missing) memcpy(dst + i * MV_PAGE_SIZE, (const char *)m->start + i * MV_PAGE_SIZE, len);
+    else if ((got = mv_thp_read_mem(dst + i * MV_PAGE_SIZE, m->start + i * MV_PAGE_SIZE, len)) < 0)
+      return false;
+    size_t pages = (size_t)got / MV_PAGE_SIZE;
+    for (size_t k = 0; k < pages; k++) set_bit(&m->copied, i + k);
+    i += pages + ((size_t)got < len); /* steps over the page that ended the read */
+  }
+  return true;
+}
+
 /* Copies the pages of want in batches, serving faults between batches. Pages
  * that turn dirty meanwhile are left for later. */
-static int copy_serving(struct mv_move *m, const struct mv_page_map *want) {
-  char *dst = m->staging;
-  const char *src = (const char *)m->start;
+static int copy_serving(struct mv_move *m, const struct mv_page_map *want, bool missing) {
+  bool copying = true;
   for (size_t first = 0; first < MV_ARENA_PAGES; first += BATCH_PAGES) {
     int rc = mv_precopy_serve(m);
     if (rc) return rc;
-    for (size_t i = first; i < first + BATCH_PAGES; i++)
-      if (test_bit(want, i) && !test_bit(&m->dirty, i)) {
-        memcpy(dst + i * MV_PAGE_SIZE, src + i * MV_PAGE_SIZE, MV_PAGE_SIZE);
-        set_bit(&m->copied, i);
+    for (size_t i = first; copying && i < first + BATCH_PAGES;) {
+      if (!test_bit(want, i) || test_bit(&m->dirty, i)) {
+        i++;
+        continue;
       }
+      size_t end = i + 1;
+      while (end < first + BATCH_PAGES && test_bit(want, end) && !test_bit(&m->dirty, end)) end++;
+      copying = copy_run(m, i, end, missing);
+      i = end;
+    }
   }
   return mv_precopy_serve(m);
 }
@@ -109,16 +144,18 @@ static int protect_pages(struct mv_move *m, const struct mv_page_map *map, bool 
   return 0;
 }
 
-int mv_precopy(struct mv_move *m, const struct mv_page_map *data) {
+int mv_precopy(struct mv_move *m, bool missing) {
   struct mv_page_map map;
-  int rc = data ? 0 : mv_thp_page_map(m->start, &map);
-  if (rc == 0) rc = copy_serving(m, data ? data : &map);
+  int rc = 0;
+  if (missing) memset(&map, 0xff, sizeof map); /* holes end reads (copy_run) */
+  else rc = mv_thp_page_map(m->start, &map);
+  if (rc == 0) rc = copy_serving(m, &map, missing);
   for (int pass = 0; rc == 0 && pass < RECOPY_PASSES && count_bits(&m->dirty) > FINAL_PAGES;
        pass++) {
     struct mv_page_map again = m->dirty;
     memset(&m->dirty, 0, sizeof m->dirty);
     rc = protect_pages(m, &again, true);
-    if (rc == 0) rc = copy_serving(m, &again);
+    if (rc == 0) rc = copy_serving(m, &again, missing);
   }
   /* Step 3, also after a failure: writers are held either way, and whatever
    * the pre-copy did not finish, mv_precopy_finish() copies. */

@@ -139,6 +139,7 @@ static int open_pagemap(void) { return open_proc("/proc/self/pagemap"); }
 static int open_kpageflags(void) { return open_proc("/proc/kpageflags"); }
 static int open_smaps(void) { return open_proc("/proc/self/smaps"); }
 static int open_maps(void) { return open_proc("/proc/self/maps"); }
+static int open_mem(void) { return open_proc("/proc/self/mem"); }
 
 int mv_proc_fd(enum mv_kept which) {
   static int (*const openers[MV_KEPT_COUNT])(void) = {
@@ -146,6 +147,7 @@ int mv_proc_fd(enum mv_kept which) {
       [MV_KEPT_KPAGEFLAGS] = open_kpageflags,
       [MV_KEPT_SMAPS] = open_smaps,
       [MV_KEPT_MAPS] = open_maps,
+      [MV_KEPT_MEM] = open_mem,
   };
   return openers[which] ? mv_kept_fd(which, openers[which]) : -EINVAL;
 }
@@ -192,20 +194,34 @@ static int read_pagemap(uintptr_t addr, uint64_t entries[MV_ARENA_PAGES]) {
   return read_pagemap_n(addr, entries, MV_ARENA_PAGES);
 }
 
-int mv_thp_page_map_part(uintptr_t addr, size_t first, size_t n, struct mv_page_map *map) {
+/* Sets the bits of pages [first, first + n) whose pagemap entry has any of
+ * flags, clears the others. */
+static int page_map_part(uintptr_t addr, size_t first, size_t n, struct mv_page_map *map,
+                         uint64_t flags) {
   uint64_t pm[MV_ARENA_PAGES];
   int rc = read_pagemap_n(addr + first * MV_PAGE_SIZE, pm, n);
   if (rc) return rc;
   for (size_t i = first; i < first + n; i++) {
     uint64_t bit = UINT64_C(1) << (i % 64);
-    if (pm[i - first] & (PM_PRESENT | PM_SWAP)) map->bits[i / 64] |= bit;
+    if (pm[i - first] & flags) map->bits[i / 64] |= bit;
     else map->bits[i / 64] &= ~bit;
   }
   return 0;
 }
 
+ssize_t mv_thp_read_mem(void *dst, uintptr_t src, size_t len) {
+  int fd = mv_proc_fd(MV_KEPT_MEM);
+  if (fd < 0) return fd;
+  ssize_t n;
+  do n = pread(fd, dst, len, (off_t)src);
+  while (n < 0 && errno == EINTR);
+  /* EIO: the first page could not be read (mem_rw's answer to -EFAULT). */
+  if (n < 0) n = errno == EIO || errno == EFAULT ? 0 : -errno;
+  return kept_is_ours(MV_KEPT_MEM, fd) ? n : -EAGAIN;
+}
+
 int mv_thp_page_map(uintptr_t addr, struct mv_page_map *map) {
-  return mv_thp_page_map_part(addr, 0, MV_ARENA_PAGES, map);
+  return page_map_part(addr, 0, MV_ARENA_PAGES, map, PM_PRESENT | PM_SWAP);
 }
 
 void mv_thp_copy_pages(void *dst, const void *src, const struct mv_page_map *map) {

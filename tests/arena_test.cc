@@ -107,6 +107,35 @@ TEST(Arena, EmptiedWhileIsolatedIsFreedAtPutback) {
   EXPECT_FALSE(a->release_pending);
 }
 
+// A huge object freed while one arena of its span is isolated: the others go
+// back to the kernel, the isolated one keeps its contents for the engine
+// (which may be copying it) and is freed at putback.
+TEST(Arena, SpanFreedAroundAnIsolatedArenaLeavesItsContents) {
+  bool zeroed;
+  // Fill the arena cache first, so that the span's arenas are released (madvised)
+  // rather than cached.
+  mv_page_t *filler = mv_arena_alloc_huge((size_t)300 << MV_ARENA_SHIFT, 0, &zeroed);
+  ASSERT_NE(filler, nullptr);
+  mv_page_t *span = mv_arena_alloc_huge((size_t)5 << MV_ARENA_SHIFT, 0, &zeroed);
+  ASSERT_NE(span, nullptr);
+  mv_arena_free_huge(filler);
+  memset((void *)span->start, 0x5a, span->huge_size);
+  mv_arena_t *middle = mv_arena_of(span->start + 2 * MV_ARENA_SIZE);
+  ASSERT_TRUE(mv_arena_isolate(middle));
+  mv_arena_free_huge(span);
+  EXPECT_EQ(atomic_load(&middle->state), MV_ARENA_ISOLATED);
+  EXPECT_TRUE(middle->release_pending);
+  const unsigned char *m = (const unsigned char *)(span->start + 2 * MV_ARENA_SIZE);
+  size_t bad = 0;
+  for (size_t i = 0; i < MV_ARENA_SIZE; i++) bad += m[i] != 0x5a;
+  EXPECT_EQ(bad, 0u) << "the isolated arena was released under the engine";
+  const unsigned char *first = (const unsigned char *)span->start;
+  EXPECT_EQ(first[0], 0) << "the rest of the span went back to the kernel";
+  mv_arena_unisolate(middle, false);
+  EXPECT_EQ(atomic_load(&middle->state), MV_ARENA_FREE);
+  malloc_trim(0);
+}
+
 TEST(ArenaDeathTest, ImpossibleTransitionsAbort) {
   bool zeroed;
   mv_page_t *p = mv_arena_alloc_slices(1, &zeroed);

@@ -151,6 +151,46 @@ TEST_P(BackendTest, PreCopyServesWritersAndLosesNothing) {
          moved, served);
 }
 
+// A program that zaps (MADV_DONTNEED) pages it holds while they move: a page
+// can be present when the pre-copy decides to read it and a hole when it does.
+// In a range registered MISSING a plain read of that hole would wait for the
+// engine, which is the reader: the move would hang. Every move completes (the
+// test's timeout is the check), and nothing else is lost.
+TEST_P(BackendTest, ZapsDuringPreCopyNeverHangIt) {
+  if (b_->kind != MV_BACKEND_MOVE && b_->kind != MV_BACKEND_REMAP)
+    GTEST_SKIP() << Label() << " does not pre-copy";
+  Region r(1);
+  Writer w(r);
+  std::atomic<bool> stop{false};
+  std::atomic<uint64_t> zaps{0};
+  // Hole pages only: they hold zeros, before and after a zap.
+  std::thread zapper([&] {
+    for (size_t p = 3; !stop.load(std::memory_order_relaxed); p = (p + 4) % kPages) {
+      volatile char *page = r.arena(0) + p * kPage;
+      page[0] = 0;  // present again
+      ASSERT_EQ(madvise((void *)page, kPage, MADV_DONTNEED), 0);
+      zaps++;
+    }
+  });
+  int moved = 0;
+  for (int i = 0; i < 200; i++) {
+    int rc = MoveOnce(b_, r.start(0), MV_STEP_NONE, nullptr, [] {});
+    if (rc != -EAGAIN) ASSERT_EQ(rc, 0) << "move " << i;
+    moved += rc == 0;
+  }
+  stop = true;
+  zapper.join();
+  EXPECT_TRUE(WriterRuns(w));
+  w.Stop();
+  EXPECT_GT(zaps.load(), 200u);
+  EXPECT_GE(moved, 100);
+  std::string first;
+  EXPECT_EQ(w.CountLost(&first), 0u) << first;
+  EXPECT_EQ(r.Verify(0, &first), 0u) << first;
+  printf("[ info     ] %s: %d moved, %llu zaps\n", Label().c_str(), moved,
+         (unsigned long long)zaps.load());
+}
+
 // read() from a pipe into the arena while it moves: every chunk lands. For
 // the mprotect backend the read goes through the EFAULT-retrying wrapper.
 TEST_P(BackendTest, PipeReadDuringMoves) {

@@ -66,6 +66,23 @@ TEST_F(Uffd, MovesTheKernelDidNotCountAreFound) {
   }
 }
 
+// The pre-copy's reads of a range registered MISSING: a hole ends the read
+// with what came before it, instead of waiting for a server (this thread).
+TEST_F(Uffd, ReadsOfMemoryEndAtAHoleInsteadOfWaiting) {
+  Region r(1);
+  size_t hole = 0;
+  while (!IsHole(hole)) hole++;
+  ASSERT_EQ(mv_uffd_register(r.start(0), kArena, true, true), 0);
+  std::vector<char> buf((hole + 2) * kPage);
+  EXPECT_EQ(mv_thp_read_mem(buf.data(), r.start(0), buf.size()), (ssize_t)(hole * kPage));
+  EXPECT_EQ(memcmp(buf.data(), r.arena(0), hole * kPage), 0);
+  EXPECT_EQ(mv_thp_read_mem(buf.data(), r.start(0) + hole * kPage, kPage), 0);
+  EXPECT_EQ(Mapped(r.arena(0) + hole * kPage), 0) << "the read did not fill the hole";
+  EXPECT_EQ(mv_uffd_unregister(r.start(0), kArena), 0);
+  EXPECT_EQ(mv_thp_read_mem(buf.data(), r.start(0) + hole * kPage, kPage), (ssize_t)kPage)
+      << "unregistered, a hole reads as zeros";
+}
+
 // The lowest number a program would get, with nothing else opening meanwhile.
 int LowestFree() {
   int fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
