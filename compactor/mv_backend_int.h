@@ -126,8 +126,11 @@ int mv_precopy_unprotect_recopied(struct mv_move *m);
 
 /* With writers held: brings staging up to date from src (the range, or where
  * its pages went), whose pages with data are in present (NULL: all of them):
- * copies the ones not pre-copied or dirty, zeroes the ones zapped since. */
-void mv_precopy_finish(struct mv_move *m, const void *src, const struct mv_page_map *present);
+ * copies the ones not pre-copied or dirty, zeroes the ones zapped since. With
+ * missing (src is a range registered MISSING) it reads as mv_precopy() does.
+ * 0, or -errno when such a read failed (staging is then incomplete). */
+int mv_precopy_finish(struct mv_move *m, uintptr_t src, const struct mv_page_map *present,
+                      bool missing);
 
 /* mlock()ed arenas must stay locked, and UFFDIO_MOVE only moves between VMAs
  * that are both locked or both not: if the arena's VMA is VM_LOCKED, locks

@@ -187,7 +187,7 @@ static int move_move(struct mv_move *m) {
 
   struct mv_page_map map;
   bool mapped = mv_thp_page_map(s, &map) == 0;
-  mv_precopy_finish(m, (void *)s, mapped ? &map : NULL);
+  mv_precopy_finish(m, s, mapped ? &map : NULL, false); /* scratch: WP only, never fails */
   m->copy_ns = mv_os_now_ns() - t0;
   if (m->fail_at == MV_STEP_COPY) return put_back(m, 0, MV_ARENA_SIZE, -EAGAIN);
 

@@ -125,7 +125,8 @@ static int remap_move(struct mv_move *m) {
   /* Without the page map, holes must be read too: fine with WP_UNPOPULATED (a
    * read maps the zero page), a wait on ourselves with MISSING. */
   if (rc && !wp_unpopulated()) return rc;
-  mv_precopy_finish(m, (void *)m->start, rc ? NULL : &map);
+  rc = mv_precopy_finish(m, m->start, rc ? NULL : &map, !wp_unpopulated());
+  if (rc) return -EAGAIN; /* a read of the range failed; the arena is as it was */
   m->copy_ns = mv_os_now_ns() - t0;
   if (m->fail_at == MV_STEP_COPY) return -EAGAIN;
   if (m->fail_at == MV_STEP_SWAP) return -EIO;

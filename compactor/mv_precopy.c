@@ -172,13 +172,21 @@ int mv_precopy_unprotect_recopied(struct mv_move *m) {
   return protect_pages(m, &recopied, false);
 }
 
-void mv_precopy_finish(struct mv_move *m, const void *src, const struct mv_page_map *present) {
+int mv_precopy_finish(struct mv_move *m, uintptr_t src, const struct mv_page_map *present,
+                      bool missing) {
   char *dst = m->staging;
   for (size_t i = 0; i < MV_ARENA_PAGES; i++) {
     bool has = present ? test_bit(present, i) : true, copied = test_bit(&m->copied, i);
-    if (has && (!copied || test_bit(&m->dirty, i)))
-      memcpy(dst + i * MV_PAGE_SIZE, (const char *)src + i * MV_PAGE_SIZE, MV_PAGE_SIZE);
-    else if (!has && copied) /* zapped since: a hole reads as zeros */
-      memset(dst + i * MV_PAGE_SIZE, 0, MV_PAGE_SIZE);
+    char *to = dst + i * MV_PAGE_SIZE;
+    if (has && (!copied || test_bit(&m->dirty, i))) {
+      ssize_t got = MV_PAGE_SIZE;
+      if (!missing) memcpy(to, (const char *)src + i * MV_PAGE_SIZE, MV_PAGE_SIZE);
+      else if ((got = mv_thp_read_mem(to, src + i * MV_PAGE_SIZE, MV_PAGE_SIZE)) < 0)
+        return (int)got;
+      if (got < MV_PAGE_SIZE) memset(to, 0, MV_PAGE_SIZE); /* zapped since the page map */
+    } else if (!has && copied) { /* zapped since: a hole reads as zeros */
+      memset(to, 0, MV_PAGE_SIZE);
+    }
   }
+  return 0;
 }
