@@ -224,14 +224,7 @@ static void free_scratch(struct mv_move *m) {
 
 static void move_release(struct mv_move *m) {
   if (m->held) {
-    /* A range left registered MISSING would hang the next fault on a hole.
-     * -EINVAL: nothing is mapped there any more, so nothing is registered. */
-    int rc, tries = 0;
-    while ((rc = mv_uffd_unregister(m->start, MV_ARENA_SIZE)) != 0 && rc != -EINVAL &&
-           ++tries < 100)
-      sched_yield();
-    if (rc && rc != -EINVAL)
-      mv_fatal("move backend: cannot unregister %p (%d)", (void *)m->start, rc);
+    mv_uffd_unregister_held(m->start, MV_ARENA_SIZE, "move backend");
     mv_uffd_wake(m->start, MV_ARENA_SIZE);
     m->held = false;
   }

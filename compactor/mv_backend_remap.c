@@ -24,13 +24,11 @@
  * vm.max_map_count. Between hold and release, m->scratch carries that count.
  */
 #include <errno.h>
-#include <sched.h>
 #include <stdatomic.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 
 #include "arena/mv_prim.h"
-#include "arena/mv_print.h"
 #include "compactor/mv_backend.h"
 #include "compactor/mv_backend_int.h"
 #include "compactor/mv_uffd.h"
@@ -148,13 +146,8 @@ static int remap_move(struct mv_move *m) {
 static void remap_release(struct mv_move *m) {
   if (!m->held) return;
   if (m->staging_map) {
-    /* Not remapped: the old VMA is still registered. -EINVAL: nothing mapped. */
-    int rc, tries = 0;
-    while ((rc = mv_uffd_unregister(m->start, MV_ARENA_SIZE)) != 0 && rc != -EINVAL &&
-           ++tries < 100)
-      sched_yield();
-    if (rc && rc != -EINVAL)
-      mv_fatal("remap backend: cannot unregister %p (%d)", (void *)m->start, rc);
+    /* Not remapped: the old VMA is still registered. */
+    mv_uffd_unregister_held(m->start, MV_ARENA_SIZE, "remap backend");
   }
   mv_uffd_wake(m->start, MV_ARENA_SIZE);
   m->scratch = NULL;

@@ -183,7 +183,7 @@ int mv_precopy_finish(struct mv_move *m, uintptr_t src, const struct mv_page_map
       if (!missing) memcpy(to, (const char *)src + i * MV_PAGE_SIZE, MV_PAGE_SIZE);
       else if ((got = mv_thp_read_mem(to, src + i * MV_PAGE_SIZE, MV_PAGE_SIZE)) < 0)
         return (int)got;
-      if (got < MV_PAGE_SIZE) memset(to, 0, MV_PAGE_SIZE); /* zapped since the page map */
+      if (got < (ssize_t)MV_PAGE_SIZE) memset(to, 0, MV_PAGE_SIZE); /* zapped since the page map */
     } else if (!has && copied) { /* zapped since: a hole reads as zeros */
       memset(to, 0, MV_PAGE_SIZE);
     }

@@ -3,10 +3,12 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <unistd.h>
 
 #include "arena/mv_prim.h"
+#include "arena/mv_print.h"
 #include "compactor/mv_backend.h"
 #include "compactor/mv_backend_int.h"
 
@@ -86,6 +88,13 @@ int mv_uffd_register(uintptr_t start, size_t len, bool missing, bool wp) {
 int mv_uffd_unregister(uintptr_t start, size_t len) {
   struct uffdio_range r = {.start = start, .len = len};
   return uffd_ioctl(UFFDIO_UNREGISTER, &r);
+}
+
+void mv_uffd_unregister_held(uintptr_t start, size_t len, const char *who) {
+  int rc, tries = 0;
+  while ((rc = mv_uffd_unregister(start, len)) != 0 && rc != -EINVAL && ++tries < 100)
+    sched_yield();
+  if (rc && rc != -EINVAL) mv_fatal("%s: cannot unregister %p (%d)", who, (void *)start, rc);
 }
 
 int mv_uffd_writeprotect(uintptr_t start, size_t len, bool protect, bool wake) {

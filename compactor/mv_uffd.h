@@ -82,6 +82,11 @@ void mv_uffd_drop(void);
 /* Thin wrappers over the ioctls, on the process-wide fd. 0 or -errno. */
 int mv_uffd_register(uintptr_t start, size_t len, bool missing, bool wp);
 int mv_uffd_unregister(uintptr_t start, size_t len);
+/* Unregisters a held range for good at release: a range left registered would
+ * hang the next fault on it. Retries a transient failure, takes -EINVAL
+ * (nothing mapped there any more, so nothing registered) as done, and ends
+ * the process with a message naming who when it cannot. */
+void mv_uffd_unregister_held(uintptr_t start, size_t len, const char *who);
 /* wake: whether unprotecting wakes the range; protecting never wakes, and the
  * kernel refuses it with wake false (EINVAL). */
 int mv_uffd_writeprotect(uintptr_t start, size_t len, bool protect, bool wake);
