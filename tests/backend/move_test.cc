@@ -164,7 +164,9 @@ TEST_F(MoveBackend, CompactionRacingMovesLosesNothing) {
   });
   int moved = 0, retries = 0;
   uint64_t t0 = mv_os_now_ns();
-  while (mv_os_now_ns() - t0 < 4000000000ull && !HasFailure()) {
+  // 100 moves (about 1.5 s when the machine is idle), however long a loaded
+  // machine takes for them.
+  while (moved < 100 && mv_os_now_ns() - t0 < 60000000000ull && !HasFailure()) {
     Region r(4);
     Writer w(r);
     for (size_t a = 0; a < r.size(); a++) {
@@ -180,7 +182,7 @@ TEST_F(MoveBackend, CompactionRacingMovesLosesNothing) {
   }
   stop.store(true);
   compactor.join();
-  EXPECT_GT(moved, 100);
+  EXPECT_GE(moved, 100);
   printf("[ info     ] %d moves (%d -EAGAIN) while compacting memory\n", moved, retries);
 }
 
