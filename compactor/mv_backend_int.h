@@ -7,6 +7,7 @@
 #include <stdint.h>
 #include <sys/types.h>
 
+#include "arena/mv_atomic.h"
 #include "compactor/mv_backend.h"
 
 #ifdef __cplusplus
@@ -77,15 +78,45 @@ int mv_proc_fd(enum mv_kept which);
  * the aligned range is left to unmap later. NULL on failure (errno set). */
 void *mv_thp_map_aligned(size_t len);
 
-/* The staging step shared by backends: maps an aligned 2 MiB range, asks for a
- * huge page (MADV_HUGEPAGE), faults it (MADV_POPULATE_WRITE, else a touch),
- * checks it is a real THP and fills m->staging, staging_map, staging_map_len and
- * stage_ns. Returns 0, or -EAGAIN with nothing left mapped (also when
- * m->fail_at == MV_STEP_STAGE). */
+/* A 2 MiB aligned VMA kept empty between migrations, so that the next one
+ * maps, unmaps and madvises nothing: those take the mmap lock that every other
+ * thread's mmap() waits for. tag says what was done to it (the move backend's
+ * scratch: which userfaultfd it is registered with). One per slot; the slot is
+ * zero-initialised. */
+struct mv_spare {
+  _Atomic(uintptr_t) addr; /* 0: none kept */
+  _Atomic(unsigned) tag;
+};
+
+/* Takes the kept VMA (its tag in *tag), or returns NULL. */
+void *mv_spare_take(struct mv_spare *slot, unsigned *tag);
+
+/* Keeps [p, p + MV_ARENA_SIZE), which must hold no pages, for the next take;
+ * unmaps it when the slot is taken or when p is mlocked (a locked VMA would
+ * lock what moves through it next). */
+void mv_spare_keep(struct mv_spare *slot, void *p, unsigned tag);
+
+/* Unmaps what the slot keeps. */
+void mv_spare_drop(struct mv_spare *slot);
+
+/* The staging step shared by backends: takes the kept staging VMA or maps an
+ * aligned 2 MiB range with MADV_HUGEPAGE, faults its huge page with a touch,
+ * checks it is a real THP and fills m->staging, staging_map, staging_map_len
+ * and stage_ns. Returns 0, or -EAGAIN with nothing left mapped but the kept
+ * VMA (also when m->fail_at == MV_STEP_STAGE). */
 int mv_thp_stage(struct mv_move *m);
 
-/* Unmaps m->staging_map if set and clears the staging fields. */
+/* Frees the staged page if it was not consumed, keeps its VMA for the next
+ * stage (or unmaps it), and clears the staging fields. */
 void mv_thp_unstage(struct mv_move *m);
+
+/* The move backend's scratch, kept registered with the userfaultfd of its
+ * tag's generation (mv_uffd_generation). */
+extern struct mv_spare mv_spare_scratch;
+
+/* Unmaps the kept staging and scratch VMAs (tests that count mappings or fake
+ * the calls that make them). */
+void mv_thp_forget_spares(void);
 
 /* Reads /proc/self/pagemap for [addr, addr + MV_ARENA_SIZE) into *map.
  * 0 or -errno. */

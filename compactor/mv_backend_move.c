@@ -1,8 +1,9 @@
 /* The move backend (UFFDIO_MOVE, Linux >= 6.8): pin-safe, and the VMA is never
  * split for longer than the move.
  *
- *   stage    fault a THP (staging); map a 2 MiB scratch range registered on the
- *            userfaultfd (UFFDIO_MOVE only moves into registered ranges)
+ *   stage    fault a THP (staging); take a 2 MiB scratch range registered on
+ *            the userfaultfd (UFFDIO_MOVE only moves into registered ranges),
+ *            kept empty from the last move
  *   hold     register the arena MISSING|WP, write-protect it; check for pins
  *            (every page moved out to scratch and back: EBUSY means pinned,
  *            -EAGAIN); pre-copy it into staging while serving its writers
@@ -24,7 +25,8 @@
  *            4. MADV_DONTNEED the (now empty) arena so its PTE table is freed
  *               (CONFIG_PT_RECLAIM), then UFFDIO_MOVE the staged THP in as one PMD
  *   release  unregister (clears the protection, wakes the range, merges the VMA
- *            back), free scratch with the old pages and the empty staging VMA
+ *            back), free the old pages in scratch; scratch and the empty
+ *            staging VMA are kept for the next move (mv_spare_keep)
  *
  * An mlock()ed arena keeps its VMA, so it stays locked; scratch and staging
  * are locked like it, because UFFDIO_MOVE refuses to move between a locked and
@@ -50,12 +52,19 @@ static int move_stage(struct mv_move *m) {
   int rc = mv_thp_stage(m);
   if (rc) return rc;
   rc = mv_uffd_get();
-  char *s = rc < 0 ? NULL : mv_thp_map_aligned(MV_ARENA_SIZE);
-  if (rc >= 0 && !s) rc = -EAGAIN;
-  /* WP mode only: UFFDIO_MOVE needs the destination registered, and with no
-   * MISSING mode a read of a hole in scratch never blocks. 2 MiB aligned, so
-   * that an arena already on a THP moves out as one PMD. */
-  if (s) rc = mv_uffd_register((uintptr_t)s, MV_ARENA_SIZE, false, true);
+  unsigned gen;
+  char *s = rc < 0 ? NULL : mv_spare_take(&mv_spare_scratch, &gen);
+  if (s && gen != mv_uffd_generation()) { /* registered with a descriptor gone since */
+    mv_os_munmap(s, MV_ARENA_SIZE);
+    s = NULL;
+  }
+  if (rc >= 0 && !s) {
+    /* WP mode only: UFFDIO_MOVE needs the destination registered, and with no
+     * MISSING mode a read of a hole in scratch never blocks. 2 MiB aligned, so
+     * that an arena already on a THP moves out as one PMD. */
+    s = mv_thp_map_aligned(MV_ARENA_SIZE);
+    rc = s ? mv_uffd_register((uintptr_t)s, MV_ARENA_SIZE, false, true) : -EAGAIN;
+  }
   if (rc < 0) {
     if (s) mv_os_munmap(s, MV_ARENA_SIZE);
     mv_thp_unstage(m);
@@ -211,14 +220,16 @@ static int move_move(struct mv_move *m) {
   return 0;
 }
 
-/* The old pages go first, with MADV_DONTNEED (which takes only the VMA's lock
- * since Linux 6.16), so that munmap, holding the mmap lock every other
- * thread's mmap() needs, has nothing left to free. */
+/* The old pages are freed with MADV_DONTNEED (which takes only the VMA's lock
+ * since Linux 6.16) and the empty VMA is kept for the next move: no munmap
+ * holding the mmap lock that every other thread's mmap() needs. */
 static void free_scratch(struct mv_move *m) {
   if (!m->scratch) return;
-  if (mv_os_madvise(m->scratch, MV_ARENA_SIZE, MADV_DONTNEED_LOCKED) != 0)
-    mv_os_madvise(m->scratch, MV_ARENA_SIZE, MADV_DONTNEED);
-  mv_os_munmap(m->scratch, MV_ARENA_SIZE);
+  if (mv_os_madvise(m->scratch, MV_ARENA_SIZE, MADV_DONTNEED_LOCKED) == 0 ||
+      mv_os_madvise(m->scratch, MV_ARENA_SIZE, MADV_DONTNEED) == 0)
+    mv_spare_keep(&mv_spare_scratch, m->scratch, mv_uffd_generation());
+  else
+    mv_os_munmap(m->scratch, MV_ARENA_SIZE);
   m->scratch = NULL;
 }
 

@@ -66,8 +66,16 @@ static int mprotect_move(struct mv_move *m) {
   if (rc) return rc;
   if (mv_os_mprotect(m->staging, MV_ARENA_SIZE, PROT_READ) != 0) return -errno;
   if (mv_os_mremap(m->staging, MV_ARENA_SIZE, MV_ARENA_SIZE, MREMAP_MAYMOVE | MREMAP_FIXED,
-                   (void *)m->start) == MAP_FAILED)
-    return -errno;
+                   (void *)m->start) == MAP_FAILED) {
+    rc = -errno;
+    /* Staging goes back writable (unstage keeps it for the next stage), or away. */
+    if (mv_os_mprotect(m->staging, MV_ARENA_SIZE, PROT_READ | PROT_WRITE) != 0) {
+      mv_os_munmap(m->staging_map, m->staging_map_len);
+      m->staging = m->staging_map = NULL;
+      m->staging_map_len = 0;
+    }
+    return rc;
+  }
   m->staging = m->staging_map = NULL; /* consumed: it is the arena now */
   m->staging_map_len = 0;
   mv_remap_vmas_add((unsigned)(uintptr_t)m->scratch);

@@ -397,18 +397,56 @@ void *mv_thp_map_aligned(size_t len) {
   return a;
 }
 
+void *mv_spare_take(struct mv_spare *slot, unsigned *tag) {
+  uintptr_t p = atomic_exchange_explicit(&slot->addr, 0, memory_order_acquire);
+  *tag = atomic_load_explicit(&slot->tag, memory_order_relaxed);
+  return (void *)p;
+}
+
+void mv_spare_keep(struct mv_spare *slot, void *p, unsigned tag) {
+  /* msync(MS_INVALIDATE) refuses a locked range with EBUSY (mv_thp_lock_like) */
+  bool locked = msync(p, MV_PAGE_SIZE, MS_INVALIDATE) != 0 && errno == EBUSY;
+  uintptr_t none = 0;
+  atomic_store_explicit(&slot->tag, tag, memory_order_relaxed);
+  if (locked || !atomic_compare_exchange_strong_explicit(&slot->addr, &none, (uintptr_t)p,
+                                                         memory_order_release,
+                                                         memory_order_relaxed))
+    mv_os_munmap(p, MV_ARENA_SIZE);
+}
+
+void mv_spare_drop(struct mv_spare *slot) {
+  unsigned tag;
+  void *p = mv_spare_take(slot, &tag);
+  if (p) mv_os_munmap(p, MV_ARENA_SIZE);
+}
+
+static struct mv_spare spare_staging;
+struct mv_spare mv_spare_scratch;
+
+void mv_thp_forget_spares(void) {
+  mv_spare_drop(&spare_staging);
+  mv_spare_drop(&mv_spare_scratch);
+}
+
 int mv_thp_stage(struct mv_move *m) {
   if (m->fail_at == MV_STEP_STAGE) return -EAGAIN;
   uint64_t t0 = mv_os_now_ns();
-  char *p = mv_thp_map_aligned(MV_ARENA_SIZE);
-  if (!p) return -EAGAIN;
+  unsigned tag;
+  char *p = mv_spare_take(&spare_staging, &tag);
+  int rc = 0;
+  if (!p) {
+    p = mv_thp_map_aligned(MV_ARENA_SIZE);
+    if (!p) return -EAGAIN;
+    rc = mv_os_madvise(p, MV_ARENA_SIZE, MADV_HUGEPAGE);
+  }
   /* Direct compaction may run here (defrag=madvise): this is the slow part, and
    * it happens before anything is held. One touch faults the whole THP, under
    * the VMA's own lock: MADV_POPULATE_WRITE would zero 2 MiB holding the
    * process's mmap lock, and every other thread's mmap() would wait for it. */
-  int rc = mv_os_madvise(p, MV_ARENA_SIZE, MADV_HUGEPAGE);
   if (rc == 0) *(volatile char *)p = 0;
   if (rc != 0 || mv_thp_is_huge((uintptr_t)p) != 1) {
+    /* Not kept: whatever stood in the way (no free huge page now, or a page
+     * table left in a kept VMA) is not met again by the next stage. */
     mv_os_munmap(p, MV_ARENA_SIZE);
     return -EAGAIN;
   }
@@ -420,7 +458,13 @@ int mv_thp_stage(struct mv_move *m) {
 }
 
 void mv_thp_unstage(struct mv_move *m) {
-  if (m->staging_map) mv_os_munmap(m->staging_map, m->staging_map_len);
+  /* The staged page if not consumed, and the page table (CONFIG_PT_RECLAIM),
+   * go first: the next stage's THP fault needs an empty PMD. */
+  void *p = m->staging_map;
+  if (p && mv_os_madvise(p, MV_ARENA_SIZE, MADV_DONTNEED) == 0)
+    mv_spare_keep(&spare_staging, p, 0);
+  else if (p)
+    mv_os_munmap(p, m->staging_map_len);
   m->staging = NULL;
   m->staging_map = NULL;
   m->staging_map_len = 0;

@@ -15,6 +15,8 @@
 /* What UFFDIO_API enabled on the kept descriptor (MV_KEPT_UFFD), stored
  * before it is published. */
 static _Atomic uint64_t uffd_features;
+/* How many descriptors were opened: what a range was registered with. */
+static _Atomic unsigned uffd_generation;
 
 int mv_uffd_open(bool user_only) {
   int flags = O_CLOEXEC | O_NONBLOCK | (user_only ? UFFD_USER_MODE_ONLY : 0);
@@ -57,10 +59,13 @@ static int open_process_fd(void) {
     return rc;
   }
   atomic_store_explicit(&uffd_features, want, memory_order_relaxed);
+  atomic_fetch_add(&uffd_generation, 1);
   return fd;
 }
 
 int mv_uffd_get(void) { return mv_kept_fd(MV_KEPT_UFFD, open_process_fd); }
+
+unsigned mv_uffd_generation(void) { return atomic_load(&uffd_generation); }
 
 uint64_t mv_uffd_features(void) {
   return atomic_load_explicit(&uffd_features, memory_order_relaxed);

@@ -72,6 +72,11 @@ int mv_uffd_api(int fd, uint64_t want, uint64_t *got);
 int mv_uffd_get(void);
 
 /* Features enabled on the process-wide fd (0 before it is open). */
+/* Changes each time a new descriptor is opened (after fork, or when the program
+ * closed or replaced ours): a range registered before is not registered with
+ * the current one. */
+unsigned mv_uffd_generation(void);
+
 uint64_t mv_uffd_features(void);
 
 /* Closes the process-wide fd (if that number still holds it): after fork() in

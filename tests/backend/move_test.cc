@@ -186,6 +186,34 @@ TEST_F(MoveBackend, CompactionRacingMovesLosesNothing) {
   printf("[ info     ] %d moves (%d -EAGAIN) while compacting memory\n", moved, retries);
 }
 
+// Scratch is kept registered between moves (no mmap, munmap or registration
+// per move), and not used once the userfaultfd it was registered with is gone:
+// the program closed ours, a new one is opened, and moves still work.
+TEST_F(MoveBackend, ScratchIsKeptForTheDescriptorItWasRegisteredWith) {
+  Region r(1);
+  ASSERT_EQ(MoveRetrying(b_, r.start(0)), 0);
+  unsigned gen;
+  void *kept = mv_spare_take(&mv_spare_scratch, &gen);
+  ASSERT_NE(kept, nullptr) << "scratch kept after the move";
+  EXPECT_EQ(gen, mv_uffd_generation());
+  EXPECT_EQ(mv_thp_resident_pages(reinterpret_cast<uintptr_t>(kept), kArena), 0)
+      << "the old pages were freed";
+  mv_spare_keep(&mv_spare_scratch, kept, gen);
+  ASSERT_EQ(MoveRetrying(b_, r.start(0)), 0);
+  EXPECT_EQ(mv_spare_take(&mv_spare_scratch, &gen), kept) << "the same scratch again";
+  mv_spare_keep(&mv_spare_scratch, kept, gen);
+
+  ASSERT_EQ(close(mv_uffd_get()), 0);  // the program closes it: its ranges are unregistered
+  ASSERT_GE(mv_uffd_get(), 0);
+  EXPECT_NE(mv_uffd_generation(), gen);
+  EXPECT_EQ(MoveRetrying(b_, r.start(0)), 0);
+  EXPECT_EQ(r.Verify(0), 0u);
+  void *now = mv_spare_take(&mv_spare_scratch, &gen);
+  EXPECT_NE(now, nullptr);
+  EXPECT_EQ(gen, mv_uffd_generation()) << "kept for the descriptor it is registered with";
+  if (now) mv_spare_keep(&mv_spare_scratch, now, gen);
+}
+
 // The child of fork() inherits the parent's userfaultfd, which describes the
 // parent's memory: after mv_backend_fork_child() it opens its own and moves its
 // own arenas, and the parent's keeps working.

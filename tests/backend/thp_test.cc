@@ -16,6 +16,7 @@ class Thp : public testing::Test {
 };
 
 TEST_F(Thp, StagedPageIsHuge) {
+  mv_thp_forget_spares();
   mv_move m;
   memset(&m, 0, sizeof m);
   ASSERT_EQ(mv_thp_stage(&m), 0);
@@ -31,8 +32,10 @@ TEST_F(Thp, StagedPageIsHuge) {
   mv_thp_unstage(&m);
   EXPECT_EQ(m.staging, nullptr);
   EXPECT_EQ(m.staging_map, nullptr);
+  mv_thp_forget_spares();
   EXPECT_EQ(CountVmas(s, s + kArena), 0);
 }
+
 
 TEST_F(Thp, SmallPagesAreNotHuge) {
   Region r(1);
@@ -94,6 +97,7 @@ TEST_F(Thp, StageFaultsWithATouch) {
 
 // No THP: -EAGAIN, and nothing of the 4 MiB mapped for it is left.
 TEST_F(Thp, StageFailureLeavesNothingMapped) {
+  mv_thp_forget_spares();
   struct mv_prim fake = mv_prim_real;
   fake.madvise = NoHugepage;
   fake.mmap = RecordingMmap;
@@ -109,6 +113,43 @@ TEST_F(Thp, StageFailureLeavesNothingMapped) {
   mv_prim_reset();
   EXPECT_EQ(mv_thp_stage(&m), -EAGAIN) << "injected";
   EXPECT_EQ(m.staging, nullptr);
+}
+
+int madvise_calls;
+int CountingMadvise(void *addr, size_t len, int advice) {
+  madvise_calls++;
+  return madvise(addr, len, advice);
+}
+
+// The staging VMA is kept between migrations, empty, so that the next stage
+// maps and madvises nothing (both take the mmap lock); a VMA that cannot give a
+// huge page is not kept.
+TEST_F(Thp, StagingVmaIsKeptEmptyForTheNextStage) {
+  mv_thp_forget_spares();
+  mv_move m;
+  memset(&m, 0, sizeof m);
+  ASSERT_EQ(mv_thp_stage(&m), 0);
+  uintptr_t s = reinterpret_cast<uintptr_t>(m.staging);
+  mv_thp_unstage(&m);
+  EXPECT_EQ(CountVmas(s, s + kArena), 1) << "kept";
+  EXPECT_EQ(mv_thp_resident_pages(s, kArena), 0) << "its huge page went back";
+  struct mv_prim fake = mv_prim_real;
+  fake.mmap = RecordingMmap;
+  fake.madvise = CountingMadvise;
+  mv_prim_set(&fake);
+  last_map = nullptr;
+  madvise_calls = 0;
+  ASSERT_EQ(mv_thp_stage(&m), 0);
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(m.staging), s) << "the kept VMA";
+  EXPECT_EQ(last_map, nullptr) << "nothing mapped";
+  EXPECT_EQ(madvise_calls, 0) << "nothing madvised";
+  EXPECT_EQ(mv_thp_is_huge(s), 1);
+  mv_prim_reset();
+  // A VMA made unable to give a huge page is unmapped at the failed stage.
+  mv_thp_unstage(&m);
+  ASSERT_EQ(madvise(reinterpret_cast<void *>(s), kArena, MADV_NOHUGEPAGE), 0);
+  EXPECT_EQ(mv_thp_stage(&m), -EAGAIN);
+  EXPECT_EQ(CountVmas(s, s + kArena), 0);
 }
 
 }  // namespace

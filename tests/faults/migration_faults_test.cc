@@ -26,6 +26,7 @@
 extern "C" {
 #include "arena/mv_prim.h"
 #include "compactor/mv_backend.h"
+#include "compactor/mv_backend_int.h"
 #include "compactor/mv_engine.h"
 #include "include/movalloc.h"
 }
@@ -190,6 +191,7 @@ TEST_F(Faults, StagingHugePageUnavailable) {
       c.fake(&fake);
       faults_injected = 0;
       uint64_t staging0 = Stats().staging_failed;
+      mv_thp_forget_spares();  // staging maps and madvises afresh: the faked calls
       mv_prim_set(&fake);
       int moved = movalloc_compact(0);
       mv_prim_reset();
