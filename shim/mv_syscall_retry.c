@@ -11,9 +11,14 @@
  * The real calls are reached without dlsym, which can allocate: glibc exports
  * read and pread64 as __read and __pread64 too; readv is preadv2 at offset -1
  * (the kernel's own definition) and recvfrom is recvmsg with one iovec, both
- * glibc entry points that stay cancellation points.
+ * glibc entry points that stay cancellation points. readdir is the exception
+ * (glibc has no other name for it): found with dlsym at its first call, long
+ * after start-up.
  */
+#include <dirent.h>
+#include <dlfcn.h>
 #include <errno.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <signal.h>
 #include <sys/epoll.h>
@@ -121,6 +126,40 @@ MV_INTERPOSE int epoll_pwait(int epfd, struct epoll_event *events, int max, int 
 MV_INTERPOSE int epoll_wait(int epfd, struct epoll_event *events, int max, int timeout_ms) {
   return epoll_pwait(epfd, events, max, timeout_ms, NULL);
 }
+
+/* readdir: glibc refills the DIR's buffer, which opendir took from malloc
+ * together with the DIR, by getdents64, an internal call no interposer reaches.
+ * The kernel moves the directory's position only past entries it copied, and
+ * it fails with EFAULT only when it copied none: readdir returns NULL with
+ * errno EFAULT and calling it again loses nothing. The buffer lies in the
+ * DIR's block, at most 1 MiB (glibc's MAX_DIR_BUFFER_SIZE) past it. */
+#define DIR_BLOCK_MAX (((size_t)1 << 20) + 4096) /* the buffer and the DIR itself */
+
+static _Atomic(void *) real_readdir64;
+
+MV_INTERPOSE struct dirent64 *readdir64(DIR *dirp) {
+  struct dirent64 *(*next)(DIR *) = atomic_load_explicit(&real_readdir64, memory_order_acquire);
+  if (!next) {
+    next = (struct dirent64 * (*)(DIR *)) dlsym(RTLD_NEXT, "readdir64");
+    if (!next) {
+      errno = ENOSYS;
+      return NULL;
+    }
+    atomic_store_explicit(&real_readdir64, (void *)next, memory_order_release);
+  }
+  int saved = errno;
+  for (;;) {
+    uint64_t epoch = mv_sigsegv_epoch();
+    struct dirent64 *d = next(dirp);
+    if (__builtin_expect(d || errno != EFAULT, 1) ||
+        !mv_sigsegv_wait((uintptr_t)dirp, DIR_BLOCK_MAX, epoch))
+      return d;
+    errno = saved; /* end of directory leaves errno alone */
+  }
+}
+
+/* struct dirent is struct dirent64 on 64-bit Linux: glibc makes them one function. */
+MV_INTERPOSE struct dirent *readdir(DIR *dirp) { return (struct dirent *)readdir64(dirp); }
 
 /* _FORTIFY_SOURCE builds call these instead. */
 MV_INTERPOSE ssize_t __read_chk(int fd, void *buf, size_t n, size_t buflen) {

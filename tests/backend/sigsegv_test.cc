@@ -3,6 +3,7 @@
 // after movalloc's, with sigaction or signal), SIG_DFL and SIG_IGN mean what
 // they meant, the read() family and epoll_wait retry an EFAULT caused by a
 // hold, and a hold is refused over an alternate signal stack.
+#include <dirent.h>
 #include <fcntl.h>
 #include <setjmp.h>
 #include <signal.h>
@@ -307,6 +308,37 @@ TEST_F(SyscallRetry, EpollWaitWaitsAndLosesNoEvent) {
   close(ep);
   close(fds[0]);
   close(fds[1]);
+}
+
+// readdir refills the DIR's own buffer (from malloc, next to the DIR) by a
+// getdents64 inside glibc: held, it waits and then returns the next entry
+// instead of NULL with EFAULT (python's os.listdir under the mprotect backend).
+TEST_F(SyscallRetry, ReaddirWaitsForTheRelease) {
+  ASSERT_EQ(mv_sigsegv_install(), 0);  // anything else there that is written waits too
+  DIR *d = opendir("/");
+  ASSERT_NE(d, nullptr);
+  uintptr_t lo = reinterpret_cast<uintptr_t>(d) & ~(kPage - 1);
+  size_t len = (reinterpret_cast<uintptr_t>(d) + (32 << 10) + 64 + kPage - 1 - lo) & ~(kPage - 1);
+  std::atomic<bool> held{false};  // the DIR and its 32 KiB buffer
+  std::thread releaser([&] {  // started before the hold: it allocates nothing after
+    while (!held.load()) std::this_thread::yield();
+    std::this_thread::sleep_for(std::chrono::milliseconds(30));
+    EXPECT_EQ(mprotect(reinterpret_cast<void *>(lo), len, PROT_READ | PROT_WRITE), 0);
+    mv_sigsegv_release(lo);
+  });
+  EXPECT_EQ(mv_sigsegv_hold(lo, len), 0);
+  int prot = mprotect(reinterpret_cast<void *>(lo), len, PROT_READ);
+  held = true;
+  ASSERT_EQ(prot, 0) << strerror(errno);  // its message allocates: it waits for the release
+  auto t0 = std::chrono::steady_clock::now();
+  errno = 0;
+  struct dirent *e = readdir(d);
+  int err = errno;
+  double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  releaser.join();
+  EXPECT_NE(e, nullptr) << strerror(err);
+  EXPECT_GE(ms, 25.0);
+  closedir(d);
 }
 
 // A buffer nobody holds: EFAULT comes back at once, as without movalloc.
