@@ -212,11 +212,7 @@ static uint32_t blocks_not_handed_out(const mv_page_t *page) {
   return idle;
 }
 
-static void page_retire(mv_heap_t *h, mv_page_t *page) {
-  /* MOVALLOC_PROFILE counted its list when installed (prof_install): the blocks
-   * never handed out were not allocated. */
-  if (MV_UNLIKELY(mv_prof_rate) && page->lifeclass == MV_LIFE_SHORT && page->block_size <= 1024)
-    mv_prof_left += (int64_t)page->block_size * blocks_not_handed_out(page);
+static inline __attribute__((always_inline)) void page_release(mv_heap_t *h, mv_page_t *page) {
   if (atomic_load_explicit(&page->in_full, memory_order_relaxed)) {
     queue_remove(&h->full, page);
     atomic_store(&page->in_full, 0);
@@ -225,6 +221,20 @@ static void page_retire(mv_heap_t *h, mv_page_t *page) {
     update_direct_for(h, page);
   }
   mv_arena_free_slices(page);
+}
+
+/* MOVALLOC_PROFILE counted the page's list when installed (prof_install): the
+ * blocks never handed out were not allocated. A copy of page_retire of its
+ * own, so that the unprofiled one keeps its registers. */
+static MV_NOINLINE void page_retire_profiled(mv_heap_t *h, mv_page_t *page) {
+  if (page->lifeclass == MV_LIFE_SHORT && page->block_size <= 1024)
+    mv_prof_left += (int64_t)page->block_size * blocks_not_handed_out(page);
+  page_release(h, page);
+}
+
+static void page_retire(mv_heap_t *h, mv_page_t *page) {
+  if (MV_UNLIKELY(mv_prof_rate)) page_retire_profiled(h, page);
+  else page_release(h, page);
 }
 
 /* Full list <-> bin queue. The stores and loads of in_full and xthread_free are

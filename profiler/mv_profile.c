@@ -347,10 +347,11 @@ static snap_t *snap_take(void) {
   sn->len = len;
   uint32_t *index = (uint32_t *)&sn->site[SITES]; /* site slot -> snapshot entry */
   mv_lock(&mv_prof_lock);
-  /* The loops stop at the last entry in use (the counts say where): at exit
-   * the object table is often empty, and its 64 Ki slots would be most of the
+  /* The loops stop at the last entry in use (the counts say which; tested at
+   * entries only, so a free slot costs what it did): at exit the object table
+   * is often empty, and a scan of its 64 Ki slots would be most of the
    * report's cost. */
-  for (uint32_t i = 0; i < SITES && sn->count < site_count; i++) {
+  for (uint32_t i = 0; i < SITES; i++) {
     const site_t *st = &sites[i];
     if (!st->hash) continue;
     struct movalloc_profile_site *o = &sn->site[sn->count];
@@ -365,23 +366,24 @@ static snap_t *snap_take(void) {
     o->depth = st->depth;
     for (unsigned f = 0; f < st->depth; f++) o->frames[f] = (void *)st->frames[f];
     sn->samples += st->samples;
+    if (sn->count == site_count) break;
   }
-  for (uint32_t i = 0, seen = 0; i < SITES && seen < site_count; i++)
-    if (sites[i].hash) {
-      seen++;
-      for (unsigned b = LONG_BUCKET; b < LIFE; b++)
-        sn->site[index[i]].long_lived_samples += sites[i].lifetime[b];
-    }
-  for (uint32_t i = 0, seen = 0; i < OBJECTS && seen < object_count; i++) {
+  for (uint32_t i = 0, seen = 0; i < SITES; i++) {
+    if (!sites[i].hash) continue;
+    for (unsigned b = LONG_BUCKET; b < LIFE; b++)
+      sn->site[index[i]].long_lived_samples += sites[i].lifetime[b];
+    if (++seen == site_count) break;
+  }
+  for (uint32_t i = 0, seen = 0; i < OBJECTS && object_count; i++) {
     const object_t *ob = &objects[i];
     if (!ob->addr) continue;
-    seen++;
     bool sparse, small_pages;
     classify(ob->addr, &sparse, &small_pages);
     struct movalloc_profile_site *o = &sn->site[index[ob->site]];
     if (sparse) o->sparse_bytes += ob->bytes;
     if (small_pages) o->small_page_bytes += ob->bytes;
     o->long_lived_samples++;
+    if (++seen == object_count) break;
   }
   sn->dropped = dropped;
   mv_unlock(&mv_prof_lock);
