@@ -797,7 +797,13 @@ static MV_NOINLINE MV_ALLOC_ENTRY void *malloc_hooked(size_t size, uintptr_t ra)
 /* Profiling alone, sizes the fast path does not serve: counted one by one. Out
  * of line, so that mv_malloc_slow needs no frame. */
 static MV_NOINLINE MV_ALLOC_ENTRY void *malloc_counted(size_t size) {
-  return mv_prof_count(malloc_slow(size), size);
+  /* malloc_slow's small case, without a call to it: profiling is off under
+   * MOVALLOC_CHECK, and the size is at most MV_SMALL_MAX. */
+  mv_heap_t *h = mv_heap_get();
+  void *p = NULL;
+  if (h) p = small_alloc(h, size);
+  else errno = ENOMEM;
+  return mv_prof_count(p, size);
 }
 
 MV_ALLOC_ENTRY void *mv_malloc_slow(size_t size) {
