@@ -191,20 +191,28 @@ static void page_extend(mv_page_t *page) {
   page->capacity += n;
 }
 
-/* Blocks on a list, at most limit. */
-static uint32_t list_length(const mv_block_t *b, uint32_t limit) {
-  uint32_t n = 0;
-  for (; b && n < limit; b = mv_ptr_decode(b->next_enc)) n++;
-  return n;
+/* The blocks on free and sample_rest. With local_free's, they are the carved
+ * blocks that used does not count (it counts those waiting in xthread_free),
+ * so the walk goes down free (then sample_rest) and local_free side by side and
+ * stops at the first list to end: twice the shorter one's length, not the
+ * whole of free, which is the longer one when the owner's frees empty a page. */
+static uint32_t blocks_not_handed_out(const mv_page_t *page) {
+  uint32_t idle = page->capacity - page->used;
+  const mv_block_t *a = page->free, *rest = page->sample_rest, *b = page->local_free;
+  for (uint32_t n = 0; n < idle; n++) {
+    if (!a) {
+      a = rest;
+      rest = NULL;
+      if (!a) return n;
+    }
+    if (!b) return idle - n;
+    a = mv_ptr_decode(a->next_enc);
+    b = mv_ptr_decode(b->next_enc);
+  }
+  return idle;
 }
 
-static void page_retire(mv_heap_t *h, mv_page_t *page) {
-  /* MOVALLOC_PROFILE counted its list when installed (prof_install): the blocks
-   * never handed out were not allocated. */
-  if (MV_UNLIKELY(mv_prof_rate) && page->lifeclass == MV_LIFE_SHORT && page->block_size <= 1024)
-    mv_prof_left += (int64_t)page->block_size *
-                    (list_length(page->free, page->capacity) +
-                     list_length(page->sample_rest, page->capacity));
+static inline __attribute__((always_inline)) void page_release(mv_heap_t *h, mv_page_t *page) {
   if (atomic_load_explicit(&page->in_full, memory_order_relaxed)) {
     queue_remove(&h->full, page);
     atomic_store(&page->in_full, 0);
@@ -213,6 +221,20 @@ static void page_retire(mv_heap_t *h, mv_page_t *page) {
     update_direct_for(h, page);
   }
   mv_arena_free_slices(page);
+}
+
+/* MOVALLOC_PROFILE counted the page's list when installed (prof_install): the
+ * blocks never handed out were not allocated. A copy of page_retire of its
+ * own, so that the unprofiled one keeps its registers. */
+static MV_NOINLINE void page_retire_profiled(mv_heap_t *h, mv_page_t *page) {
+  if (page->lifeclass == MV_LIFE_SHORT && page->block_size <= 1024)
+    mv_prof_left += (int64_t)page->block_size * blocks_not_handed_out(page);
+  page_release(h, page);
+}
+
+static void page_retire(mv_heap_t *h, mv_page_t *page) {
+  if (MV_UNLIKELY(mv_prof_rate)) page_retire_profiled(h, page);
+  else page_release(h, page);
 }
 
 /* Full list <-> bin queue. The stores and loads of in_full and xthread_free are
@@ -488,15 +510,37 @@ static bool block_is_free(const mv_page_t *page, const mv_block_t *b) {
          block_on_list(page, (const mv_block_t *)atomic_load(&page->xthread_free), b);
 }
 
-static void free_small(mv_page_t *page, mv_block_t *b) {
+/* profiling: MOVALLOC_PROFILE is on, a constant in each copy (free_block).
+ * Off, no page is tagged and the first block compiles away. */
+static inline __attribute__((always_inline)) void free_small(mv_page_t *page, mv_block_t *b,
+                                                             bool profiling) {
+  if (profiling) {
+    /* The tag is set while the page holds sampled blocks, from before any of
+     * them is handed out (mv_prof_sample): an untagged page's block is not
+     * sampled, and this test is all its frees pay. */
+    uintptr_t tagged = (uintptr_t)atomic_load_explicit(&page->heap, memory_order_relaxed);
+    if (MV_UNLIKELY(tagged & MV_HEAP_SAMPLED)) {
+      mv_prof_free(b, page);
+      if (tagged == ((uintptr_t)mv_tls_heap | MV_HEAP_SAMPLED) &&
+          ((uintptr_t)b & mv_free_fast_mask) == 0 && !mv_looks_freed(b)) {
+        /* The owner's free: what the fast path would do were the page
+         * untagged, no more (what it leaves unchecked is unchecked with
+         * profiling off too). Otherwise the tag fails the owner test below,
+         * and the free takes the other threads' way: correct too. */
+        b->next_enc = mv_ptr_encode(page->local_free);
+        page->local_free = b;
+        if (--page->used == 0 || atomic_load_explicit(&page->in_full, memory_order_relaxed))
+          mv_page_emptied(page);
+        return;
+      }
+    }
+  }
   uintptr_t off = (uintptr_t)b - page->start;
   if (off % page->block_size != 0 || off >= (uintptr_t)page->capacity * page->block_size) {
     report_misuse("free", b, "not the start of a block (interior pointer)", false);
     return;
   }
   mv_heap_t *h = mv_tls_heap;
-  /* A page tagged MV_HEAP_SAMPLED takes even its owner's frees the other
-   * threads' way below: correct, and it spares every slow free a mask. */
   if (atomic_load_explicit(&page->heap, memory_order_relaxed) == h) {
     if (mv_looks_freed(b) && block_is_free(page, b)) {
       report_misuse("free", b, "double free", true);
@@ -520,6 +564,31 @@ static void free_small(mv_page_t *page, mv_block_t *b) {
   if (atomic_load(&page->in_full)) page_notify(page);
 }
 
+/* p in page (a live page of p's heap). profiling: as free_small's. */
+static inline __attribute__((always_inline)) void free_block(void *p, mv_page_t *page,
+                                                             bool profiling) {
+  switch (page->kind) {
+    case MV_PAGE_SMALL:
+      free_small(page, (mv_block_t *)p, profiling);
+      return;
+    case MV_PAGE_LARGE:
+    case MV_PAGE_HUGE:
+      if ((uintptr_t)p != page->start) {
+        report_misuse("free", p, "not the start of a block (interior pointer)", false);
+        return;
+      }
+      if (profiling && atomic_load_explicit(&page->sampled, memory_order_relaxed))
+        mv_prof_free(p, page);
+      if (MV_UNLIKELY(mv_options.check)) canary_verify("free", p, page->huge_size);
+      if (page->kind == MV_PAGE_LARGE) mv_arena_free_slices(page);
+      else mv_arena_free_huge(page);
+      return;
+    default:
+      report_misuse("free", p, "double free, or never allocated (no live block there)", true);
+      return;
+  }
+}
+
 void mv_free_slow(void *p) {
   if (!p) return;
   mv_page_t *page = mv_page_of(p);
@@ -530,27 +599,8 @@ void mv_free_slow(void *p) {
   /* MOVALLOC_PROFILE: frees of blocks in pages holding sampled blocks come here
    * (mv_page.heap is tagged), as do large and huge ones: a sampled block is
    * forgotten before it can be reused. */
-  if (MV_UNLIKELY(mv_prof_rate) &&
-      MV_UNLIKELY(atomic_load_explicit(&page->sampled, memory_order_relaxed)))
-    mv_prof_freed(p, page);
-  switch (page->kind) {
-    case MV_PAGE_SMALL:
-      free_small(page, (mv_block_t *)p);
-      return;
-    case MV_PAGE_LARGE:
-    case MV_PAGE_HUGE:
-      if ((uintptr_t)p != page->start) {
-        report_misuse("free", p, "not the start of a block (interior pointer)", false);
-        return;
-      }
-      if (MV_UNLIKELY(mv_options.check)) canary_verify("free", p, page->huge_size);
-      if (page->kind == MV_PAGE_LARGE) mv_arena_free_slices(page);
-      else mv_arena_free_huge(page);
-      return;
-    default:
-      report_misuse("free", p, "double free, or never allocated (no live block there)", true);
-      return;
-  }
+  if (MV_UNLIKELY(mv_prof_rate)) free_block(p, page, true);
+  else free_block(p, page, false);
 }
 
 
@@ -747,7 +797,13 @@ static MV_NOINLINE MV_ALLOC_ENTRY void *malloc_hooked(size_t size, uintptr_t ra)
 /* Profiling alone, sizes the fast path does not serve: counted one by one. Out
  * of line, so that mv_malloc_slow needs no frame. */
 static MV_NOINLINE MV_ALLOC_ENTRY void *malloc_counted(size_t size) {
-  return mv_prof_count(malloc_slow(size), size);
+  /* malloc_slow's small case, without a call to it: profiling is off under
+   * MOVALLOC_CHECK, and the size is at most MV_SMALL_MAX. */
+  mv_heap_t *h = mv_heap_get();
+  void *p = NULL;
+  if (h) p = small_alloc(h, size);
+  else errno = ENOMEM;
+  return mv_prof_count(p, size);
 }
 
 MV_ALLOC_ENTRY void *mv_malloc_slow(size_t size) {

@@ -22,7 +22,7 @@
 #define DEPTH MOVALLOC_PROFILE_DEPTH       /* frames kept per site */
 #define SITES 8192u                        /* site table slots (power of two) */
 #define SITES_MAX (SITES / 8 * 7)          /* sites kept; later ones are dropped */
-#define OBJECTS 65536u                     /* sampled-object table slots (power of two) */
+#define OBJECTS MV_PROF_OBJECTS            /* sampled-object table slots */
 #define OBJECTS_MAX (OBJECTS / 4 * 3)      /* live samples kept; later ones are dropped */
 #define LIFE MOVALLOC_LIFETIME_BUCKETS
 #define LONG_BUCKET 5                     /* freed samples that lived >= 10 s (buckets from
@@ -56,11 +56,7 @@ mv_lock_t mv_prof_lock = MV_LOCK_INIT;
 
 static site_t *sites;          /* SITES slots, mmap'd */
 static object_t *objects;      /* OBJECTS slots, mmap'd */
-/* filter[h]: live samples whose address hashes to slot h (object_slot), changed
- * under the lock, read without it: a free whose slot counts 0 is not sampled,
- * and skips the lock. A sample is counted before its block is handed out, so
- * any later free of it sees a count above 0. OBJECTS counters, mmap'd. */
-static _Atomic(uint16_t) *filter;
+_Atomic(uint16_t) *mv_prof_filter; /* after the object table (mv_profile.h) */
 static uint32_t site_count;    /* mv_prof_lock */
 static uint32_t object_count;  /* mv_prof_lock */
 static uint64_t dropped;       /* mv_prof_lock: samples lost to full tables */
@@ -98,7 +94,7 @@ bool mv_prof_init(uint64_t rate) {
   }
   sites = s;
   objects = o;
-  filter = (_Atomic(uint16_t) *)(objects + OBJECTS);
+  mv_prof_filter = (_Atomic(uint16_t) *)(objects + OBJECTS);
   mv_prof_rate = rate;
   mv_malloc_hooked = true;
   return true;
@@ -201,11 +197,6 @@ static void page_tag(mv_page_t *page, bool sampled) {
   while (!atomic_compare_exchange_weak(&page->heap, &h, want));
 }
 
-static uint32_t object_slot(uintptr_t addr) {
-  uint64_t h = (uint64_t)addr * 0x9E3779B97F4A7C15ULL;
-  return (uint32_t)(h >> 40) & (OBJECTS - 1);
-}
-
 bool mv_prof_cross(void) {
   bool first = rng == 0;
   if (MV_UNLIKELY(first)) {
@@ -252,11 +243,11 @@ MV_ALLOC_ENTRY void *mv_prof_sample(void *p, size_t size, size_t unit) {
     st->allocs += o.objects;
     st->live_bytes += o.bytes;
     st->live_objects += o.objects;
-    uint32_t i = object_slot(o.addr);
+    uint32_t i = mv_prof_slot(o.addr);
     while (objects[i].addr) i = (i + 1) & (OBJECTS - 1);
     objects[i] = o;
     object_count++;
-    atomic_fetch_add_explicit(&filter[object_slot(o.addr)], 1, memory_order_release);
+    atomic_fetch_add_explicit(&mv_prof_filter[mv_prof_slot(o.addr)], 1, memory_order_release);
     if (atomic_fetch_add_explicit(&page->sampled, 1, memory_order_relaxed) == 0)
       page_tag(page, true);
   }
@@ -272,8 +263,7 @@ static unsigned lifetime_bucket(uint64_t ns) {
 }
 
 void mv_prof_freed(void *p, mv_page_t *page) {
-  uint32_t i = object_slot((uintptr_t)p);
-  if (!atomic_load_explicit(&filter[i], memory_order_acquire)) return;
+  uint32_t i = mv_prof_slot((uintptr_t)p);
   uint64_t now = mv_os_now_ns();
   mv_lock(&mv_prof_lock);
   while (objects[i].addr && objects[i].addr != (uintptr_t)p) i = (i + 1) & (OBJECTS - 1);
@@ -285,13 +275,13 @@ void mv_prof_freed(void *p, mv_page_t *page) {
     st->live_objects -= o->objects;
     st->lifetime[lifetime_bucket(now - o->born_ns)]++;
     object_count--;
-    atomic_fetch_sub_explicit(&filter[object_slot((uintptr_t)p)], 1, memory_order_relaxed);
+    atomic_fetch_sub_explicit(&mv_prof_filter[mv_prof_slot((uintptr_t)p)], 1, memory_order_relaxed);
     if (atomic_fetch_sub_explicit(&page->sampled, 1, memory_order_relaxed) == 1)
       page_tag(page, false);
     /* Backward shift: pull later entries of the probe run into the hole. */
     uint32_t hole = i;
     for (uint32_t j = (i + 1) & (OBJECTS - 1); objects[j].addr; j = (j + 1) & (OBJECTS - 1)) {
-      uint32_t home = object_slot(objects[j].addr);
+      uint32_t home = mv_prof_slot(objects[j].addr);
       /* j's entry may move to hole unless its home lies cyclically in (hole, j]. */
       bool stays = hole <= j ? (hole < home && home <= j) : (hole < home || home <= j);
       if (stays) continue;
@@ -357,6 +347,10 @@ static snap_t *snap_take(void) {
   sn->len = len;
   uint32_t *index = (uint32_t *)&sn->site[SITES]; /* site slot -> snapshot entry */
   mv_lock(&mv_prof_lock);
+  /* The loops stop at the last entry in use (the counts say which; tested at
+   * entries only, so a free slot costs what it did): at exit the object table
+   * is often empty, and a scan of its 64 Ki slots would be most of the
+   * report's cost. */
   for (uint32_t i = 0; i < SITES; i++) {
     const site_t *st = &sites[i];
     if (!st->hash) continue;
@@ -372,12 +366,15 @@ static snap_t *snap_take(void) {
     o->depth = st->depth;
     for (unsigned f = 0; f < st->depth; f++) o->frames[f] = (void *)st->frames[f];
     sn->samples += st->samples;
+    if (sn->count == site_count) break;
   }
-  for (uint32_t i = 0; i < SITES; i++)
-    if (sites[i].hash)
-      for (unsigned b = LONG_BUCKET; b < LIFE; b++)
-        sn->site[index[i]].long_lived_samples += sites[i].lifetime[b];
-  for (uint32_t i = 0; i < OBJECTS; i++) {
+  for (uint32_t i = 0, seen = 0; i < SITES; i++) {
+    if (!sites[i].hash) continue;
+    for (unsigned b = LONG_BUCKET; b < LIFE; b++)
+      sn->site[index[i]].long_lived_samples += sites[i].lifetime[b];
+    if (++seen == site_count) break;
+  }
+  for (uint32_t i = 0, seen = 0; i < OBJECTS && object_count; i++) {
     const object_t *ob = &objects[i];
     if (!ob->addr) continue;
     bool sparse, small_pages;
@@ -386,6 +383,7 @@ static snap_t *snap_take(void) {
     if (sparse) o->sparse_bytes += ob->bytes;
     if (small_pages) o->small_page_bytes += ob->bytes;
     o->long_lived_samples++;
+    if (++seen == object_count) break;
   }
   sn->dropped = dropped;
   mv_unlock(&mv_prof_lock);

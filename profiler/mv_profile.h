@@ -11,8 +11,8 @@
  * prof_install); allocations the fast path does not serve are counted one by
  * one (mv_prof_count). A page holding sampled blocks has its owner pointer
  * tagged (MV_HEAP_SAMPLED), so frees of its blocks miss the fast path and reach
- * mv_free_slow, which looks the block up (mv_page_t.sampled counts them); every
- * other free stays on the fast path.
+ * mv_free_slow, which sees the tag and looks the block up (mv_prof_free;
+ * mv_page_t.sampled counts them); every other free stays on the fast path.
  *
  * Stacks come from libunwind's unw_backtrace, dlopen'ed by mv_prof_start.
  * Nothing here allocates: the sampler runs with a per-thread guard set, so an
@@ -83,8 +83,28 @@ static inline void *mv_prof_count(void *p, size_t size) {
   return p;
 }
 
-/* p, in page (page->sampled != 0), is being freed: forgets it if sampled. */
+/* The sampled-object table's slot for an address (its home for linear probing). */
+#define MV_PROF_OBJECTS 65536u /* slots (power of two) */
+static inline uint32_t mv_prof_slot(uintptr_t addr) {
+  uint64_t h = (uint64_t)addr * 0x9E3779B97F4A7C15ULL;
+  return (uint32_t)(h >> 40) & (MV_PROF_OBJECTS - 1);
+}
+
+/* mv_prof_filter[s]: live samples whose address has slot s, changed under the
+ * lock, read without it: a free whose slot counts 0 is not sampled, and skips
+ * the lock. A sample is counted before its block is handed out, so any later
+ * free of it sees a count above 0. MV_PROF_OBJECTS counters, mmap'd. */
+extern _Atomic(uint16_t) *mv_prof_filter __attribute__((visibility("hidden")));
+
+/* p, sampled (its slot counts it), in page, is being freed: forgets it. */
 void mv_prof_freed(void *p, mv_page_t *page) MV_NOINLINE;
+
+/* p, in page (which holds sampled blocks), is being freed: forgets it if
+ * sampled. The filter test is inline: most blocks of such a page are not. */
+static inline void mv_prof_free(void *p, mv_page_t *page) {
+  if (atomic_load_explicit(&mv_prof_filter[mv_prof_slot((uintptr_t)p)], memory_order_acquire))
+    mv_prof_freed(p, page);
+}
 
 /* At exit with MOVALLOC_PROFILE set: the report on stderr, and the folded
  * stacks into MOVALLOC_PROFILE_OUT if given. */
