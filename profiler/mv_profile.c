@@ -5,7 +5,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <libunwind.h>
-#include <math.h>
 #include <sched.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -156,10 +155,50 @@ static uint64_t next_random(void) { /* xorshift64* */
   return rng * 0x2545F4914F6CDD1DULL;
 }
 
+/* The two pieces of libm the sampler needs (mv_profile.h), written out. */
+
+/* x = m 2^e with m in
+ * [sqrt(1/2), sqrt(2)), ln(m) = 2 atanh(s) with s = (m - 1) / (m + 1), |s| <
+ * 0.172, whose odd series is summed to s^17 (the next term is below 1e-16). */
+double mv_ln(double x) {
+  uint64_t bits;
+  memcpy(&bits, &x, sizeof bits);
+  int e = (int)(bits >> 52 & 0x7ff) - 1023;
+  bits = (bits & ((UINT64_C(1) << 52) - 1)) | UINT64_C(1023) << 52;
+  double m;
+  memcpy(&m, &bits, sizeof m);
+  if (m > 1.4142135623730951) {
+    m *= 0.5;
+    e++;
+  }
+  double s = (m - 1.0) / (m + 1.0), s2 = s * s, t = 1.0 / 17;
+  for (int k = 15; k >= 3; k -= 2) t = 1.0 / k + s2 * t;
+  return e * 0.6931471805599453 + 2.0 * s * (1.0 + s2 * t);
+}
+
+/* Below 0.5 the series y - y^2/2! + y^3/3! - ... to y^20 (the rest is below 1e-25), else
+ * 1 - 2^-k e^-r with y = k ln2 + r, |r| <= ln2 / 2. */
+double mv_one_minus_exp_neg(double y) {
+  double term = y, sum = y;
+  if (y < 0.5) {
+    for (int k = 2; k <= 20; k++) sum += (term *= -y / k);
+    return sum;
+  }
+  if (y > 700.0) return 1.0;
+  int64_t k = (int64_t)(y / 0.6931471805599453 + 0.5); /* y > 0: truncation rounds */
+  double r = y - (double)k * 0.6931471805599453, er = 1.0; /* e^-r */
+  term = 1.0;
+  for (int i = 1; i <= 14; i++) er += (term *= -r / i);
+  uint64_t bits = (uint64_t)(1023 - k) << 52; /* 2^-k, normal for k <= 1010 */
+  double scale;
+  memcpy(&scale, &bits, sizeof scale);
+  return 1.0 - er * scale;
+}
+
 /* Bytes to the next sample: exponential with mean mv_prof_rate. */
 static int64_t next_interval(void) {
   double u = ((double)(next_random() >> 11) + 1.0) * 0x1.0p-53; /* (0, 1] */
-  double x = -log(u) * (double)mv_prof_rate;
+  double x = -mv_ln(u) * (double)mv_prof_rate;
   if (x > (double)mv_prof_rate * 64) x = (double)mv_prof_rate * 64;
   return (int64_t)x + 1;
 }
@@ -225,7 +264,7 @@ MV_ALLOC_ENTRY void *mv_prof_sample(void *p, size_t size, size_t unit) {
   for (unsigned i = 0; i < depth; i++) frames[i] = (uintptr_t)raw[first + i];
 
   double s = size ? (double)size : 1.0;
-  double weight = s / -expm1(-(double)unit / (double)mv_prof_rate); /* s / P(sampled) */
+  double weight = s / mv_one_minus_exp_neg((double)unit / (double)mv_prof_rate); /* s / P(sampled) */
   uint64_t now = mv_os_now_ns();
   uint64_t hash = hash_frames(frames, depth);
   mv_page_t *page = mv_page_of(p);

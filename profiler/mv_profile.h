@@ -110,4 +110,11 @@ static inline void mv_prof_free(void *p, mv_page_t *page) {
  * stacks into MOVALLOC_PROFILE_OUT if given. */
 void mv_prof_exit(void);
 
+/* What the sampler needs of libm, written out (libm mapped into every process
+ * would add about 300 KiB of resident text). mv_ln: ln(x) for a normal x > 0,
+ * within a few ulps. mv_one_minus_exp_neg: 1 - e^-y for y >= 0, with full
+ * relative precision for small y. */
+double mv_ln(double x);
+double mv_one_minus_exp_neg(double y);
+
 #endif /* MV_PROFILE_H */
