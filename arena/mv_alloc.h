@@ -24,6 +24,11 @@ extern size_t mv_malloc_fast_max __attribute__((visibility("hidden")));
 /* MOVALLOC_PROFILE or MOVALLOC_PROFILE_LONGLIVED: mv_malloc_slow hands over to
  * the profiler's paths (mv_heap.c, malloc_hooked). */
 extern bool mv_malloc_hooked __attribute__((visibility("hidden")));
+/* This thread's mallocs go to long-lived arenas while set (with
+ * mv_malloc_fast_max 0 and mv_malloc_hooked): the profiler's own, such as
+ * loading libunwind, which would otherwise take room among the program's first
+ * blocks and move where its later ones land. */
+extern __thread bool mv_malloc_apart __attribute__((tls_model("initial-exec")));
 
 extern mv_page_t mv_page_none;          /* every unused slice maps here */
 extern mv_page_t mv_page_empty;         /* an empty bin's page: free == NULL */

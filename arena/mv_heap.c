@@ -32,6 +32,7 @@ uintptr_t mv_keys[2];
 uintptr_t mv_free_fast_mask = MV_ALIGN - 1;
 size_t mv_malloc_fast_max = 1024;
 bool mv_malloc_hooked;
+__thread bool mv_malloc_apart __attribute__((tls_model("initial-exec")));
 
 mv_lock_t mv_heaps_lock = MV_LOCK_INIT;
 static mv_heap_t *all_heaps;      /* mv_heaps_lock */
@@ -774,12 +775,13 @@ static MV_NOINLINE MV_ALLOC_ENTRY void *malloc_refill(size_t size) {
   return mv_prof_sample(b, size, (size_t)page->block_size);
 }
 
-/* A routed allocation (MOVALLOC_PROFILE_LONGLIVED) or a profiled one
- * (MOVALLOC_PROFILE) that left the fast path. ra: the return address of
+/* A routed allocation (MOVALLOC_PROFILE_LONGLIVED, or mv_malloc_apart) or a
+ * profiled one (MOVALLOC_PROFILE) that left the fast path. ra: the return address of
  * mv_malloc_slow, malloc's caller when malloc jumped there. Under routing,
  * every malloc comes here (mv_malloc_fast_max is 0). */
 static MV_NOINLINE MV_ALLOC_ENTRY void *malloc_hooked(size_t size, uintptr_t ra) {
-  if (mv_lifetime_on && mv_lifetime_class(ra) == MV_LIFE_LONG) return malloc_long(size);
+  if (mv_malloc_apart || (mv_lifetime_on && mv_lifetime_class(ra) == MV_LIFE_LONG))
+    return malloc_long(size);
   if (size <= 1024) {
     mv_page_t *page = mv_tls_heap->direct[mv_bin_of(size)];
     mv_block_t *b = page->free;
@@ -808,7 +810,8 @@ static MV_NOINLINE MV_ALLOC_ENTRY void *malloc_counted(size_t size) {
 
 MV_ALLOC_ENTRY void *mv_malloc_slow(size_t size) {
   if (MV_UNLIKELY(mv_malloc_hooked)) {
-    if (mv_lifetime_on) return malloc_hooked(size, (uintptr_t)__builtin_return_address(0));
+    if (mv_lifetime_on || mv_malloc_apart)
+      return malloc_hooked(size, (uintptr_t)__builtin_return_address(0));
     /* Profiling alone: up to 1024 the fast path's list ran out; above, count it. */
     if (size <= 1024) return malloc_refill(size);
     if (size > MV_SMALL_MAX) return malloc_slow(size); /* alloc_big counts it */

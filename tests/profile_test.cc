@@ -21,6 +21,7 @@
 #include <vector>
 
 extern "C" {
+#include "arena/mv_alloc.h"
 #include "include/movalloc.h"
 #include "profiler/mv_lifetime.h"
 #include "profiler/mv_profile.h"
@@ -112,6 +113,28 @@ TEST(Profile, OwnMathAgreesWithLibm) {
   EXPECT_EQ(mv_one_minus_exp_neg(0.0), 0.0);
   EXPECT_LT(worst_ln, 1e-14);
   EXPECT_LT(worst_exp, 1e-14);
+}
+
+// What the profiler allocates for itself (loading libunwind) goes to long-lived
+// arenas, apart from the program's blocks, so that profiling does not change
+// where the program's blocks land.
+TEST(Profile, OwnAllocationsGoApart) {
+  size_t fast_max = mv_malloc_fast_max;
+  mv_malloc_fast_max = 0;
+  mv_malloc_apart = true;
+  asm volatile("" ::: "memory");  // the compiler takes malloc for reading no globals
+  void *mine = malloc(96), *big = malloc(100 << 10);
+  asm volatile("" ::: "memory");
+  mv_malloc_apart = false;
+  mv_malloc_fast_max = fast_max;
+  void *program = malloc(96);
+  EXPECT_EQ(mv_page_of(mine)->lifeclass, MV_LIFE_LONG);
+  EXPECT_EQ(mv_page_of(big)->lifeclass, MV_LIFE_LONG);
+  EXPECT_EQ(mv_page_of(program)->lifeclass, MV_LIFE_SHORT);
+  EXPECT_NE(mv_arena_of((uintptr_t)mine), mv_arena_of((uintptr_t)program));
+  free(mine);
+  free(big);
+  free(program);
 }
 
 TEST(Profile, OnWithTheRateFromTheEnvironment) {
