@@ -11,12 +11,12 @@ class Thp : public testing::Test {
  protected:
   void SetUp() override {
     if (!mv_backend_probe()->thp) GTEST_SKIP() << "no THP here: " << mv_backend_probe()->why;
+    mv_thp_forget_spares();  // each test maps its own staging VMA
   }
   void TearDown() override { mv_prim_reset(); }
 };
 
 TEST_F(Thp, StagedPageIsHuge) {
-  mv_thp_forget_spares();
   mv_move m;
   memset(&m, 0, sizeof m);
   ASSERT_EQ(mv_thp_stage(&m), 0);
@@ -97,7 +97,6 @@ TEST_F(Thp, StageFaultsWithATouch) {
 
 // No THP: -EAGAIN, and nothing of the 4 MiB mapped for it is left.
 TEST_F(Thp, StageFailureLeavesNothingMapped) {
-  mv_thp_forget_spares();
   struct mv_prim fake = mv_prim_real;
   fake.madvise = NoHugepage;
   fake.mmap = RecordingMmap;
@@ -125,7 +124,6 @@ int CountingMadvise(void *addr, size_t len, int advice) {
 // maps and madvises nothing (both take the mmap lock); a VMA that cannot give a
 // huge page is not kept.
 TEST_F(Thp, StagingVmaIsKeptEmptyForTheNextStage) {
-  mv_thp_forget_spares();
   mv_move m;
   memset(&m, 0, sizeof m);
   ASSERT_EQ(mv_thp_stage(&m), 0);
