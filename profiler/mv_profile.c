@@ -109,7 +109,9 @@ void mv_prof_load_unwind(void) {
    * where the program's large blocks go, and which callocs find reused memory
    * to clear (+4% of the instructions of bench/wl_large). */
   size_t fast_max = mv_malloc_fast_max;
+  bool hooked = mv_malloc_hooked; /* not yet when only routing */
   mv_malloc_fast_max = 0;
+  mv_malloc_hooked = true;
   mv_malloc_apart = true;
   void *h = dlopen("libunwind.so.8", RTLD_NOW | RTLD_LOCAL);
   backtrace_fn fn = h ? (backtrace_fn)dlsym(h, "unw_backtrace") : NULL;
@@ -118,6 +120,7 @@ void mv_prof_load_unwind(void) {
            "stacks, and sites are not found through calloc or new. Install libunwind8.",
            h ? "no such symbol" : dlerror());
   mv_malloc_apart = false;
+  mv_malloc_hooked = hooked;
   mv_malloc_fast_max = fast_max;
   atomic_store(&unwind_backtrace, fn);
   in_profiler = was;
