@@ -88,7 +88,7 @@ struct mv_spare {
   _Atomic(unsigned) tag;
 };
 
-/* Takes the kept VMA (its tag in *tag), or returns NULL. */
+/* Takes the kept VMA (its tag in *tag unless tag is NULL), or returns NULL. */
 void *mv_spare_take(struct mv_spare *slot, unsigned *tag);
 
 /* Keeps [p, p + MV_ARENA_SIZE), which must hold no pages, for the next take;

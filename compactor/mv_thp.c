@@ -399,7 +399,7 @@ void *mv_thp_map_aligned(size_t len) {
 
 void *mv_spare_take(struct mv_spare *slot, unsigned *tag) {
   uintptr_t p = atomic_exchange_explicit(&slot->addr, 0, memory_order_acquire);
-  *tag = atomic_load_explicit(&slot->tag, memory_order_relaxed);
+  if (tag) *tag = atomic_load_explicit(&slot->tag, memory_order_relaxed);
   return (void *)p;
 }
 
@@ -415,8 +415,7 @@ void mv_spare_keep(struct mv_spare *slot, void *p, unsigned tag) {
 }
 
 void mv_spare_drop(struct mv_spare *slot) {
-  unsigned tag;
-  void *p = mv_spare_take(slot, &tag);
+  void *p = mv_spare_take(slot, NULL);
   if (p) mv_os_munmap(p, MV_ARENA_SIZE);
 }
 
@@ -431,8 +430,7 @@ void mv_thp_forget_spares(void) {
 int mv_thp_stage(struct mv_move *m) {
   if (m->fail_at == MV_STEP_STAGE) return -EAGAIN;
   uint64_t t0 = mv_os_now_ns();
-  unsigned tag;
-  char *p = mv_spare_take(&spare_staging, &tag);
+  char *p = mv_spare_take(&spare_staging, NULL);
   int rc = 0;
   if (!p) {
     p = mv_thp_map_aligned(MV_ARENA_SIZE);

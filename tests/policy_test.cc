@@ -157,18 +157,35 @@ mv_page_t *FreshArenaRun(unsigned n, std::vector<mv_page_t *> *filler) {
   }
 }
 
+// One arena taken whole by three runs: slices 0-7 (p[0]), 8-15 (p[1]) and
+// 16-31 (p[2]), every byte written with fill.
+struct ThreeRuns {
+  mv_page_t *p[3];
+  mv_arena_t *arena;
+};
+
+ThreeRuns FillOneArena(int fill, std::vector<mv_page_t *> *filler) {
+  bool zeroed;
+  ThreeRuns r;
+  r.p[0] = FreshArenaRun(8, filler);
+  r.arena = mv_arena_of(r.p[0]->start);
+  r.p[1] = mv_arena_alloc_slices(8, &zeroed);
+  r.p[2] = mv_arena_alloc_slices(16, &zeroed);
+  EXPECT_EQ(mv_arena_of(r.p[1]->start), r.arena);
+  EXPECT_EQ(mv_arena_of(r.p[2]->start), r.arena);
+  EXPECT_EQ(r.p[1]->start - r.p[0]->start, 8 * MV_SLICE_SIZE);
+  for (mv_page_t *p : r.p) memset((void *)p->start, fill, p->slice_count * MV_SLICE_SIZE);
+  return r;
+}
+
 TEST(Purge, ReleasesExactlyTheDirtyFreeSlicesOfActiveArenas) {
   bool zeroed;
   std::vector<mv_page_t *> filler;
   // One arena: slices 0-7 in use, 8-15 freed after being written, 16-31 in use.
-  mv_page_t *p0 = FreshArenaRun(8, &filler);
-  mv_arena_t *a = mv_arena_of(p0->start);
-  mv_page_t *p1 = mv_arena_alloc_slices(8, &zeroed);
-  mv_page_t *p2 = mv_arena_alloc_slices(16, &zeroed);
-  ASSERT_EQ(mv_arena_of(p1->start), a);
-  ASSERT_EQ(mv_arena_of(p2->start), a);
-  ASSERT_EQ(p1->start - p0->start, 8 * MV_SLICE_SIZE);
-  for (mv_page_t *p : {p0, p1, p2}) memset((void *)p->start, 0xab, p->slice_count * MV_SLICE_SIZE);
+  ThreeRuns r = FillOneArena(0xab, &filler);
+  ASSERT_FALSE(HasFailure());
+  mv_page_t *p0 = r.p[0], *p1 = r.p[1], *p2 = r.p[2];
+  mv_arena_t *a = r.arena;
   mv_arena_free_slices(p1);
   a->thp = true;  // as if the compactor had moved it: the purge must say it no longer is
 
@@ -257,13 +274,10 @@ TEST(Purge, TheCompactorMovesAPurgedArenaBackOnceItIsDenseAgain) {
   if (strcmp(st.backend, "off") == 0) GTEST_SKIP() << "no migration backend: " << st.backend_reason;
   bool zeroed;
   std::vector<mv_page_t *> filler;
-  mv_page_t *p0 = FreshArenaRun(8, &filler);
-  mv_arena_t *a = mv_arena_of(p0->start);
-  mv_page_t *p1 = mv_arena_alloc_slices(8, &zeroed);
-  mv_page_t *p2 = mv_arena_alloc_slices(16, &zeroed);
-  ASSERT_EQ(mv_arena_of(p1->start), a);
-  ASSERT_EQ(mv_arena_of(p2->start), a);
-  for (mv_page_t *p : {p0, p1, p2}) memset((void *)p->start, 7, p->slice_count * MV_SLICE_SIZE);
+  ThreeRuns r = FillOneArena(7, &filler);
+  ASSERT_FALSE(HasFailure());
+  mv_page_t *p0 = r.p[0], *p1 = r.p[1], *p2 = r.p[2];
+  mv_arena_t *a = r.arena;
   movalloc_compact(0);
   ASSERT_TRUE(a->thp) << "a dense arena moves onto a huge page";
 

@@ -97,6 +97,28 @@ bool SitesInSeparateArenas() {
 
 }  // namespace
 
+// Runs this test binary again with only env in its environment and only the
+// test filter selects, stdout to /dev/null and stderr to err_fd (>= 0) or
+// inherited; returns its wait status (-1 if it could not be run).
+int RunSelf(const char *filter, const std::vector<std::string> &env, int err_fd) {
+  std::vector<char *> envp;
+  for (const std::string &e : env) envp.push_back(const_cast<char *>(e.c_str()));
+  envp.push_back(nullptr);
+  std::string filter_arg = std::string("--gtest_filter=") + filter;
+  char *argv[] = {const_cast<char *>("profile_test"), const_cast<char *>(filter_arg.c_str()),
+                  nullptr};
+  pid_t pid = fork();
+  if (pid < 0) return -1;
+  if (pid == 0) {
+    if (err_fd >= 0) dup2(err_fd, 2);
+    dup2(open("/dev/null", O_WRONLY), 1);
+    execve("/proc/self/exe", argv, envp.data());
+    _exit(127);
+  }
+  int status;
+  return waitpid(pid, &status, 0) == pid ? status : -1;
+}
+
 // The sampler's logarithm and 1 - e^-y, written out so that libm is not
 // mapped into every process, agree with libm's to 1e-14 relative.
 TEST(Profile, OwnMathAgreesWithLibm) {
@@ -339,22 +361,11 @@ TEST(Profile, ReportAtExitAndFoldedFile) {
   char err[] = "/tmp/movalloc_profile_err_XXXXXX";
   int efd = mkstemp(err);
   ASSERT_GE(efd, 0);
-  pid_t pid = fork();
-  ASSERT_GE(pid, 0);
-  if (pid == 0) {
-    dup2(efd, 2);
-    int null = open("/dev/null", O_WRONLY);
-    dup2(null, 1);
-    std::string out_env = std::string("MOVALLOC_PROFILE_OUT=") + out;
-    std::string ll_env = std::string("MOVALLOC_PROFILE_LONGLIVED_OUT=") + ll;
-    char *env[] = {(char *)"MOVALLOC_PROFILE=65536", (char *)out_env.c_str(),
-                   (char *)ll_env.c_str(), (char *)"PROFILE_TEST_EXIT_CHILD=1", nullptr};
-    char *argv[] = {(char *)"profile_test", (char *)"--gtest_filter=Profile.ExitChild", nullptr};
-    execve("/proc/self/exe", argv, env);
-    _exit(127);
-  }
-  int status;
-  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  int status = RunSelf("Profile.ExitChild",
+                       {"MOVALLOC_PROFILE=65536", std::string("MOVALLOC_PROFILE_OUT=") + out,
+                        std::string("MOVALLOC_PROFILE_LONGLIVED_OUT=") + ll,
+                        "PROFILE_TEST_EXIT_CHILD=1"},
+                       efd);
   ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
   close(efd);
   std::ifstream e(err);
@@ -405,19 +416,10 @@ TEST(Profile, RoutingSeparatesArenas) {
   dprintf(fd, "# test\n%s 0x%lx profile_route_site\n", module, (unsigned long)(ip - bias));
   close(fd);
 
-  pid_t pid = fork();
-  ASSERT_GE(pid, 0);
-  if (pid == 0) {
-    int null = open("/dev/null", O_WRONLY);
-    dup2(null, 1);
-    std::string env_ll = std::string("MOVALLOC_PROFILE_LONGLIVED=") + path;
-    char *env[] = {(char *)env_ll.c_str(), (char *)"PROFILE_TEST_ROUTE_CHILD=1", nullptr};
-    char *argv[] = {(char *)"profile_test", (char *)"--gtest_filter=Profile.RouteChild", nullptr};
-    execve("/proc/self/exe", argv, env);
-    _exit(127);
-  }
-  int status;
-  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  int status = RunSelf("Profile.RouteChild",
+                       {std::string("MOVALLOC_PROFILE_LONGLIVED=") + path,
+                        "PROFILE_TEST_ROUTE_CHILD=1"},
+                       -1);
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
   unlink(path);
 }

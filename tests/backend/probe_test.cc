@@ -2,9 +2,6 @@
 // chosen when features are hidden (masks, a faked OS, seccomp,
 // PR_SET_THP_DISABLE), and that nothing crashes or hangs on the way.
 #include <fcntl.h>
-#include <linux/audit.h>
-#include <linux/filter.h>
-#include <linux/seccomp.h>
 #include <stddef.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
@@ -12,6 +9,7 @@
 #include <unistd.h>
 
 #include "tests/backend/backend_util.h"
+#include "tests/deny_uffd.h"
 
 extern "C" {
 #include "compactor/mv_uffd.h"
@@ -284,26 +282,6 @@ ChildResult ProbeInChild(F setup) {
   close(fds[0]);
   close(fds[1]);
   return r;
-}
-
-// userfaultfd(2) -> ENOSYS; with block_dev also ioctl(USERFAULTFD_IOC_NEW) -> EPERM.
-bool DenyUffd(bool block_dev) {
-  struct sock_filter f[] = {
-      BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch)),
-      BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_X86_64, 1, 0),
-      BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
-      BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
-      BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_userfaultfd, 0, 1),
-      BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | ENOSYS),
-      BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, block_dev ? __NR_ioctl : 0xffffffffu, 0, 3),
-      BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[1])),
-      BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, USERFAULTFD_IOC_NEW, 0, 1),
-      BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EPERM),
-      BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
-  };
-  struct sock_fprog prog = {(unsigned short)(sizeof f / sizeof f[0]), f};
-  return prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0 &&
-         syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog) == 0;
 }
 
 TEST_F(Probe, SeccompDeniesTheSystemCall) {
