@@ -5,7 +5,9 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <libunwind.h>
+#include <pthread.h>
 #include <sched.h>
+#include <signal.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -60,11 +62,18 @@ static uint32_t site_count;    /* mv_prof_lock */
 static uint32_t object_count;  /* mv_prof_lock */
 static uint64_t dropped;       /* mv_prof_lock: samples lost to full tables */
 
-/* libunwind's unw_backtrace, loaded by mv_prof_start with RTLD_LOCAL: linked
- * in, libunwind.so.8 would interpose its own backtrace() and
- * _Unwind_Backtrace() on every program movalloc is preloaded into, and load
- * (with liblzma) even when profiling is off. */
-typedef __typeof__(unw_backtrace) *backtrace_fn; /* the prototype checked against the header */
+/* libunwind, loaded by mv_prof_start with RTLD_LOCAL: linked in,
+ * libunwind.so.8 would interpose its own backtrace() and _Unwind_Backtrace()
+ * on every program movalloc is preloaded into, and load (with liblzma) even
+ * when profiling is off. The types are checked against the header. Written
+ * once before `backtrace` is published (release); read after it (acquire). */
+typedef __typeof__(unw_backtrace) *backtrace_fn;
+static struct {
+  __typeof__(unw_tdep_getcontext) *getcontext;
+  __typeof__(unw_init_local) *init_local;
+  __typeof__(unw_step) *step;
+  __typeof__(unw_get_reg) *get_reg;
+} stepper;                              /* all set, or getcontext NULL */
 static _Atomic(backtrace_fn) unwind_backtrace;
 static _Atomic bool started;   /* mv_prof_start ran: samples are taken */
 
@@ -79,6 +88,16 @@ static __thread uint64_t rng __attribute__((tls_model("initial-exec"))); /* 0: u
 /* This thread is inside unw_backtrace (a fork from a signal handler that
  * interrupted it must not wait for itself). */
 static __thread bool unwinding_here __attribute__((tls_model("initial-exec")));
+/* A thread's first samples are unwound frame by frame: unw_backtrace's first
+ * call on a thread maps and fills a 256 KiB frame cache (16384 slots, about
+ * 170 us here, unmapped at thread exit), which a short-lived thread never
+ * earns back; a stepped sample costs about 11 us (libunwind's global cache
+ * lock blocks signals twice a frame). */
+#define STEPPED_SAMPLES 16
+static __thread uint8_t stepped_here __attribute__((tls_model("initial-exec")));
+/* This thread blocked every signal for the whole of a stepped unwind:
+ * libunwind's own sigprocmask calls inside it are no-ops (sigprocmask below). */
+static __thread bool signals_held __attribute__((tls_model("initial-exec")));
 
 bool mv_prof_init(uint64_t rate) {
   size_t slen = SITES * sizeof(site_t);
@@ -119,25 +138,83 @@ void mv_prof_load_unwind(void) {
     mv_log("cannot load unw_backtrace from libunwind.so.8 (%s): profile samples have no "
            "stacks, and sites are not found through calloc or new. Install libunwind8.",
            h ? "no such symbol" : dlerror());
+  if (fn) {
+#define LOAD(field, name) stepper.field = (__typeof__(stepper.field))dlsym(h, name)
+    LOAD(getcontext, "_Ux86_64_getcontext");
+    LOAD(init_local, "_ULx86_64_init_local");
+    LOAD(step, "_ULx86_64_step");
+    LOAD(get_reg, "_ULx86_64_get_reg");
+#undef LOAD
+    if (!stepper.init_local || !stepper.step || !stepper.get_reg) stepper.getcontext = NULL;
+  }
   mv_malloc_apart = false;
   mv_malloc_hooked = hooked;
   mv_malloc_fast_max = fast_max;
-  atomic_store(&unwind_backtrace, fn);
+  atomic_store_explicit(&unwind_backtrace, fn, memory_order_release);
   in_profiler = was;
 }
 
-/* unw_backtrace unless a fork is under way (0 frames then). */
+/* unw_init_local and unw_step: what unw_backtrace does, without its cache.
+ * Stops at DEPTH frames past the allocator's: every step costs. */
+static int step_frames(void **frames, int max) {
+  unw_context_t context;
+  unw_cursor_t cursor;
+  if (stepper.getcontext(&context) < 0 || stepper.init_local(&cursor, &context) < 0) return 0;
+  int n = 0, program = 0;
+  unw_word_t ip;
+  do {
+    if (stepper.get_reg(&cursor, UNW_REG_IP, &ip) < 0 || !ip) break;
+    frames[n++] = (void *)ip;
+    if (program || !mv_in_allocator(ip)) program++;
+  } while (n < max && program < DEPTH && stepper.step(&cursor) > 0);
+  return n;
+}
+
+/* This thread's stack unless a fork is under way (0 frames then). */
 static int unwind(backtrace_fn fn, void **frames, int max) {
   atomic_fetch_add(&unwinding, 1);
   unwinding_here = true;
-  int n = atomic_load(&forking) ? 0 : fn(frames, max);
+  int n = 0;
+  if (!atomic_load(&forking)) {
+    if (stepper.getcontext && stepped_here < STEPPED_SAMPLES) {
+      stepped_here++;
+      sigset_t all, saved;
+      sigfillset(&all);
+      pthread_sigmask(SIG_SETMASK, &all, &saved);
+      signals_held = true;
+      n = step_frames(frames, max);
+      signals_held = false;
+      pthread_sigmask(SIG_SETMASK, &saved, NULL);
+    } else {
+      n = fn(frames, max);
+    }
+  }
   unwinding_here = false;
   atomic_fetch_sub(&unwinding, 1);
   return n;
 }
 
+/* libunwind blocks signals around each frame it steps (so that a signal
+ * handler on this thread cannot unwind into its held cache lock): two system
+ * calls a frame, most of a stepped sample's cost. A stepped unwind blocks them
+ * once for all its frames, and libunwind's calls inside it change nothing. The
+ * program's own calls pass through, at the cost of one TLS load. */
+__attribute__((visibility("default"))) int sigprocmask(int how, const sigset_t *set,
+                                                       sigset_t *old) {
+  if (MV_UNLIKELY(signals_held)) {
+    if (old) sigfillset(old);
+    return 0;
+  }
+  int err = pthread_sigmask(how, set, old);
+  if (err) {
+    errno = err;
+    return -1;
+  }
+  return 0;
+}
+
 int mv_prof_backtrace(void **frames, int max) {
-  backtrace_fn fn = atomic_load_explicit(&unwind_backtrace, memory_order_relaxed);
+  backtrace_fn fn = atomic_load_explicit(&unwind_backtrace, memory_order_acquire);
   if (!fn || in_profiler) return 0; /* in_profiler: libunwind allocating */
   in_profiler = true;
   int n = unwind(fn, frames, max);
@@ -263,7 +340,7 @@ MV_ALLOC_ENTRY void *mv_prof_sample(void *p, size_t size, size_t unit) {
   in_profiler = true;
 
   void *raw[CAPTURE];
-  backtrace_fn backtrace = atomic_load_explicit(&unwind_backtrace, memory_order_relaxed);
+  backtrace_fn backtrace = atomic_load_explicit(&unwind_backtrace, memory_order_acquire);
   int n = backtrace ? unwind(backtrace, raw, CAPTURE) : 0;
   /* Drop libunwind's frames, then the allocator's: keep the program's. */
   int first = 0;

@@ -2,9 +2,11 @@
 // BUILD rule): sampling rate, per-site estimates, frees, the folded-stacks file,
 // the report at exit, and threads with fork while sampling.
 #include <dlfcn.h>
+#include <errno.h>
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -74,6 +76,7 @@ __attribute__((noinline)) void *profile_churn_site(size_t n) { return Opaque(mal
 __attribute__((noinline)) void *profile_thread_site(size_t n) { return Opaque(malloc(n)); }
 __attribute__((noinline)) void *profile_exit_site(size_t n) { return Opaque(malloc(n)); }
 __attribute__((noinline)) void *profile_route_site(size_t n) { return Opaque(malloc(n)); }
+__attribute__((noinline)) void *profile_step_site(size_t n) { return Opaque(malloc(n)); }
 }
 
 namespace {
@@ -211,6 +214,51 @@ TEST(Profile, KnownSiteDominatesThenFreesLeaveLiveBytes) {
   uint64_t lifetimes = 0;
   for (uint64_t n : gone->lifetime) lifetimes += n;
   EXPECT_EQ(lifetimes, gone->samples);
+}
+
+// A thread's first samples are unwound frame by frame, its later ones by
+// unw_backtrace: both give the same stack, so one call site is one site.
+TEST(Profile, SteppedAndCachedUnwindsAgree) {
+  std::vector<void *> held(4096); // 16 MiB: about 256 samples, 16 of them stepped
+  std::thread([&held] {
+    for (void *&p : held) p = profile_step_site(4096);
+  }).join();
+  int found = 0;
+  uint64_t samples = 0;
+  for (auto &s : Sites()) {
+    if (SiteIn(std::vector<movalloc_profile_site>{s}, (void *)profile_step_site)) {
+      found++;
+      samples = s.samples;
+      EXPECT_GE(s.depth, 3u) << "the thread's entry and start_thread are on every stack";
+    }
+  }
+  EXPECT_EQ(found, 1);
+  EXPECT_GT(samples, 150u);
+  for (void *p : held) free(p);
+}
+
+// A stepped unwind blocks every signal while it runs and gives the thread its
+// own mask back; the program's sigprocmask calls (interposed) pass through.
+TEST(Profile, SamplesLeaveTheSignalMaskAsItWas) {
+  uint64_t samples_before = TotalSamples();
+  std::thread([] {
+    sigset_t usr1, before, after;
+    sigemptyset(&usr1);
+    sigaddset(&usr1, SIGUSR1);
+    ASSERT_EQ(sigprocmask(SIG_BLOCK, &usr1, &before), 0);
+    EXPECT_FALSE(sigismember(&before, SIGUSR1));
+    std::vector<void *> held(512); // 2 MiB: about 32 samples
+    for (void *&p : held) p = profile_step_site(4096);
+    ASSERT_EQ(sigprocmask(SIG_SETMASK, nullptr, &after), 0);
+    EXPECT_TRUE(sigismember(&after, SIGUSR1));
+    EXPECT_FALSE(sigismember(&after, SIGUSR2));
+    EXPECT_FALSE(sigismember(&after, SIGTERM));
+    for (void *p : held) free(p);
+    errno = 0;
+    EXPECT_EQ(sigprocmask(12345, &usr1, nullptr), -1);
+    EXPECT_EQ(errno, EINVAL);
+  }).join();
+  EXPECT_GT(TotalSamples(), samples_before + 10);
 }
 
 // realloc moves a sampled block: the old one is freed (forgotten), the new one
