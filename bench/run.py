@@ -53,12 +53,23 @@ PEERS = {
 BEST_OF = ("jemalloc", "tcmalloc", "mimalloc")
 NOISY_SPREAD = 0.25  # (max - min) / median of the wall times above which a cell is marked "~"
 ALL_ALLOCATORS = list(PEERS) + ["movalloc"]
+# WARMUP: on a virtual machine with free page reporting (virtio-balloon), free
+# 2 MiB blocks are handed back to the hypervisor about 2 s after they merge,
+# and the next process to fault one in as a huge page pays the host's faults
+# (chase under movalloc here: 1.04 s back to back, 1.6-2.3 s 5 s apart).
+# Allocators that use 4 KiB pages mostly get recently freed memory instead. A
+# warm-up run just before each measured one gives every allocator memory the
+# machine has just used, as a long-running server's heap is.
+PAGE_REPORTING_ORDER = "/sys/module/page_reporting/parameters/page_reporting_order"
 DEBIAN_PACKAGES = ["libc6", "libjemalloc2", "libtcmalloc-minimal4", "libmimalloc2.0"]
 
 
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=3, help="repetitions per workload and allocator (default 3)")
+    ap.add_argument("--warmup", type=int, default=1, metavar="N",
+                    help="unmeasured runs of the same workload and allocator right before each measured "
+                         "one (default 1; see WARMUP)")
     ap.add_argument("--only", help="comma-separated workloads (default: all): " + ",".join(WORKLOADS))
     ap.add_argument("--allocators", help="comma-separated allocators (default: all): " + ",".join(ALL_ALLOCATORS))
     ap.add_argument("--scale", type=float, help="work multiplier passed to every workload")
@@ -226,6 +237,8 @@ def run_all(args, bin_dir, allocators):
             for allocator in order:
                 done += 1
                 progress(f"[{done:3d}/{total}] rep {rep + 1}/{args.reps} {workload:<9} {allocator:<9} ...")
+                for _ in range(args.warmup):
+                    run_once(args, bin_dir, workload, allocator, allocators[allocator])
                 r = run_once(args, bin_dir, workload, allocator, allocators[allocator])
                 r["rep"] = rep
                 runs.append(r)
@@ -352,7 +365,7 @@ def read_first(path, default="?"):
         return default
 
 
-def machine_info():
+def machine_info(args):
     cpu = next((l.split(":", 1)[1].strip() for l in read_first("/proc/cpuinfo", "").splitlines()
                 if l.startswith("model name")), platform.processor() or "?")
     mem_kib = next((int(l.split()[1]) for l in read_first("/proc/meminfo", "").splitlines()
@@ -363,6 +376,9 @@ def machine_info():
         "machine": f"{cpu}, {os.cpu_count()} CPUs, {mem_kib / 1048576:.0f} GiB RAM",
         "thp": "enabled " + read_first("/sys/kernel/mm/transparent_hugepage/enabled")
                + "; defrag " + read_first("/sys/kernel/mm/transparent_hugepage/defrag"),
+        "free page reporting": ("order " + read_first(PAGE_REPORTING_ORDER)
+                                if os.path.exists(PAGE_REPORTING_ORDER) else "none"),
+        "warm-up runs": str(args.warmup),
     }
     try:
         pkgs = subprocess.run(["dpkg-query", "-W", "-f", "${Package} ${Version}\\n", *DEBIAN_PACKAGES],
@@ -389,6 +405,8 @@ def markdown(args, meta, rows, allocators, skipped_movalloc):
         f"- Kernel: {meta['kernel']}",
         f"- Machine: {meta['machine']}",
         f"- THP: {meta['thp']}",
+        f"- Free page reporting to the hypervisor: {meta['free page reporting']}; "
+        f"warm-up runs before each measured one: {meta['warm-up runs']}",
         # Other work on the machine is the usual cause of noisy cells.
         f"- Load average (1 min): {meta['load_before']:.2f} before, {meta['load_after']:.2f} after",
     ]
@@ -424,7 +442,7 @@ def main():
     if not allocators:
         sys.exit("run.py: no allocator to run")
     bin_dir = locate_binaries(args, args.workloads)
-    meta = machine_info()
+    meta = machine_info(args)
     meta["command"] = shlex.join(["/usr/bin/python3"] + sys.argv)
     meta["allocators"] = {a: p or "(system glibc, no preload)" for a, p in allocators.items()}
 
