@@ -14,7 +14,9 @@
  * mv_free_slow, which sees the tag and looks the block up (mv_prof_free;
  * mv_page_t.sampled counts them); every other free stays on the fast path.
  *
- * Stacks come from libunwind's unw_backtrace, dlopen'ed by mv_prof_start.
+ * Stacks come from libunwind, dlopen'ed by mv_prof_start: unw_init_local and
+ * unw_step for a thread's first samples, unw_backtrace (whose per-thread frame
+ * cache is dear to build) after them.
  * Nothing here allocates: the sampler runs with a per-thread guard set, so an
  * allocation libunwind makes from inside it is served but never sampled. Lock:
  * mv_prof_lock, a leaf (nothing else is taken under it); the stack is captured
@@ -52,7 +54,7 @@ void mv_prof_fork_done(void);
 /* Loads libunwind (once; later calls return at once). */
 void mv_prof_load_unwind(void);
 
-/* unw_backtrace into frames (return addresses, innermost first); 0 when
+/* This thread's stack into frames (return addresses, innermost first); 0 when
  * libunwind is not loaded. */
 int mv_prof_backtrace(void **frames, int max);
 
