@@ -38,10 +38,11 @@ static struct mv_channel *ch;
 static int ch_fd = -1, ch_pid, failed_pid;
 static uint64_t ch_dev, ch_ino;
 static _Atomic int busy; /* pid of the process whose thread is inside, 0: none */
-/* The last snapshot's time and process, for mv_channel_poke's pacing without
- * the lock (ch may be unmapped under it in a child after fork). */
+/* The last snapshot's time and size, for mv_channel_poke's pacing without the
+ * lock (ch may be unmapped under it in a child after fork); both zeroed in a
+ * fork child, so that its first refresh publishes (a getpid() per check cost
+ * a system call for every fresh page). */
 static _Atomic uint64_t last_ns;
-static _Atomic int last_pid;
 static _Atomic uint32_t last_arenas; /* arenas handed out at the last snapshot */
 
 /* A value of busy from another process was left by a thread that does not
@@ -167,7 +168,6 @@ void mv_channel_publish(void) {
     c->published_ns = mv_os_now_ns();
     __atomic_store_n(&c->seq, seq + 2, __ATOMIC_RELEASE);
     atomic_store_explicit(&last_ns, c->published_ns, memory_order_relaxed);
-    atomic_store_explicit(&last_pid, me, memory_order_relaxed);
     atomic_store_explicit(&last_arenas, n, memory_order_relaxed);
   }
   unlock();
@@ -179,10 +179,14 @@ void mv_channel_refresh(void) {
   /* A new arena always publishes (a program that stops growing has its last
    * arena listed); more pages in the same arenas, at most every PACE. */
   if (arenas == atomic_load_explicit(&last_arenas, memory_order_relaxed) &&
-      mv_os_now_ns() - atomic_load_explicit(&last_ns, memory_order_relaxed) < MV_CHANNEL_PACE_NS &&
-      atomic_load_explicit(&last_pid, memory_order_relaxed) == getpid())
+      mv_os_now_ns() - atomic_load_explicit(&last_ns, memory_order_relaxed) < MV_CHANNEL_PACE_NS)
     return;
   mv_channel_publish();
+}
+
+void mv_channel_fork_child(void) {
+  atomic_store_explicit(&last_ns, 0, memory_order_relaxed);
+  atomic_store_explicit(&last_arenas, 0, memory_order_relaxed);
 }
 
 void mv_channel_poke(void) {

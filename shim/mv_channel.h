@@ -114,6 +114,10 @@ void mv_channel_refresh(void);
  * a compactor thread does that. */
 void mv_channel_poke(void);
 
+/* fork() child: its first mv_channel_refresh publishes, into a channel of its
+ * own (the parent's pacing says nothing about the child's). */
+void mv_channel_fork_child(void);
+
 /* The engine's record of one migration attempt (same fields as the trace).
  * Called with the engine lock held (one writer). */
 void mv_channel_event(const char *backend, uintptr_t arena, int outcome, int rc,

@@ -15,6 +15,7 @@
 #include "include/movalloc.h"
 #include "profiler/mv_lifetime.h"
 #include "profiler/mv_profile.h"
+#include "shim/mv_channel.h"
 #include "shim/mv_options.h"
 #include "shim/mv_stats.h"
 
@@ -55,6 +56,7 @@ static void fork_child(void) {
     if (!held_before_fork[i]) mv_lock_reinit(fork_locks[i]);
   mv_heap_fork_child();
   mv_engine_fork_child();
+  mv_channel_fork_child();
   mv_prof_fork_done();
 }
 

@@ -190,6 +190,35 @@ TEST(Channel, ForkChildGetsItsOwnAndLeavesTheParentsAlone) {
   EXPECT_EQ(after.publishes, before.publishes) << "the child published into the parent's channel";
 }
 
+// The parent's pacing does not hold back a fork child: its first poke
+// publishes, into a channel of its own, though the parent just published.
+TEST(Channel, ForkChildsFirstPokePublishes) {
+  mv_options.compact = false;
+  static void *heap = malloc((size_t)MV_CHANNEL_MIN_ARENAS << 21); // poke's minimum heap
+  ASSERT_NE(heap, nullptr);
+  mv_channel_publish();
+  int fd = mv_channel_fd();
+  ASSERT_GE(fd, 0);
+  struct stat parent_st;
+  ASSERT_EQ(fstat(fd, &parent_st), 0);
+  pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    mv_channel_poke();
+    int cfd = mv_channel_fd();
+    struct stat st;
+    if (cfd < 0 || fstat(cfd, &st) != 0) _exit(1);
+    if (st.st_ino == parent_st.st_ino) _exit(2);
+    mv_channel c;
+    if (pread(cfd, &c, sizeof c, 0) != (ssize_t)sizeof c || c.pid != getpid()) _exit(3);
+    _exit(0);
+  }
+  int status = 0;
+  ASSERT_EQ(waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "1: the poke did not publish, 2: the parent's, 3: wrong pid";
+}
+
 TEST(Channel, AnotherUserCannotOpenIt) {
   if (geteuid() != 0) GTEST_SKIP() << "needs root to become another user";
   free(malloc(64));
