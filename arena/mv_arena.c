@@ -472,9 +472,13 @@ static uint32_t free_span_locked(uint32_t from, uint32_t to) {
   return last_ticket;
 }
 
+/* The ticket this thread is releasing, 0 if none (for mv_arena_fork_child). */
+static __thread uint32_t releasing_here;
+
 /* Releases the arenas of [from, to) tagged with ticket, one madvise per run
  * of them, without the lock held across a madvise. */
 static void release_span_unlocked(uint32_t from, uint32_t to, uint32_t ticket) {
+  releasing_here = ticket;
   mv_lock(&mv_arena_lock);
   for (uint32_t i = from; i < to;) {
     if (mv_arenas[i].release_ticket != ticket) {
@@ -503,6 +507,17 @@ static void release_span_unlocked(uint32_t from, uint32_t to, uint32_t ticket) {
     i = end;
   }
   mv_unlock(&mv_arena_lock);
+  releasing_here = 0;
+}
+
+void mv_arena_fork_child(void) {
+  for (uint32_t i = 0; i < frontier; i++) {
+    mv_arena_t *a = &mv_arenas[i];
+    if (!a->release_ticket || a->release_ticket == releasing_here) continue;
+    a->release_ticket = 0; /* committed, contents unknown: as a cached arena */
+    bit_set(i);
+    if (i < free_hint) free_hint = i;
+  }
 }
 
 void mv_arena_free_huge(mv_page_t *page) {

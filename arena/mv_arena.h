@@ -36,6 +36,12 @@ size_t mv_arena_reserved_bytes(void);
 size_t mv_arena_purge(void);
 uint32_t mv_arena_frontier(void);
 
+/* fork() child, mv_arena_lock reinitialised: the arenas another thread was
+ * releasing (tagged, not yet madvised) have no thread to finish that here, and
+ * go back to the free arenas as they are. A release the forking thread itself
+ * was in (fork from a signal handler) is left to it. */
+void mv_arena_fork_child(void);
+
 /* The engine's transitions (see the state diagram in mv_types.h).
  * mv_arena_isolate: ACTIVE -> ISOLATED and off the placement lists; false if the
  * arena was not ACTIVE. mv_arena_unisolate: back to ACTIVE after a move

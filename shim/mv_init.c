@@ -54,6 +54,7 @@ static void fork_parent(void) {
 static void fork_child(void) {
   for (size_t i = FORK_LOCKS; i-- > 0;)
     if (!held_before_fork[i]) mv_lock_reinit(fork_locks[i]);
+  mv_arena_fork_child();
   mv_heap_fork_child();
   mv_engine_fork_child();
   mv_channel_fork_child();

@@ -4,10 +4,17 @@
 #include <gtest/gtest.h>
 #include <malloc.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <thread>
 
 extern "C" {
 #include "arena/mv_alloc.h"
 #include "arena/mv_arena.h"
+#include "arena/mv_prim.h"
 }
 
 namespace {
@@ -133,6 +140,63 @@ TEST(Arena, SpanFreedAroundAnIsolatedArenaLeavesItsContents) {
   EXPECT_EQ(first[0], 0) << "the rest of the span went back to the kernel";
   mv_arena_unisolate(middle, false);
   EXPECT_EQ(atomic_load(&middle->state), MV_ARENA_FREE);
+  malloc_trim(0);
+}
+
+// The release of a freed huge span, held inside its madvise.
+std::atomic<uintptr_t> held_release{0};
+std::atomic<bool> release_entered{false}, release_go{false};
+
+int HoldingMadvise(void *addr, size_t len, int advice) {
+  if ((uintptr_t)addr == held_release.load() && advice == MADV_DONTNEED) {
+    release_entered = true;
+    while (!release_go) usleep(1000);
+  }
+  return mv_prim_real.madvise(addr, len, advice);
+}
+
+// fork() while another thread releases a huge span (its arenas tagged, its
+// madvise not made yet): that thread does not exist in the child, whose copy
+// of the span must still be free arenas, reused before the heap grows.
+TEST(Arena, ForkDuringASpanReleaseLeavesTheChildItsArenas) {
+  const size_t n = 40;
+  bool zeroed;
+  mv_page_t *filler = mv_arena_alloc_huge((size_t)300 << MV_ARENA_SHIFT, 0, &zeroed);
+  ASSERT_NE(filler, nullptr);
+  mv_page_t *span = mv_arena_alloc_huge(n << MV_ARENA_SHIFT, 0, &zeroed);
+  ASSERT_NE(span, nullptr);
+  const uintptr_t span_start = span->start;
+  mv_arena_free_huge(filler); // fills the arena cache: the span's arenas are released
+  struct mv_prim fake = mv_prim_real;
+  fake.madvise = HoldingMadvise;
+  held_release = span_start;
+  mv_prim_set(&fake);
+  std::thread releaser([span] { mv_arena_free_huge(span); });
+  while (!release_entered) usleep(1000);
+  pid_t child = fork();
+  if (child == 0) {
+    mv_prim_reset();
+    uint32_t frontier = mv_arena_frontier();
+    for (int i = 0; i < 64; i++) {
+      mv_page_t *p = mv_arena_alloc_huge(n << MV_ARENA_SHIFT, 0, &zeroed);
+      if (!p) _exit(2);
+      if (p->start < span_start + (n << MV_ARENA_SHIFT) && p->start + p->huge_size > span_start)
+        _exit(0);
+      if (mv_arena_frontier() > frontier) _exit(1);
+    }
+    _exit(3);
+  }
+  release_go = true;
+  releaser.join();
+  mv_prim_reset();
+  held_release = 0;
+  ASSERT_GE(child, 0);
+  int status = 0;
+  ASSERT_EQ(waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0)
+      << "1: the heap grew while the span's arenas were lost, 2: no memory, 3: never reused";
+  EXPECT_FALSE(mv_arena_of(span_start)->committed) << "the parent's release went through";
   malloc_trim(0);
 }
 
