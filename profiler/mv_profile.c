@@ -91,8 +91,7 @@ static __thread bool unwinding_here __attribute__((tls_model("initial-exec")));
 /* A thread's first samples are unwound frame by frame: unw_backtrace's first
  * call on a thread maps and fills a 256 KiB frame cache (16384 slots, about
  * 170 us here, unmapped at thread exit), which a short-lived thread never
- * earns back; a stepped sample costs about 11 us (libunwind's global cache
- * lock blocks signals twice a frame). */
+ * earns back; a stepped sample costs about 6 us (docs/RESULTS.md, section 9). */
 #define STEPPED_SAMPLES 16
 static __thread uint8_t stepped_here __attribute__((tls_model("initial-exec")));
 /* This thread blocked every signal for the whole of a stepped unwind:
