@@ -10,6 +10,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -162,29 +163,40 @@ TEST(Channel, MigrationsGoToTheRingAndTheArenaTable) {
   for (char *p : blocks) free(p);
 }
 
+// Runs fn in a fork child; its exit code, or -1 if it did not exit.
+int InChild(const std::function<int()> &fn) {
+  pid_t child = fork();
+  if (child < 0) return -1;
+  if (child == 0) _exit(fn());
+  int status = 0;
+  if (waitpid(child, &status, 0) != child || !WIFEXITED(status)) return -1;
+  return WEXITSTATUS(status);
+}
+
+// In a fork child: publish, then find a channel of its own naming its pid.
+// 0, or 1: no channel, 2: the parent's (inode parent_ino), 3: the wrong pid.
+int PublishesItsOwn(void (*publish)(void), ino_t parent_ino) {
+  publish();
+  int fd = mv_channel_fd();
+  struct stat st;
+  if (fd < 0 || fstat(fd, &st) != 0) return 1;
+  if (st.st_ino == parent_ino) return 2;
+  mv_channel c;
+  if (pread(fd, &c, sizeof c, 0) != (ssize_t)sizeof c || c.pid != getpid()) return 3;
+  return 0;
+}
+
 TEST(Channel, ForkChildGetsItsOwnAndLeavesTheParentsAlone) {
   free(malloc(64));
   mv_channel_publish();
   int fd = mv_channel_fd();
   ASSERT_GE(fd, 0);
+  struct stat st;
+  ASSERT_EQ(fstat(fd, &st), 0);
   Reader parent(getpid(), fd);
   mv_channel before = parent.header();
-  pid_t child = fork();
-  ASSERT_GE(child, 0);
-  if (child == 0) {
-    mv_channel_publish();
-    int cfd = mv_channel_fd();
-    struct stat pst, cst;
-    if (cfd < 0 || fstat(parent.fd, &pst) != 0 || fstat(cfd, &cst) != 0) _exit(1);
-    if (pst.st_ino == cst.st_ino) _exit(2); // wrote into the parent's
-    mv_channel c;
-    if (pread(cfd, &c, sizeof c, 0) != (ssize_t)sizeof c || c.pid != getpid()) _exit(3);
-    _exit(0);
-  }
-  int status = 0;
-  ASSERT_EQ(waitpid(child, &status, 0), child);
-  ASSERT_TRUE(WIFEXITED(status));
-  EXPECT_EQ(WEXITSTATUS(status), 0) << "1: no channel, 2: the parent's, 3: wrong pid";
+  EXPECT_EQ(InChild([&] { return PublishesItsOwn(mv_channel_publish, st.st_ino); }), 0)
+      << "1: no channel, 2: the parent's, 3: wrong pid";
   mv_channel after = parent.header();
   EXPECT_EQ(after.pid, getpid());
   EXPECT_EQ(after.publishes, before.publishes) << "the child published into the parent's channel";
@@ -199,24 +211,10 @@ TEST(Channel, ForkChildsFirstPokePublishes) {
   mv_channel_publish();
   int fd = mv_channel_fd();
   ASSERT_GE(fd, 0);
-  struct stat parent_st;
-  ASSERT_EQ(fstat(fd, &parent_st), 0);
-  pid_t child = fork();
-  ASSERT_GE(child, 0);
-  if (child == 0) {
-    mv_channel_poke();
-    int cfd = mv_channel_fd();
-    struct stat st;
-    if (cfd < 0 || fstat(cfd, &st) != 0) _exit(1);
-    if (st.st_ino == parent_st.st_ino) _exit(2);
-    mv_channel c;
-    if (pread(cfd, &c, sizeof c, 0) != (ssize_t)sizeof c || c.pid != getpid()) _exit(3);
-    _exit(0);
-  }
-  int status = 0;
-  ASSERT_EQ(waitpid(child, &status, 0), child);
-  ASSERT_TRUE(WIFEXITED(status));
-  EXPECT_EQ(WEXITSTATUS(status), 0) << "1: the poke did not publish, 2: the parent's, 3: wrong pid";
+  struct stat st;
+  ASSERT_EQ(fstat(fd, &st), 0);
+  EXPECT_EQ(InChild([&] { return PublishesItsOwn(mv_channel_poke, st.st_ino); }), 0)
+      << "1: the poke did not publish, 2: the parent's, 3: wrong pid";
 }
 
 TEST(Channel, AnotherUserCannotOpenIt) {
@@ -226,17 +224,13 @@ TEST(Channel, AnotherUserCannotOpenIt) {
   int fd = mv_channel_fd();
   ASSERT_GE(fd, 0);
   std::string path = "/proc/" + std::to_string(getpid()) + "/fd/" + std::to_string(fd);
-  pid_t child = fork();
-  ASSERT_GE(child, 0);
-  if (child == 0) {
-    if (setgid(65534) != 0 || setuid(65534) != 0) _exit(10); // nobody
-    int f = open(path.c_str(), O_RDONLY);
-    _exit(f >= 0 ? 1 : errno == EACCES ? 0 : 2);
-  }
-  int status = 0;
-  ASSERT_EQ(waitpid(child, &status, 0), child);
-  ASSERT_TRUE(WIFEXITED(status));
-  EXPECT_EQ(WEXITSTATUS(status), 0) << "1: nobody opened it, 2: failed other than EACCES, 10: setuid";
+  EXPECT_EQ(InChild([&] {
+              if (setgid(65534) != 0 || setuid(65534) != 0) return 10; // nobody
+              int f = open(path.c_str(), O_RDONLY);
+              return f >= 0 ? 1 : errno == EACCES ? 0 : 2;
+            }),
+            0)
+      << "1: nobody opened it, 2: failed other than EACCES, 10: setuid";
   // And the owner can (the positive control for the same path).
   int f = open(path.c_str(), O_RDONLY);
   EXPECT_GE(f, 0);
