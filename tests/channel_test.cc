@@ -91,14 +91,19 @@ TEST(Channel, PublishedSnapshotDescribesTheHeap) {
   for (void *p : blocks) free(p);
 }
 
-// poke publishes only where no compactor thread does: these tests keep the
-// process without one, whatever heap they build.
-TEST(Channel, PokePublishesAtMostOncePerPace) {
+// poke publishes only where no compactor thread does, over a heap of
+// MV_CHANNEL_MIN_ARENAS: keeps the process without a compactor, whatever heap
+// the tests build, and such a heap for good; publishes. The channel's fd.
+int PublishedWithPokesOn() {
   mv_options.compact = false;
-  static void *heap = malloc((size_t)MV_CHANNEL_MIN_ARENAS << 21); // poke's minimum heap
-  ASSERT_NE(heap, nullptr);
+  static void *heap = malloc((size_t)MV_CHANNEL_MIN_ARENAS << 21);
+  if (!heap) return -1;
   mv_channel_publish();
-  int fd = mv_channel_fd();
+  return mv_channel_fd();
+}
+
+TEST(Channel, PokePublishesAtMostOncePerPace) {
+  int fd = PublishedWithPokesOn();
   ASSERT_GE(fd, 0);
   Reader r(getpid(), fd);
   uint64_t before = r.header().publishes;
@@ -205,11 +210,7 @@ TEST(Channel, ForkChildGetsItsOwnAndLeavesTheParentsAlone) {
 // The parent's pacing does not hold back a fork child: its first poke
 // publishes, into a channel of its own, though the parent just published.
 TEST(Channel, ForkChildsFirstPokePublishes) {
-  mv_options.compact = false;
-  static void *heap = malloc((size_t)MV_CHANNEL_MIN_ARENAS << 21); // poke's minimum heap
-  ASSERT_NE(heap, nullptr);
-  mv_channel_publish();
-  int fd = mv_channel_fd();
+  int fd = PublishedWithPokesOn();
   ASSERT_GE(fd, 0);
   struct stat st;
   ASSERT_EQ(fstat(fd, &st), 0);
