@@ -18,6 +18,7 @@
 #include "include/movalloc.h"
 #include "profiler/mv_lifetime.h"
 #include "shim/mv_options.h"
+#include "shim/mv_sigsegv.h"
 
 #define CAPTURE 64                         /* frames unwound per sample */
 #define DEPTH MOVALLOC_PROFILE_DEPTH       /* frames kept per site */
@@ -94,9 +95,6 @@ static __thread bool unwinding_here __attribute__((tls_model("initial-exec")));
  * earns back; a stepped sample costs about 6 us (docs/RESULTS.md, section 9). */
 #define STEPPED_SAMPLES 16
 static __thread uint8_t stepped_here __attribute__((tls_model("initial-exec")));
-/* This thread blocked every signal for the whole of a stepped unwind:
- * libunwind's own sigprocmask calls inside it are no-ops (sigprocmask below). */
-static __thread bool signals_held __attribute__((tls_model("initial-exec")));
 
 bool mv_prof_init(uint64_t rate) {
   size_t slen = SITES * sizeof(site_t);
@@ -177,12 +175,16 @@ static int unwind(backtrace_fn fn, void **frames, int max) {
   if (!atomic_load(&forking)) {
     if (stepper.getcontext && stepped_here < STEPPED_SAMPLES) {
       stepped_here++;
+      /* libunwind blocks signals around each frame it steps (so that a
+       * handler on this thread cannot unwind into its held cache lock): two
+       * system calls a frame, most of a stepped sample's cost. Blocked once
+       * here instead, its own calls change nothing (mv_signals_held). */
       sigset_t all, saved;
       sigfillset(&all);
       pthread_sigmask(SIG_SETMASK, &all, &saved);
-      signals_held = true;
+      mv_signals_held = true;
       n = step_frames(frames, max);
-      signals_held = false;
+      mv_signals_held = false;
       pthread_sigmask(SIG_SETMASK, &saved, NULL);
     } else {
       n = fn(frames, max);
@@ -191,25 +193,6 @@ static int unwind(backtrace_fn fn, void **frames, int max) {
   unwinding_here = false;
   atomic_fetch_sub(&unwinding, 1);
   return n;
-}
-
-/* libunwind blocks signals around each frame it steps (so that a signal
- * handler on this thread cannot unwind into its held cache lock): two system
- * calls a frame, most of a stepped sample's cost. A stepped unwind blocks them
- * once for all its frames, and libunwind's calls inside it change nothing. The
- * program's own calls pass through, at the cost of one TLS load. */
-__attribute__((visibility("default"))) int sigprocmask(int how, const sigset_t *set,
-                                                       sigset_t *old) {
-  if (MV_UNLIKELY(signals_held)) {
-    if (old) sigfillset(old);
-    return 0;
-  }
-  int err = pthread_sigmask(how, set, old);
-  if (err) {
-    errno = err;
-    return -1;
-  }
-  return 0;
 }
 
 int mv_prof_backtrace(void **frames, int max) {

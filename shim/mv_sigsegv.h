@@ -9,7 +9,9 @@
  * SIGBUS never reaches movalloc and needs no chaining.
  *
  * sigaltstack() is interposed too, to know the alternate signal stacks that a
- * hold must not make read-only.
+ * hold must not make read-only; and sigprocmask() and pthread_sigmask(), so
+ * that no thread blocks SIGSEGV once the handler is installed (a held writer
+ * with SIGSEGV blocked would be killed).
  *
  * All of it is async-signal-safe and allocation-free.
  */
@@ -51,6 +53,11 @@ uint64_t mv_sigsegv_epoch(void);
  * waited, or a hold ended since `epoch` was read, so the EFAULT may have been
  * ours). Preserves errno. */
 bool mv_sigsegv_wait(uintptr_t addr, size_t len, uint64_t epoch);
+
+/* Set by a thread that has blocked every signal itself around code that calls
+ * sigprocmask() (the profiler's stepped unwinds: libunwind blocks signals around
+ * every frame): those calls change nothing meanwhile. */
+extern __thread bool mv_signals_held;
 
 /* Ranges held right now (tests). */
 unsigned mv_sigsegv_held(void);

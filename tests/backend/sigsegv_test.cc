@@ -376,5 +376,42 @@ TEST_F(SyscallRetry, HeldWriterWaits) {
   EXPECT_GE(ms, 25.0);
 }
 
+// A thread that blocked every signal (as servers' worker threads and libunwind
+// do) and then writes a held range waits like any other writer: once the
+// handler is installed, sigprocmask and pthread_sigmask leave SIGSEGV
+// unblocked, and block the rest. With SIGSEGV blocked the kernel would kill
+// the process on that write.
+TEST_F(SyscallRetry, WriterWithEverySignalBlockedWaits) {
+  ASSERT_EQ(mv_sigsegv_install(), 0);
+  for (bool use_pthread : {false, true}) {
+    int status = InChild([&] {
+      double ms = 0;
+      bool segv_blocked = true, usr1_blocked = false;
+      ssize_t r = DuringHold(
+          [&] {
+            std::thread t([&] {
+              sigset_t all, now;
+              sigfillset(&all);
+              if (use_pthread) pthread_sigmask(SIG_BLOCK, &all, nullptr);
+              else sigprocmask(SIG_BLOCK, &all, nullptr);
+              pthread_sigmask(SIG_SETMASK, nullptr, &now);
+              segv_blocked = sigismember(&now, SIGSEGV);
+              usr1_blocked = sigismember(&now, SIGUSR1);
+              buf_[kPage + 7] = 43;
+            });
+            t.join();
+            return (ssize_t)0;
+          },
+          &ms);
+      if (segv_blocked || !usr1_blocked) return 2;
+      return r == 0 && buf_[kPage + 7] == 43 && ms >= 25.0 ? 0 : 1;
+    });
+    EXPECT_TRUE(ExitedOk(status))
+        << (use_pthread ? "pthread_sigmask" : "sigprocmask") << ": wait status " << status
+        << (DiedOfSegv(status) ? ", killed by the held write" : "")
+        << " (exit 1: the write did not wait or land, 2: the mask is wrong)";
+  }
+}
+
 }  // namespace
 }  // namespace mvtest
