@@ -63,20 +63,26 @@ foll_pins_held() {
 }
 
 # 1. A partial run with a probe under it; no compaction, so buddyinfo shows
-#    only what fragment took (others' memory churn aside).
-"$frag" --max-mib 512 --no-compact --quiet --json -- "$frag" --check --quiet --json >"$tmp/partial.json"
-rc=$?
-[ $rc -eq 0 ] || fail "partial run exited $rc"
-blocks=$(field "$tmp/partial.json" fragment harvested_blocks)
-[ "$blocks" = 256 ] || fail "partial run broke up $blocks blocks, wanted 256"
-pinned=$(field "$tmp/partial.json" fragment pinned_mib)
-[ "$pinned" = 1.0 ] || fail "partial run pinned $pinned MiB, wanted 1.0 (one 4 KiB page per block)"
-child_probe=$(field "$tmp/partial.json" check probe_thp)
-[ "$child_probe" != missing ] || fail "the wrapped command (fragment --check) did not report"
-before=$(field "$tmp/partial.json" fragment before free_blocks)
-during=$(field "$tmp/partial.json" check now free_blocks)
-[ $((before - during)) -ge $((blocks / 2)) ] ||
-	fail "free 2 MiB blocks went only from $before to $during while $blocks were held"
+#    only what fragment took, and what other processes freed or took meanwhile:
+#    a process freeing some hundreds of MiB as it exits (a test's heap, the
+#    build server's) can hide the 256 blocks. Up to three tries for that.
+for try in 1 2 3; do
+	"$frag" --max-mib 512 --no-compact --quiet --json -- "$frag" --check --quiet --json >"$tmp/partial.json"
+	rc=$?
+	[ $rc -eq 0 ] || fail "partial run exited $rc"
+	blocks=$(field "$tmp/partial.json" fragment harvested_blocks)
+	[ "$blocks" = 256 ] || fail "partial run broke up $blocks blocks, wanted 256"
+	pinned=$(field "$tmp/partial.json" fragment pinned_mib)
+	[ "$pinned" = 1.0 ] || fail "partial run pinned $pinned MiB, wanted 1.0 (one 4 KiB page per block)"
+	child_probe=$(field "$tmp/partial.json" check probe_thp)
+	[ "$child_probe" != missing ] || fail "the wrapped command (fragment --check) did not report"
+	before=$(field "$tmp/partial.json" fragment before free_blocks)
+	during=$(field "$tmp/partial.json" check now free_blocks)
+	[ $((before - during)) -ge $((blocks / 2)) ] && break
+	[ $try = 3 ] && fail "free 2 MiB blocks went only from $before to $during while $blocks were held (3 tries)"
+	note "try $try: free 2 MiB blocks went from $before to $during while $blocks were held:" \
+		"other processes freed memory meanwhile; again"
+done
 note "partial: free 2 MiB blocks $before -> $during while holding $blocks;" \
 	"the probe under it still got $child_probe/16 THPs (expected: the rest of memory has blocks)"
 
