@@ -53,6 +53,9 @@ enum mv_kept {
   MV_KEPT_SMAPS,      /* /proc/self/smaps: read it with pread */
   MV_KEPT_MAPS,       /* /proc/self/maps, for PROCMAP_QUERY */
   MV_KEPT_MEM,        /* /proc/self/mem, for reads that must not fault (pread) */
+  MV_KEPT_MEMINFO,    /* /proc/meminfo, every compactor round (purge rule) */
+  MV_KEPT_TASKS,      /* /proc/self/task (getdents64 from 0) */
+  MV_KEPT_STAT,       /* /proc/self/stat: the main thread's state */
   MV_KEPT_COUNT,
 };
 
@@ -72,6 +75,11 @@ void mv_kept_close(enum mv_kept which);
 
 /* mv_kept_fd for the /proc files above. */
 int mv_proc_fd(enum mv_kept which);
+
+/* The whole of a kept /proc file, read again from its start, into buf (at most
+ * cap - 1 bytes, NUL-terminated): its length, or -errno (-EAGAIN when the
+ * number stopped holding the file during the read). */
+long mv_proc_read(enum mv_kept which, char *buf, size_t cap);
 
 /* Maps len bytes (a multiple of MV_ARENA_SIZE) at an MV_ARENA_SIZE aligned
  * address: maps len + MV_ARENA_SIZE and unmaps the ends at once, so that only

@@ -23,6 +23,7 @@
 #include "arena/mv_arena.h"
 #include "arena/mv_prim.h"
 #include "arena/mv_print.h"
+#include "compactor/mv_backend_int.h"
 #include "compactor/mv_engine.h"
 #include "compactor/mv_policy.h"
 #include "shim/mv_channel.h"
@@ -35,30 +36,31 @@ static _Atomic(int) state = IDLE;
 
 /* True when every other thread of the process has exited (main included, by
  * pthread_exit): then the compactor must not be what keeps the process alive.
- * Reads /proc/self/task with getdents64 and small reads: no malloc. */
+ * A thread other than main that exits leaves /proc/self/task; main stays there
+ * as a zombie until the process ends, and its state is in /proc/self/stat.
+ * Both are kept open (no descriptor of ours appears at a low number for an
+ * instant every check, where a program listing its descriptors would see it);
+ * getdents64 and small reads: no malloc. Not sure means not alone. */
 static bool alone(void) {
-  int dir = open("/proc/self/task", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dir < 0) return false;
-  int me = mv_os_gettid();
-  bool others = false;
+  int dir = mv_proc_fd(MV_KEPT_TASKS);
+  if (dir < 0 || lseek(dir, 0, SEEK_SET) != 0) return false;
+  int me = mv_os_gettid(), main_tid = getpid();
   char buf[4096];
   long n;
-  while (!others && (n = syscall(SYS_getdents64, dir, buf, sizeof buf)) > 0) {
-    for (long off = 0; off < n && !others;) {
+  while ((n = syscall(SYS_getdents64, dir, buf, sizeof buf)) > 0) {
+    for (long off = 0; off < n;) {
       struct dirent64 *d = (struct dirent64 *)(buf + off);
       off += d->d_reclen;
       int tid = 0;
       for (const char *c = d->d_name; *c >= '0' && *c <= '9'; c++) tid = tid * 10 + (*c - '0');
-      if (tid == 0 || tid == me) continue;
-      char path[64], stat[512];
-      mv_snprintf(path, sizeof path, "/proc/self/task/%d/stat", tid);
-      if (mv_os_read_file(path, stat, sizeof stat) <= 0) continue; /* gone meanwhile */
-      const char *end = strrchr(stat, ')');
-      others = end && end[1] == ' ' && end[2] != 'Z' && end[2] != 'X';
+      if (tid != 0 && tid != me && tid != main_tid) return false;
     }
   }
-  close(dir);
-  return !others;
+  if (n < 0) return false;
+  char stat[512];
+  if (mv_proc_read(MV_KEPT_STAT, stat, sizeof stat) <= 0) return false;
+  const char *end = strrchr(stat, ')');
+  return end && end[1] == ' ' && (end[2] == 'Z' || end[2] == 'X');
 }
 
 static void sleep_ms(unsigned ms) {
@@ -77,7 +79,7 @@ static struct {
 static bool pressure_now(void) {
   char buf[4096];
   uint64_t avail, total;
-  return mv_os_read_file("/proc/meminfo", buf, sizeof buf) > 0 &&
+  return mv_proc_read(MV_KEPT_MEMINFO, buf, sizeof buf) > 0 &&
          mv_policy_parse_meminfo(buf, &avail, &total) &&
          mv_policy_under_pressure(avail, total, mv_options.purge_free_pct);
 }

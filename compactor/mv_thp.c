@@ -140,6 +140,12 @@ static int open_kpageflags(void) { return open_proc("/proc/kpageflags"); }
 static int open_smaps(void) { return open_proc("/proc/self/smaps"); }
 static int open_maps(void) { return open_proc("/proc/self/maps"); }
 static int open_mem(void) { return open_proc("/proc/self/mem"); }
+static int open_meminfo(void) { return open_proc("/proc/meminfo"); }
+static int open_stat(void) { return open_proc("/proc/self/stat"); }
+static int open_tasks(void) {
+  int fd = open("/proc/self/task", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  return fd >= 0 ? fd : -errno;
+}
 
 int mv_proc_fd(enum mv_kept which) {
   static int (*const openers[MV_KEPT_COUNT])(void) = {
@@ -148,6 +154,9 @@ int mv_proc_fd(enum mv_kept which) {
       [MV_KEPT_SMAPS] = open_smaps,
       [MV_KEPT_MAPS] = open_maps,
       [MV_KEPT_MEM] = open_mem,
+      [MV_KEPT_MEMINFO] = open_meminfo,
+      [MV_KEPT_TASKS] = open_tasks,
+      [MV_KEPT_STAT] = open_stat,
   };
   return openers[which] ? mv_kept_fd(which, openers[which]) : -EINVAL;
 }
@@ -183,6 +192,22 @@ static int proc_pread(enum mv_kept which, void *buf, size_t len, off_t off) {
   if (fd < 0) return fd;
   int rc = pread_all(fd, buf, len, off);
   return kept_is_ours(which, fd) ? rc : -EAGAIN;
+}
+
+long mv_proc_read(enum mv_kept which, char *buf, size_t cap) {
+  if (cap == 0) return -EINVAL;
+  int fd = mv_proc_fd(which);
+  if (fd < 0) return fd;
+  size_t got = 0;
+  while (got + 1 < cap) {
+    ssize_t n = pread(fd, buf + got, cap - 1 - got, (off_t)got);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return -errno;
+    if (n == 0) break;
+    got += (size_t)n;
+  }
+  buf[got] = '\0';
+  return kept_is_ours(which, fd) ? (long)got : -EAGAIN;
 }
 
 static int read_pagemap_n(uintptr_t addr, uint64_t *entries, size_t n) {

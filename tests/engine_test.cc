@@ -2,6 +2,7 @@
 // with every byte kept, third-party regions with vetoes, failures ending in
 // putback, and writers running throughout.
 #include <errno.h>
+#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <stdlib.h>
 #include <string.h>
@@ -13,6 +14,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <fstream>
 #include <string>
 #include <thread>
@@ -371,6 +373,34 @@ TEST(Engine, CompactorDoesNotKeepTheProcessAlive) {
     FAIL() << "the process was still alive 10 s after its last program thread ended";
   }
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
+}
+
+// The compactor's reads of every round (/proc/meminfo for the purge rule, the
+// thread list for its exit check) go through descriptors it keeps at 512 and
+// above: once its first rounds have opened them, a program that lists its low
+// descriptors never sees one of movalloc's come and go (python's
+// test_subprocess did, under stress).
+TEST(Engine, CompactorRoundsOpenNoLowDescriptors) {
+  pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    mv_options.compact = true;
+    mv_options.compact_stress = true; // a round every 10 ms
+    mv_options.purge = MV_PURGE_PRESSURE;
+    for (int i = 0; i < 200000; i++) memset(malloc(500), 1, 500); // starts the compactor
+    usleep(300 * 1000);
+    bool open_before[64];
+    for (int fd = 0; fd < 64; fd++) open_before[fd] = fcntl(fd, F_GETFD) != -1;
+    int appeared = 0;
+    for (auto end = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+         std::chrono::steady_clock::now() < end;)
+      for (int fd = 3; fd < 64; fd++) appeared += !open_before[fd] && fcntl(fd, F_GETFD) != -1;
+    _exit(appeared == 0 ? 0 : 1);
+  }
+  int status = -1;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0)
+      << "a descriptor below 64 came and went while the compactor ran (status " << status << ")";
 }
 
 TEST(Engine, OffBackendRefusesToCompact) {
