@@ -142,10 +142,7 @@ static int open_maps(void) { return open_proc("/proc/self/maps"); }
 static int open_mem(void) { return open_proc("/proc/self/mem"); }
 static int open_meminfo(void) { return open_proc("/proc/meminfo"); }
 static int open_stat(void) { return open_proc("/proc/self/stat"); }
-static int open_tasks(void) {
-  int fd = open("/proc/self/task", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  return fd >= 0 ? fd : -errno;
-}
+static int open_tasks(void) { return open_proc("/proc/self/task"); }
 
 int mv_proc_fd(enum mv_kept which) {
   static int (*const openers[MV_KEPT_COUNT])(void) = {

@@ -71,12 +71,12 @@ int mv_uffd_api(int fd, uint64_t want, uint64_t *got);
  * probe said no, or opening failed now). One fstat() per call. */
 int mv_uffd_get(void);
 
-/* Features enabled on the process-wide fd (0 before it is open). */
 /* Changes each time a new descriptor is opened (after fork, or when the program
  * closed or replaced ours): a range registered before is not registered with
  * the current one. */
 unsigned mv_uffd_generation(void);
 
+/* Features enabled on the process-wide fd (0 before it is open). */
 uint64_t mv_uffd_features(void);
 
 /* Closes the process-wide fd (if that number still holds it): after fork() in

@@ -187,7 +187,38 @@ static void write_prog(const struct sigaction *act) {
   atomic_store_explicit(&prog_gen, g + 1, memory_order_release);
 }
 
-static int set_mask(int how, const sigset_t *set, sigset_t *old, bool segv_too);
+/* ---- signal masks ----
+ * A thread that has SIGSEGV blocked and writes a held range is killed: the
+ * kernel cannot leave a fault pending, so it delivers it with the default
+ * action. Threads do block every signal and then write the heap (servers'
+ * worker threads; libunwind around its cache updates), so once the handler is
+ * installed, sigprocmask and pthread_sigmask leave SIGSEGV out of what they
+ * block. What a program can tell: a SIGSEGV sent with kill() to such a thread
+ * is handled at once instead of staying pending.
+ *
+ * pthread_sigmask is glibc's, written out (glibc exports no other name for
+ * it): its own SIGCANCEL and SIGSETXID are never blocked. */
+#define MV_SIGCANCEL __SIGRTMIN
+#define MV_SIGSETXID (__SIGRTMIN + 1)
+
+__thread bool mv_signals_held;
+
+/* 0 or an error number, errno untouched. segv_too: block SIGSEGV if asked. */
+static int set_mask(int how, const sigset_t *set, sigset_t *old, bool segv_too) {
+  sigset_t copy;
+  if (set) {
+    copy = *set;
+    sigdelset(&copy, MV_SIGCANCEL);
+    sigdelset(&copy, MV_SIGSETXID);
+    if (!segv_too && how != SIG_UNBLOCK && atomic_load_explicit(&installed, memory_order_acquire))
+      sigdelset(&copy, SIGSEGV);
+    set = &copy;
+  }
+  int saved_errno = errno;
+  int err = syscall(SYS_rt_sigprocmask, how, set, old, _NSIG / 8) == 0 ? 0 : errno;
+  errno = saved_errno;
+  return err;
+}
 
 static void lock_writers(sigset_t *saved) {
   sigset_t all;
@@ -286,41 +317,7 @@ int mv_sigsegv_install(void) {
   return rc;
 }
 
-/* ---- signal masks ----
- * A thread that has SIGSEGV blocked and writes a held range is killed: the
- * kernel cannot leave a fault pending, so it delivers it with the default
- * action. Threads do block every signal and then write the heap (servers'
- * worker threads; libunwind around its cache updates), so once the handler is
- * installed, sigprocmask and pthread_sigmask leave SIGSEGV out of what they
- * block. What a program can tell: a SIGSEGV sent with kill() to such a thread
- * is handled at once instead of staying pending.
- *
- * pthread_sigmask is glibc's, written out (glibc exports no other name for
- * it): its own SIGCANCEL and SIGSETXID are never blocked. */
-#define MV_SIGCANCEL __SIGRTMIN
-#define MV_SIGSETXID (__SIGRTMIN + 1)
-
-__thread bool mv_signals_held;
-
-/* 0 or an error number, errno untouched. segv_too: block SIGSEGV if asked. */
-static int set_mask(int how, const sigset_t *set, sigset_t *old, bool segv_too) {
-  sigset_t copy;
-  bool strip_segv = !segv_too && how != SIG_UNBLOCK &&
-                    atomic_load_explicit(&installed, memory_order_acquire);
-  if (set && (sigismember(set, MV_SIGCANCEL) == 1 || sigismember(set, MV_SIGSETXID) == 1 ||
-              (strip_segv && sigismember(set, SIGSEGV) == 1))) {
-    copy = *set;
-    sigdelset(&copy, MV_SIGCANCEL);
-    sigdelset(&copy, MV_SIGSETXID);
-    if (strip_segv) sigdelset(&copy, SIGSEGV);
-    set = &copy;
-  }
-  int saved_errno = errno;
-  int err = syscall(SYS_rt_sigprocmask, how, set, old, _NSIG / 8) == 0 ? 0 : errno;
-  errno = saved_errno;
-  return err;
-}
-
+/* The mask calls (see "signal masks" above). */
 MV_INTERPOSE int pthread_sigmask(int how, const sigset_t *set, sigset_t *old) {
   return set_mask(how, set, old, false);
 }
