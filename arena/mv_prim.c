@@ -54,6 +54,7 @@ void mv_os_random(void *buf, size_t len) {
     if (n <= 0) break;
     got += (size_t)n;
   }
+  if (got == len) return;
   /* No entropy yet (early boot, seccomp): mix what differs between runs. */
   uint64_t x = clock_ns(CLOCK_MONOTONIC) ^ ((uint64_t)(uintptr_t)buf << 17) ^
                ((uint64_t)getpid() << 40);

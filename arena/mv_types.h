@@ -105,6 +105,9 @@ typedef struct mv_page {
   size_t huge_size;          /* HUGE/LARGE: usable bytes */
   uint8_t lifeclass;         /* SMALL, LARGE: enum mv_lifeclass, that of its arena;
                                 SMALL: which of the owner's queue sets holds it */
+  _Atomic(uintptr_t) sampled_block; /* profile lock: 0 when sampled is 0; the sampled
+                                block while it is the page's only one since sampled was
+                                0; MV_SAMPLED_MANY otherwise (mv_profile.h) */
   mv_block_t *sample_rest;   /* MOVALLOC_PROFILE, owner only: free blocks held back
                                 from `free` because the first of them is to be sampled
                                 (mv_heap.c, prof_install); only a bin's direct page */

@@ -86,6 +86,8 @@ static _Atomic bool forking;
 
 static __thread bool in_profiler __attribute__((tls_model("initial-exec")));
 static __thread uint64_t rng __attribute__((tls_model("initial-exec"))); /* 0: unseeded */
+static uint64_t rng_seed;           /* from the OS once; threads derive theirs */
+static _Atomic uint64_t rng_threads; /* threads seeded so far */
 /* This thread is inside unw_backtrace (a fork from a signal handler that
  * interrupted it must not wait for itself). */
 static __thread bool unwinding_here __attribute__((tls_model("initial-exec")));
@@ -95,6 +97,14 @@ static __thread bool unwinding_here __attribute__((tls_model("initial-exec")));
  * earns back; a stepped sample costs about 6 us (docs/RESULTS.md, section 9). */
 #define STEPPED_SAMPLES 16
 static __thread uint8_t stepped_here __attribute__((tls_model("initial-exec")));
+
+/* A table page's first touch must be a write: a read maps the shared zero
+ * page, and the write that follows copies it and flushes the TLB of every CPU
+ * running the process, an interprocessor interrupt per page (larson spent 0.9%
+ * of its time there when samples probed their slots with reads first). */
+static inline void touch_for_write(void *p) {
+  __atomic_fetch_or((unsigned char *)p, 0, __ATOMIC_RELAXED);
+}
 
 bool mv_prof_init(uint64_t rate) {
   size_t slen = SITES * sizeof(site_t);
@@ -110,6 +120,10 @@ bool mv_prof_init(uint64_t rate) {
   sites = s;
   objects = o;
   mv_prof_filter = (_Atomic(uint16_t) *)(objects + OBJECTS);
+  /* Every free in a tagged page reads the filter: its pages are written now. */
+  for (size_t off = 0; off < OBJECTS * sizeof(uint16_t); off += 4096)
+    touch_for_write((char *)mv_prof_filter + off);
+  mv_os_random(&rng_seed, sizeof rng_seed);
   mv_prof_rate = rate;
   mv_malloc_hooked = true;
   return true;
@@ -281,6 +295,7 @@ static uint64_t hash_frames(const uintptr_t *f, unsigned n) {
 
 /* The slot of the site with this stack, inserted if new; SITES when full. */
 static uint32_t site_find(uint64_t hash, const uintptr_t *f, unsigned n) {
+  touch_for_write(&sites[(uint32_t)hash & (SITES - 1)]);
   for (uint32_t i = (uint32_t)hash & (SITES - 1);; i = (i + 1) & (SITES - 1)) {
     site_t *s = &sites[i];
     if (s->hash == hash && s->depth == n && !memcmp(s->frames, f, n * sizeof *f)) return i;
@@ -308,9 +323,11 @@ static void page_tag(mv_page_t *page, bool sampled) {
 
 bool mv_prof_cross(void) {
   bool first = rng == 0;
-  if (MV_UNLIKELY(first)) {
-    mv_os_random(&rng, sizeof rng);
-    rng |= 1;
+  if (MV_UNLIKELY(first)) { /* splitmix64 of the seed and the thread's number: no system call */
+    uint64_t z = rng_seed + (atomic_fetch_add(&rng_threads, 1) + 1) * 0x9E3779B97F4A7C15ULL;
+    z = (z ^ z >> 30) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ z >> 27) * 0x94D049BB133111EBULL;
+    rng = (z ^ z >> 31) | 1;
   }
   mv_prof_left = next_interval();
   return !first;
@@ -353,12 +370,16 @@ MV_ALLOC_ENTRY void *mv_prof_sample(void *p, size_t size, size_t unit) {
     st->live_bytes += o.bytes;
     st->live_objects += o.objects;
     uint32_t i = mv_prof_slot(o.addr);
+    touch_for_write(&objects[i]);
     while (objects[i].addr) i = (i + 1) & (OBJECTS - 1);
     objects[i] = o;
     object_count++;
     atomic_fetch_add_explicit(&mv_prof_filter[mv_prof_slot(o.addr)], 1, memory_order_release);
-    if (atomic_fetch_add_explicit(&page->sampled, 1, memory_order_relaxed) == 0)
-      page_tag(page, true);
+    bool first = atomic_fetch_add_explicit(&page->sampled, 1, memory_order_relaxed) == 0;
+    /* Before the tag, and before p is handed out: every free that can see p sees this. */
+    atomic_store_explicit(&page->sampled_block, first ? o.addr : MV_SAMPLED_MANY,
+                          memory_order_release);
+    if (first) page_tag(page, true);
   }
   mv_unlock(&mv_prof_lock);
   in_profiler = false;
@@ -385,8 +406,10 @@ void mv_prof_freed(void *p, mv_page_t *page) {
     st->lifetime[lifetime_bucket(now - o->born_ns)]++;
     object_count--;
     atomic_fetch_sub_explicit(&mv_prof_filter[mv_prof_slot((uintptr_t)p)], 1, memory_order_relaxed);
-    if (atomic_fetch_sub_explicit(&page->sampled, 1, memory_order_relaxed) == 1)
+    if (atomic_fetch_sub_explicit(&page->sampled, 1, memory_order_relaxed) == 1) {
       page_tag(page, false);
+      atomic_store_explicit(&page->sampled_block, 0, memory_order_relaxed);
+    }
     /* Backward shift: pull later entries of the probe run into the hole. */
     uint32_t hole = i;
     for (uint32_t j = (i + 1) & (OBJECTS - 1); objects[j].addr; j = (j + 1) & (OBJECTS - 1)) {

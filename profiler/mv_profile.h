@@ -101,10 +101,19 @@ extern _Atomic(uint16_t) *mv_prof_filter __attribute__((visibility("hidden")));
 /* p, sampled (its slot counts it), in page, is being freed: forgets it. */
 void mv_prof_freed(void *p, mv_page_t *page) MV_NOINLINE;
 
+/* mv_page.sampled_block when the page holds more than its first sample. */
+#define MV_SAMPLED_MANY ((uintptr_t)1)
+
 /* p, in page (which holds sampled blocks), is being freed: forgets it if
- * sampled. The filter test is inline: most blocks of such a page are not. */
+ * sampled. The test is inline: most blocks of such a page are not sampled.
+ * A page with one sample names it in its descriptor, which the free has just
+ * read; the filter, a cache miss more often than not, is asked only for pages
+ * with more. */
 static inline void mv_prof_free(void *p, mv_page_t *page) {
-  if (atomic_load_explicit(&mv_prof_filter[mv_prof_slot((uintptr_t)p)], memory_order_acquire))
+  uintptr_t one = atomic_load_explicit(&page->sampled_block, memory_order_acquire);
+  if (one == MV_SAMPLED_MANY
+          ? atomic_load_explicit(&mv_prof_filter[mv_prof_slot((uintptr_t)p)], memory_order_acquire)
+          : one == (uintptr_t)p)
     mv_prof_freed(p, page);
 }
 

@@ -77,6 +77,7 @@ __attribute__((noinline)) void *profile_thread_site(size_t n) { return Opaque(ma
 __attribute__((noinline)) void *profile_exit_site(size_t n) { return Opaque(malloc(n)); }
 __attribute__((noinline)) void *profile_route_site(size_t n) { return Opaque(malloc(n)); }
 __attribute__((noinline)) void *profile_step_site(size_t n) { return Opaque(malloc(n)); }
+__attribute__((noinline)) void *profile_pages_site(size_t n) { return Opaque(malloc(n)); }
 }
 
 namespace {
@@ -259,6 +260,56 @@ TEST(Profile, SamplesLeaveTheSignalMaskAsItWas) {
     EXPECT_EQ(errno, EINVAL);
   }).join();
   EXPECT_GT(TotalSamples(), samples_before + 10);
+}
+
+// A page with one sample names it in its descriptor, one with more sends its
+// frees to the filter: whichever a page is, every sample is forgotten when its
+// block is freed, and no other block's free forgets one.
+TEST(Profile, FreesForgetSamplesInPagesWithOneAndWithMany) {
+  std::vector<void *> held(65536); // 1 KiB blocks, 64 MiB: about 1000 samples
+  for (void *&p : held) p = profile_pages_site(1024);
+  mv_page_t *last = nullptr;
+  int one = 0, many = 0;
+  for (void *p : held) {
+    mv_page_t *page = mv_page_of(p);
+    if (page == last) continue;
+    last = page;
+    uint16_t sampled = atomic_load(&page->sampled);
+    uintptr_t named = atomic_load(&page->sampled_block);
+    if (sampled == 0) {
+      EXPECT_EQ(named, 0u);
+    } else if (sampled == 1 && named != MV_SAMPLED_MANY) {
+      one++;
+      EXPECT_EQ(mv_page_of((void *)named), page);
+    } else if (sampled > 1) {
+      many++;
+      EXPECT_EQ(named, MV_SAMPLED_MANY);
+    }
+  }
+  EXPECT_GT(one, 10) << "pages naming their one sample";
+  EXPECT_GT(many, 10) << "pages with several samples";
+  auto live = [] {
+    auto sites = Sites();
+    const movalloc_profile_site *s = SiteIn(sites, (void *)profile_pages_site);
+    return s ? s->live_samples : 0;
+  };
+  EXPECT_GT(live(), 500u);
+  // Every other block first, the frees of named samples and of some blocks
+  // beside them checked one by one; then the rest.
+  for (size_t i = 0; i < held.size(); i += 2) {
+    uintptr_t named = atomic_load(&mv_page_of(held[i])->sampled_block);
+    bool sampled = named == (uintptr_t)held[i];
+    bool check = sampled || (i % 512 == 0 && named != MV_SAMPLED_MANY);
+    uint64_t was = check ? live() : 0;
+    free(held[i]);
+    if (sampled) {
+      EXPECT_EQ(live(), was - 1) << "a named sample was not forgotten";
+    } else if (check) {
+      EXPECT_EQ(live(), was) << "a free forgot a sample it was not";
+    }
+  }
+  for (size_t i = 1; i < held.size(); i += 2) free(held[i]);
+  EXPECT_EQ(live(), 0u) << "samples in pages with several were not forgotten";
 }
 
 // realloc moves a sampled block: the old one is freed (forgotten), the new one
