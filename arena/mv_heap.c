@@ -140,9 +140,9 @@ static inline void update_direct(mv_heap_t *h, unsigned bin) {
   h->direct[bin] = first && !mv_options.check ? first : &mv_page_empty;
 }
 
-/* The owner's queue for a page's bin and lifetime class. */
-static inline mv_page_queue_t *bin_queue(mv_heap_t *h, unsigned bin, unsigned lifeclass) {
-  return &h->queues[lifeclass][bin];
+/* The owner's queue for a bin in a queue set (mv_types.h). */
+static inline mv_page_queue_t *bin_queue(mv_heap_t *h, unsigned bin, unsigned set) {
+  return &h->queues[set][bin];
 }
 
 static inline mv_page_queue_t *page_queue(mv_heap_t *h, const mv_page_t *page) {
@@ -297,18 +297,27 @@ static void heap_rescan_full(mv_heap_t *h) {
   }
 }
 
-static mv_page_t *page_fresh(mv_heap_t *h, unsigned bin, unsigned lifeclass) {
+/* 1 (MV_LIFE_SHORT's) until a page joins another queue set, then all:
+ * heap_collect looks at the sets in use only. */
+static _Atomic unsigned queue_sets_used = 1;
+
+static mv_page_t *page_fresh(mv_heap_t *h, unsigned bin, unsigned set) {
   mv_compactor_poke();
   bool zeroed;
+  unsigned lifeclass = set == MV_QUEUE_SAMPLED ? MV_LIFE_SHORT : set;
   mv_page_t *page = mv_arena_alloc_class(mv_bin_slices(bin), &zeroed, lifeclass);
   if (!page) return NULL;
+  if (set != MV_LIFE_SHORT &&
+      atomic_load_explicit(&queue_sets_used, memory_order_relaxed) != MV_QUEUE_SETS)
+    atomic_store_explicit(&queue_sets_used, MV_QUEUE_SETS, memory_order_relaxed);
+  page->lifeclass = (uint8_t)set;
   page->kind = MV_PAGE_SMALL;
   page->sample_rest = NULL;
   page->bin = (uint8_t)bin;
   page->block_size = (uint32_t)mv_bin_size(bin);
   page->reserved = (uint32_t)(((size_t)page->slice_count << MV_SLICE_SHIFT) / page->block_size);
   atomic_store_explicit(&page->heap, h, memory_order_release);
-  queue_push_front(bin_queue(h, bin, lifeclass), page);
+  queue_push_front(bin_queue(h, bin, set), page);
   mv_channel_poke(); /* the heap grew: the inspection channel may publish */
   return page;
 }
@@ -339,14 +348,14 @@ static void collect_one_abandoned(void) {
   mv_unlock(&mv_heaps_lock);
 }
 
-/* A page of bin and lifetime class with a free block, made the first page of
+/* A page of bin in queue set `set` with a free block, made the first page of
  * its queue; NULL: no memory. */
 static inline __attribute__((always_inline)) mv_page_t *heap_page_for(mv_heap_t *h,
                                                                       unsigned bin,
-                                                                      unsigned lifeclass) {
+                                                                      unsigned set) {
   if (++h->slow_calls % MV_HOUSEKEEPING_EVERY == 0) heap_rescan_full(h);
   heap_drain_notified(h);
-  mv_page_queue_t *q = bin_queue(h, bin, lifeclass);
+  mv_page_queue_t *q = bin_queue(h, bin, set);
   mv_page_t *page = q->first;
   while (page) {
     mv_page_t *next = page->next;
@@ -363,7 +372,7 @@ static inline __attribute__((always_inline)) mv_page_t *heap_page_for(mv_heap_t 
   }
   if (!page) {
     collect_one_abandoned(); /* their empty pages may serve instead of fresh ones */
-    page = page_fresh(h, bin, lifeclass);
+    page = page_fresh(h, bin, set);
     if (!page) return NULL;
     page_extend(page);
   }
@@ -371,7 +380,7 @@ static inline __attribute__((always_inline)) mv_page_t *heap_page_for(mv_heap_t 
     queue_remove(q, page);
     queue_push_front(q, page);
   }
-  if (lifeclass == MV_LIFE_SHORT) update_direct(h, bin);
+  if (set == MV_LIFE_SHORT) update_direct(h, bin);
   return page;
 }
 
@@ -434,8 +443,8 @@ mv_heap_t *mv_heap_get(void) {
 static void heap_collect(mv_heap_t *h, bool keep_one) {
   heap_drain_notified(h);
   heap_rescan_full(h);
-  unsigned classes = mv_lifetime_on ? MV_LIFECLASSES : 1; /* long queues stay empty */
-  for (unsigned c = 0; c < classes; c++) {
+  unsigned sets = atomic_load_explicit(&queue_sets_used, memory_order_relaxed);
+  for (unsigned c = 0; c < sets; c++) {
     for (unsigned bin = 1; bin < MV_BINS; bin++) {
       mv_page_queue_t *q = bin_queue(h, bin, c);
       for (mv_page_t *page = q->first, *next; page; page = next) {
@@ -743,8 +752,34 @@ static inline __attribute__((always_inline)) void prof_install(mv_page_t *page) 
   }
 }
 
+/* MOVALLOC_PROFILE: a sampled allocation of size, its block from the heap's
+ * pages for samples (MV_QUEUE_SAMPLED), which hold nothing else. A page that
+ * holds a sample sends every free of its blocks the slow way (mv_profile.h);
+ * were the sample in the fast path's page, that would be the thread's hot
+ * frees, for as long as the sample lives (tcmalloc keeps samples apart too).
+ * unit: what the countdown counted for it. The report describes the arena of
+ * the bin's serving page, where the allocation's unsampled neighbours go. */
+static MV_NOINLINE MV_ALLOC_ENTRY void *sample_apart(mv_heap_t *h, size_t size, size_t unit) {
+  unsigned bin = mv_bin_of(size);
+  mv_page_t *page = bin_queue(h, bin, MV_QUEUE_SAMPLED)->first;
+  if (!page || !page->free) {
+    page = heap_page_for(h, bin, MV_QUEUE_SAMPLED);
+    if (!page) {
+      errno = ENOMEM;
+      return NULL;
+    }
+  }
+  mv_block_t *b = page->free;
+  page->free = mv_ptr_decode(b->next_enc);
+  page->used++;
+  mv_page_t *serving = bin_queue(h, bin, MV_LIFE_SHORT)->first;
+  return mv_prof_sample(b, size, unit, serving ? serving->start : (uintptr_t)b);
+}
+
 /* MOVALLOC_PROFILE, size <= 1024, the direct page's list is used up: install
- * the next one (prof_install), or hand out and sample the held-back block. */
+ * the next one (prof_install), or sample: the countdown ran out at the
+ * held-back block, which stays for a later allocation (counted with the rest
+ * of the list), and this one is sampled apart. */
 static MV_NOINLINE MV_ALLOC_ENTRY void *malloc_refill(size_t size) {
   mv_heap_t *h = mv_heap_get();
   if (!h) {
@@ -767,12 +802,10 @@ static MV_NOINLINE MV_ALLOC_ENTRY void *malloc_refill(size_t size) {
     page->used++;
     return b;
   }
-  b = page->sample_rest;
+  page->free = page->sample_rest;
   page->sample_rest = NULL;
-  page->free = mv_ptr_decode(b->next_enc);
-  page->used++;
   prof_install(page);
-  return mv_prof_sample(b, size, (size_t)page->block_size);
+  return sample_apart(h, size, (size_t)page->block_size);
 }
 
 /* A routed allocation (MOVALLOC_PROFILE_LONGLIVED, or mv_malloc_apart) or a
@@ -802,10 +835,13 @@ static MV_NOINLINE MV_ALLOC_ENTRY void *malloc_counted(size_t size) {
   /* malloc_slow's small case, without a call to it: profiling is off under
    * MOVALLOC_CHECK, and the size is at most MV_SMALL_MAX. */
   mv_heap_t *h = mv_heap_get();
-  void *p = NULL;
-  if (h) p = small_alloc(h, size);
-  else errno = ENOMEM;
-  return mv_prof_count(p, size);
+  if (!h) {
+    errno = ENOMEM;
+    return NULL;
+  }
+  if (MV_UNLIKELY((mv_prof_left -= (int64_t)size) < 0) && mv_prof_cross())
+    return sample_apart(h, size, size);
+  return small_alloc(h, size);
 }
 
 MV_ALLOC_ENTRY void *mv_malloc_slow(size_t size) {

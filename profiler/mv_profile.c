@@ -48,6 +48,7 @@ typedef struct site {
 typedef struct object {
   uintptr_t addr;
   uint32_t site;
+  uint32_t arena;          /* index of the arena its unsampled neighbours go to */
   uint64_t bytes, objects; /* its weight: the bytes and allocations it stands for */
   uint64_t born_ns;
 } object_t;
@@ -333,7 +334,7 @@ bool mv_prof_cross(void) {
   return !first;
 }
 
-MV_ALLOC_ENTRY void *mv_prof_sample(void *p, size_t size, size_t unit) {
+MV_ALLOC_ENTRY void *mv_prof_sample(void *p, size_t size, size_t unit, uintptr_t near) {
   if (in_profiler || !atomic_load_explicit(&started, memory_order_acquire))
     return p; /* libunwind allocating inside the sampler, or before start-up */
   in_profiler = true;
@@ -362,7 +363,8 @@ MV_ALLOC_ENTRY void *mv_prof_sample(void *p, size_t size, size_t unit) {
     dropped++;
   } else {
     site_t *st = &sites[si];
-    object_t o = {(uintptr_t)p, si, (uint64_t)weight, (uint64_t)(weight / s + 0.5), now};
+    object_t o = {(uintptr_t)p, si, (uint32_t)((near - mv_heap_base) >> MV_ARENA_SHIFT),
+                  (uint64_t)weight, (uint64_t)(weight / s + 0.5), now};
     st->samples++;
     st->live_samples++;
     st->alloc_bytes += o.bytes;
@@ -427,9 +429,9 @@ void mv_prof_freed(void *p, mv_page_t *page) {
 
 /* ---- reports ---- */
 
-/* What arena descriptors say about where a live object sits. */
-static void classify(uintptr_t addr, bool *sparse, bool *small_pages) {
-  mv_arena_t *a = mv_arena_of(addr);
+/* What an arena's descriptor says about it: whether it is sparse, and not
+ * backed by a huge page. */
+static void classify(const mv_arena_t *a, bool *sparse, bool *small_pages) {
   *small_pages = !a->thp;
   if (a->huge) { /* a huge object owns its arenas whole */
     *sparse = false;
@@ -510,7 +512,7 @@ static snap_t *snap_take(void) {
     const object_t *ob = &objects[i];
     if (!ob->addr) continue;
     bool sparse, small_pages;
-    classify(ob->addr, &sparse, &small_pages);
+    classify(&mv_arenas[ob->arena], &sparse, &small_pages);
     struct movalloc_profile_site *o = &sn->site[index[ob->site]];
     if (sparse) o->sparse_bytes += ob->bytes;
     if (small_pages) o->small_page_bytes += ob->bytes;

@@ -75,13 +75,15 @@ bool mv_prof_cross(void) MV_NOINLINE;
 
 /* Records p (size bytes asked for, just allocated), picked by mv_prof_cross;
  * unit: the bytes the countdown counted for it (its size, or its block's for
- * the sizes the fast path serves). Returns p. */
-void *mv_prof_sample(void *p, size_t size, size_t unit) MV_NOINLINE;
+ * the sizes the fast path serves); near: an address in the arena where the
+ * allocation's unsampled neighbours go (p itself, unless p was placed apart),
+ * which the report describes. Returns p. */
+void *mv_prof_sample(void *p, size_t size, size_t unit, uintptr_t near) MV_NOINLINE;
 
 /* Counts an allocation the fast path does not serve. */
 static inline void *mv_prof_count(void *p, size_t size) {
   if (MV_UNLIKELY((mv_prof_left -= (int64_t)size) < 0) && p && mv_prof_cross())
-    return mv_prof_sample(p, size, size);
+    return mv_prof_sample(p, size, size, (uintptr_t)p);
   return p;
 }
 

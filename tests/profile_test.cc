@@ -78,6 +78,7 @@ __attribute__((noinline)) void *profile_exit_site(size_t n) { return Opaque(mall
 __attribute__((noinline)) void *profile_route_site(size_t n) { return Opaque(malloc(n)); }
 __attribute__((noinline)) void *profile_step_site(size_t n) { return Opaque(malloc(n)); }
 __attribute__((noinline)) void *profile_pages_site(size_t n) { return Opaque(malloc(n)); }
+__attribute__((noinline)) void *profile_one_site(size_t n) { return Opaque(malloc(n)); }
 }
 
 namespace {
@@ -262,54 +263,80 @@ TEST(Profile, SamplesLeaveTheSignalMaskAsItWas) {
   EXPECT_GT(TotalSamples(), samples_before + 10);
 }
 
-// A page with one sample names it in its descriptor, one with more sends its
-// frees to the filter: whichever a page is, every sample is forgotten when its
-// block is freed, and no other block's free forgets one.
-TEST(Profile, FreesForgetSamplesInPagesWithOneAndWithMany) {
+// Sampled blocks come from pages of their own (MV_QUEUE_SAMPLED): the pages
+// the fast path serves hold no sample, so their frees stay fast.
+TEST(Profile, SamplesLiveApartFromTheFastPathsPages) {
   std::vector<void *> held(65536); // 1 KiB blocks, 64 MiB: about 1000 samples
   for (void *&p : held) p = profile_pages_site(1024);
-  mv_page_t *last = nullptr;
-  int one = 0, many = 0;
-  for (void *p : held) {
-    mv_page_t *page = mv_page_of(p);
-    if (page == last) continue;
-    last = page;
-    uint16_t sampled = atomic_load(&page->sampled);
-    uintptr_t named = atomic_load(&page->sampled_block);
-    if (sampled == 0) {
-      EXPECT_EQ(named, 0u);
-    } else if (sampled == 1 && named != MV_SAMPLED_MANY) {
-      one++;
-      EXPECT_EQ(mv_page_of((void *)named), page);
-    } else if (sampled > 1) {
-      many++;
-      EXPECT_EQ(named, MV_SAMPLED_MANY);
-    }
-  }
-  EXPECT_GT(one, 10) << "pages naming their one sample";
-  EXPECT_GT(many, 10) << "pages with several samples";
   auto live = [] {
     auto sites = Sites();
     const movalloc_profile_site *s = SiteIn(sites, (void *)profile_pages_site);
     return s ? s->live_samples : 0;
   };
-  EXPECT_GT(live(), 500u);
-  // Every other block first, the frees of named samples and of some blocks
-  // beside them checked one by one; then the rest.
-  for (size_t i = 0; i < held.size(); i += 2) {
-    uintptr_t named = atomic_load(&mv_page_of(held[i])->sampled_block);
-    bool sampled = named == (uintptr_t)held[i];
-    bool check = sampled || (i % 512 == 0 && named != MV_SAMPLED_MANY);
-    uint64_t was = check ? live() : 0;
-    free(held[i]);
-    if (sampled) {
-      EXPECT_EQ(live(), was - 1) << "a named sample was not forgotten";
-    } else if (check) {
-      EXPECT_EQ(live(), was) << "a free forgot a sample it was not";
+  auto in_sample_pages = [&held](size_t from, size_t step) {
+    uint64_t n = 0;
+    for (size_t i = from; i < held.size(); i += step) {
+      mv_page_t *page = mv_page_of(held[i]);
+      if (page->lifeclass == MV_QUEUE_SAMPLED) {
+        n++;
+        EXPECT_GT(atomic_load(&page->sampled), 0u);
+      } else {
+        EXPECT_EQ(atomic_load(&page->sampled), 0u) << "a fast path's page holds a sample";
+      }
+    }
+    return n;
+  };
+  uint64_t samples = live();
+  EXPECT_GT(samples, 500u);
+  EXPECT_EQ(in_sample_pages(0, 1), samples) << "sample pages hold samples only";
+  for (size_t i = 0; i < held.size(); i += 2) free(held[i]);
+  EXPECT_EQ(in_sample_pages(1, 2), live());
+  for (size_t i = 1; i < held.size(); i += 2) free(held[i]);
+  EXPECT_EQ(live(), 0u);
+}
+
+// A page with one sample names it in its descriptor, so that the frees of its
+// other blocks skip the filter; one with more has them ask the filter. Either
+// way a free forgets its block's sample and no other.
+TEST(Profile, FreesForgetSamplesInPagesWithOneAndWithMany) {
+  auto live = [](void *site) {
+    auto sites = Sites();
+    const movalloc_profile_site *s = SiteIn(sites, site);
+    return s ? s->live_samples : 0;
+  };
+  // Many: 1 KiB samples share their pages.
+  std::vector<void *> many(16384);
+  for (void *&p : many) p = profile_pages_site(1024);
+  int shared = 0;
+  for (void *p : many) {
+    mv_page_t *page = mv_page_of(p);
+    if (atomic_load(&page->sampled) > 1) {
+      shared++;
+      EXPECT_EQ(atomic_load(&page->sampled_block), MV_SAMPLED_MANY);
     }
   }
-  for (size_t i = 1; i < held.size(); i += 2) free(held[i]);
-  EXPECT_EQ(live(), 0u) << "samples in pages with several were not forgotten";
+  EXPECT_GT(shared, 10);
+  for (void *p : many) free(p);
+  EXPECT_EQ(live((void *)profile_pages_site), 0u);
+
+  // One: blocks of a bin nothing else samples, until the first sample.
+  std::vector<void *> blocks;
+  void *sampled = nullptr;
+  while (!sampled && blocks.size() < 100000) {
+    void *p = profile_one_site(5000);
+    blocks.push_back(p);
+    if (mv_page_of(p)->lifeclass == MV_QUEUE_SAMPLED) sampled = p;
+  }
+  ASSERT_NE(sampled, nullptr);
+  mv_page_t *page = mv_page_of(sampled);
+  EXPECT_EQ(atomic_load(&page->sampled), 1u);
+  EXPECT_EQ(atomic_load(&page->sampled_block), (uintptr_t)sampled);
+  for (void *p : blocks)
+    if (p != sampled) free(p);
+  EXPECT_EQ(live((void *)profile_one_site), 1u) << "a free forgot a sample it was not";
+  free(sampled);
+  EXPECT_EQ(live((void *)profile_one_site), 0u);
+  EXPECT_EQ(atomic_load(&page->sampled_block), 0u);
 }
 
 // realloc moves a sampled block: the old one is freed (forgotten), the new one
