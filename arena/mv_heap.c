@@ -304,7 +304,7 @@ static _Atomic unsigned queue_sets_used = 1;
 static mv_page_t *page_fresh(mv_heap_t *h, unsigned bin, unsigned set) {
   mv_compactor_poke();
   bool zeroed;
-  unsigned lifeclass = set == MV_QUEUE_SAMPLED ? MV_LIFE_SHORT : set;
+  unsigned lifeclass = set == MV_QUEUE_SAMPLED ? MV_LIFE_LONG : set;
   mv_page_t *page = mv_arena_alloc_class(mv_bin_slices(bin), &zeroed, lifeclass);
   if (!page) return NULL;
   if (set != MV_LIFE_SHORT &&

@@ -68,8 +68,10 @@ enum mv_lifeclass {
   MV_LIFECLASSES,
 };
 /* A heap's page queues: one set per lifetime class, then one for the blocks
- * the profiler samples (MOVALLOC_PROFILE), whose pages sit in short-lived
- * arenas but never serve the fast path (mv_heap.c, sample_apart). */
+ * the profiler samples (MOVALLOC_PROFILE), whose pages never serve the fast
+ * path and sit in long-lived arenas, with what the profiler allocates for
+ * itself, so that profiling does not move the program's other blocks
+ * (mv_heap.c, sample_apart). */
 #define MV_QUEUE_SAMPLED MV_LIFECLASSES
 #define MV_QUEUE_SETS (MV_LIFECLASSES + 1)
 
@@ -110,7 +112,7 @@ typedef struct mv_page {
   size_t huge_size;          /* HUGE/LARGE: usable bytes */
   uint8_t lifeclass;         /* LARGE: enum mv_lifeclass, that of its arena; SMALL:
                                 which of the owner's queue sets holds it (a class, whose
-                                arenas it is in, or MV_QUEUE_SAMPLED, in short ones) */
+                                arenas it is in, or MV_QUEUE_SAMPLED, in long ones) */
   _Atomic(uintptr_t) sampled_block; /* profile lock: 0 when sampled is 0; the sampled
                                 block while it is the page's only one since sampled was
                                 0; MV_SAMPLED_MANY otherwise (mv_profile.h) */

@@ -84,7 +84,7 @@ __attribute__((noinline)) void *profile_one_site(size_t n) { return Opaque(mallo
 namespace {
 
 // Allocates from the routed and an unrouted site, interleaved; true when no
-// 2 MiB arena holds blocks of both.
+// 2 MiB arena holds blocks of both (but for samples, which live apart).
 bool SitesInSeparateArenas() {
   std::vector<void *> routed, other;
   for (int i = 0; i < 4000; i++) {
@@ -94,7 +94,9 @@ bool SitesInSeparateArenas() {
   bool separate = true;
   for (void *r : routed)
     for (void *o : other)
-      if (((uintptr_t)r >> 21) == ((uintptr_t)o >> 21)) separate = false;
+      if (((uintptr_t)r >> 21) == ((uintptr_t)o >> 21) &&
+          mv_page_of(o)->lifeclass != MV_QUEUE_SAMPLED)
+        separate = false;
   for (void *p : routed) free(p);
   for (void *p : other) free(p);
   return separate;
