@@ -135,6 +135,7 @@ void *mv_aligned(size_t align, size_t size); /* align: a power of two */
 size_t mv_usable_size(const void *p);       /* 0 for NULL or a pointer not ours */
 size_t mv_good_size(size_t size);           /* what malloc(size) would give */
 bool mv_owns(const void *p);
+bool mv_page_holds_samples(const mv_page_t *page); /* a page of the profiler's samples' heap */
 
 /* ---- heaps (mv_heap.c) ---- */
 mv_heap_t *mv_heap_get(void);      /* the calling thread's heap, acquiring one if needed */

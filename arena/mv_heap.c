@@ -42,6 +42,24 @@ static size_t heap_chunk_left;
 static _Atomic uint64_t heap_count;
 static _Atomic uint64_t invalid_frees, double_frees;
 
+/* MOVALLOC_PROFILE: the heap of every sampled block, shared by all threads
+ * under mv_samples_lock (samples are rare: one per 2 MiB by default). A page
+ * holding a sample sends every free of its blocks the slow way (mv_profile.h);
+ * were samples in the pages the fast path serves, that would be the thread's
+ * hot frees, for as long as the sample lives (tcmalloc keeps samples apart
+ * too). Its pages hold samples only, in the long-lived arenas (its long
+ * queues), with what the profiler allocates for itself, so that profiling does
+ * not move the program's other blocks; no thread owns it, so every free is a
+ * cross-thread one, collected when the heap next looks for a page. */
+mv_lock_t mv_samples_lock = MV_LOCK_INIT;
+static mv_heap_t samples_heap; /* mv_samples_lock; set up by its first sample */
+static bool samples_ready;     /* mv_samples_lock */
+/* This thread is finding a sample its block: a malloc made meanwhile (the
+ * compactor's pthread_create, started by a fresh page) is not sampled. */
+static __thread bool sampling_apart __attribute__((tls_model("initial-exec")));
+
+bool mv_page_holds_samples(const mv_page_t *page) { return mv_page_owner(page) == &samples_heap; }
+
 #define MV_HOUSEKEEPING_EVERY 1024 /* slow calls between looks at the full list */
 #define MV_EXTEND_BYTES 4096       /* bytes of blocks carved at a time: one OS page */
 
@@ -140,9 +158,9 @@ static inline void update_direct(mv_heap_t *h, unsigned bin) {
   h->direct[bin] = first && !mv_options.check ? first : &mv_page_empty;
 }
 
-/* The owner's queue for a bin in a queue set (mv_types.h). */
-static inline mv_page_queue_t *bin_queue(mv_heap_t *h, unsigned bin, unsigned set) {
-  return &h->queues[set][bin];
+/* The owner's queue for a page's bin and lifetime class. */
+static inline mv_page_queue_t *bin_queue(mv_heap_t *h, unsigned bin, unsigned lifeclass) {
+  return &h->queues[lifeclass][bin];
 }
 
 static inline mv_page_queue_t *page_queue(mv_heap_t *h, const mv_page_t *page) {
@@ -297,27 +315,18 @@ static void heap_rescan_full(mv_heap_t *h) {
   }
 }
 
-/* 1 (MV_LIFE_SHORT's) until a page joins another queue set, then all:
- * heap_collect looks at the sets in use only. */
-static _Atomic unsigned queue_sets_used = 1;
-
-static mv_page_t *page_fresh(mv_heap_t *h, unsigned bin, unsigned set) {
+static mv_page_t *page_fresh(mv_heap_t *h, unsigned bin, unsigned lifeclass) {
   mv_compactor_poke();
   bool zeroed;
-  unsigned lifeclass = set == MV_QUEUE_SAMPLED ? MV_LIFE_LONG : set;
   mv_page_t *page = mv_arena_alloc_class(mv_bin_slices(bin), &zeroed, lifeclass);
   if (!page) return NULL;
-  if (set != MV_LIFE_SHORT &&
-      atomic_load_explicit(&queue_sets_used, memory_order_relaxed) != MV_QUEUE_SETS)
-    atomic_store_explicit(&queue_sets_used, MV_QUEUE_SETS, memory_order_relaxed);
-  page->lifeclass = (uint8_t)set;
   page->kind = MV_PAGE_SMALL;
   page->sample_rest = NULL;
   page->bin = (uint8_t)bin;
   page->block_size = (uint32_t)mv_bin_size(bin);
   page->reserved = (uint32_t)(((size_t)page->slice_count << MV_SLICE_SHIFT) / page->block_size);
   atomic_store_explicit(&page->heap, h, memory_order_release);
-  queue_push_front(bin_queue(h, bin, set), page);
+  queue_push_front(bin_queue(h, bin, lifeclass), page);
   mv_channel_poke(); /* the heap grew: the inspection channel may publish */
   return page;
 }
@@ -348,14 +357,14 @@ static void collect_one_abandoned(void) {
   mv_unlock(&mv_heaps_lock);
 }
 
-/* A page of bin in queue set `set` with a free block, made the first page of
+/* A page of bin and lifetime class with a free block, made the first page of
  * its queue; NULL: no memory. */
 static inline __attribute__((always_inline)) mv_page_t *heap_page_for(mv_heap_t *h,
                                                                       unsigned bin,
-                                                                      unsigned set) {
+                                                                      unsigned lifeclass) {
   if (++h->slow_calls % MV_HOUSEKEEPING_EVERY == 0) heap_rescan_full(h);
   heap_drain_notified(h);
-  mv_page_queue_t *q = bin_queue(h, bin, set);
+  mv_page_queue_t *q = bin_queue(h, bin, lifeclass);
   mv_page_t *page = q->first;
   while (page) {
     mv_page_t *next = page->next;
@@ -372,7 +381,7 @@ static inline __attribute__((always_inline)) mv_page_t *heap_page_for(mv_heap_t 
   }
   if (!page) {
     collect_one_abandoned(); /* their empty pages may serve instead of fresh ones */
-    page = page_fresh(h, bin, set);
+    page = page_fresh(h, bin, lifeclass);
     if (!page) return NULL;
     page_extend(page);
   }
@@ -380,12 +389,11 @@ static inline __attribute__((always_inline)) mv_page_t *heap_page_for(mv_heap_t 
     queue_remove(q, page);
     queue_push_front(q, page);
   }
-  if (set == MV_LIFE_SHORT) update_direct(h, bin);
+  if (lifeclass == MV_LIFE_SHORT) update_direct(h, bin);
   return page;
 }
 
-void mv_page_emptied(mv_page_t *page) {
-  mv_heap_t *h = mv_tls_heap;
+static void page_emptied_in(mv_heap_t *h, mv_page_t *page) {
   if (atomic_load_explicit(&page->in_full, memory_order_relaxed)) page_unfull(h, page);
   if (page->used != 0) return;
   /* Keep a bin's only page: a thread that frees its last block of a size
@@ -393,6 +401,23 @@ void mv_page_emptied(mv_page_t *page) {
   mv_page_queue_t *q = page_queue(h, page);
   if (q->first == page && q->last == page) return;
   page_retire(h, page);
+}
+
+void mv_page_emptied(mv_page_t *page) { page_emptied_in(mv_tls_heap, page); }
+
+/* A block of the samples' heap is freed: the heap takes it back at once, as
+ * its owner would, so that it stops counting as in use (left to the other
+ * threads' way, it would wait for the heap's next sample). Not while this
+ * thread holds the heap's lock (a free from inside sample_apart). */
+static bool sample_free(mv_page_t *page, mv_block_t *b) {
+  if (mv_page_owner(page) != &samples_heap || mv_lock_held_by_me(&mv_samples_lock)) return false;
+  mv_lock(&mv_samples_lock);
+  b->next_enc = mv_ptr_encode(page->local_free);
+  page->local_free = b;
+  if (--page->used == 0 || atomic_load_explicit(&page->in_full, memory_order_relaxed))
+    page_emptied_in(&samples_heap, page);
+  mv_unlock(&mv_samples_lock);
+  return true;
 }
 
 /* ---- heaps ---- */
@@ -443,8 +468,9 @@ mv_heap_t *mv_heap_get(void) {
 static void heap_collect(mv_heap_t *h, bool keep_one) {
   heap_drain_notified(h);
   heap_rescan_full(h);
-  unsigned sets = atomic_load_explicit(&queue_sets_used, memory_order_relaxed);
-  for (unsigned c = 0; c < sets; c++) {
+  /* Long queues stay empty unless routing, but in the heap of samples. */
+  unsigned classes = mv_lifetime_on || h == &samples_heap ? MV_LIFECLASSES : 1;
+  for (unsigned c = 0; c < classes; c++) {
     for (unsigned bin = 1; bin < MV_BINS; bin++) {
       mv_page_queue_t *q = bin_queue(h, bin, c);
       for (mv_page_t *page = q->first, *next; page; page = next) {
@@ -469,6 +495,9 @@ void mv_heap_thread_exit(void) {
 }
 
 void mv_heap_collect_all(void) {
+  mv_lock(&mv_samples_lock);
+  heap_collect(&samples_heap, false);
+  mv_unlock(&mv_samples_lock);
   mv_lock(&mv_heaps_lock);
   for (mv_heap_t *h = abandoned; h; h = h->next_abandoned) heap_collect(h, false);
   mv_unlock(&mv_heaps_lock);
@@ -568,6 +597,7 @@ static inline __attribute__((always_inline)) void free_small(mv_page_t *page, mv
     return;
   }
   if (MV_UNLIKELY(mv_options.check)) canary_verify("free", b, page->block_size);
+  if (profiling && sample_free(page, b)) return;
   uintptr_t head = atomic_load_explicit(&page->xthread_free, memory_order_relaxed);
   do b->next_enc = mv_ptr_encode((void *)head);
   while (!atomic_compare_exchange_weak(&page->xthread_free, &head, (uintptr_t)b));
@@ -752,26 +782,34 @@ static inline __attribute__((always_inline)) void prof_install(mv_page_t *page) 
   }
 }
 
-/* MOVALLOC_PROFILE: a sampled allocation of size, its block from the heap's
- * pages for samples (MV_QUEUE_SAMPLED), which hold nothing else. A page that
- * holds a sample sends every free of its blocks the slow way (mv_profile.h);
- * were the sample in the fast path's page, that would be the thread's hot
- * frees, for as long as the sample lives (tcmalloc keeps samples apart too).
- * unit: what the countdown counted for it. The report describes the arena of
- * the bin's serving page, where the allocation's unsampled neighbours go. */
+/* A sampled allocation of size, from samples_heap. unit: what the countdown
+ * counted for it. The report describes the arena of the bin's serving page in
+ * h, where the allocation's unsampled neighbours go. */
 static MV_NOINLINE MV_ALLOC_ENTRY void *sample_apart(mv_heap_t *h, size_t size, size_t unit) {
+  if (sampling_apart) return small_alloc(h, size);
   unsigned bin = mv_bin_of(size);
-  mv_page_t *page = bin_queue(h, bin, MV_QUEUE_SAMPLED)->first;
-  if (!page || !page->free) {
-    page = heap_page_for(h, bin, MV_QUEUE_SAMPLED);
-    if (!page) {
-      errno = ENOMEM;
-      return NULL;
-    }
+  mv_heap_t *s = &samples_heap;
+  mv_lock(&mv_samples_lock);
+  sampling_apart = true;
+  if (!samples_ready) { /* as heap_new_locked leaves a heap; no thread adopts it */
+    for (unsigned k = 0; k < MV_BINS; k++) s->direct[k] = &mv_page_empty;
+    atomic_store(&s->owned, 1);
+    samples_ready = true;
   }
-  mv_block_t *b = page->free;
-  page->free = mv_ptr_decode(b->next_enc);
-  page->used++;
+  mv_page_t *page = bin_queue(s, bin, MV_LIFE_LONG)->first;
+  if (!page || !page->free) page = heap_page_for(s, bin, MV_LIFE_LONG);
+  mv_block_t *b = NULL;
+  if (page) {
+    b = page->free;
+    page->free = mv_ptr_decode(b->next_enc);
+    page->used++;
+  }
+  sampling_apart = false;
+  mv_unlock(&mv_samples_lock);
+  if (!b) {
+    errno = ENOMEM;
+    return NULL;
+  }
   mv_page_t *serving = bin_queue(h, bin, MV_LIFE_SHORT)->first;
   return mv_prof_sample(b, size, unit, serving ? serving->start : (uintptr_t)b);
 }
@@ -779,7 +817,7 @@ static MV_NOINLINE MV_ALLOC_ENTRY void *sample_apart(mv_heap_t *h, size_t size, 
 /* MOVALLOC_PROFILE, size <= 1024, the direct page's list is used up: install
  * the next one (prof_install), or sample: the countdown ran out at the
  * held-back block, which stays for a later allocation (counted with the rest
- * of the list), and this one is sampled apart. */
+ * of the list), and this allocation is sampled apart. */
 static MV_NOINLINE MV_ALLOC_ENTRY void *malloc_refill(size_t size) {
   mv_heap_t *h = mv_heap_get();
   if (!h) {

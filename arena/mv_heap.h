@@ -7,6 +7,7 @@
 #include "arena/mv_lock.h"
 
 extern mv_lock_t mv_heaps_lock;
+extern mv_lock_t mv_samples_lock; /* the heap of sampled blocks (MOVALLOC_PROFILE) */
 
 uint64_t mv_heap_count(void);          /* heaps ever created */
 uint64_t mv_heap_bytes_in_use(void);   /* live block bytes (a racy but safe walk) */

@@ -67,13 +67,6 @@ enum mv_lifeclass {
   MV_LIFE_LONG,  /* routed: predicted long-lived */
   MV_LIFECLASSES,
 };
-/* A heap's page queues: one set per lifetime class, then one for the blocks
- * the profiler samples (MOVALLOC_PROFILE), whose pages never serve the fast
- * path and sit in long-lived arenas, with what the profiler allocates for
- * itself, so that profiling does not move the program's other blocks
- * (mv_heap.c, sample_apart). */
-#define MV_QUEUE_SAMPLED MV_LIFECLASSES
-#define MV_QUEUE_SETS (MV_LIFECLASSES + 1)
 
 /* One page. Lives in the meta region, in the arena that holds its first slice.
  *
@@ -110,9 +103,8 @@ typedef struct mv_page {
   _Atomic(uint16_t) sampled; /* live blocks in the profiler's table (mv_profile.h);
                                 SMALL: != 0 <=> heap has MV_HEAP_SAMPLED (profile lock) */
   size_t huge_size;          /* HUGE/LARGE: usable bytes */
-  uint8_t lifeclass;         /* LARGE: enum mv_lifeclass, that of its arena; SMALL:
-                                which of the owner's queue sets holds it (a class, whose
-                                arenas it is in, or MV_QUEUE_SAMPLED, in long ones) */
+  uint8_t lifeclass;         /* SMALL, LARGE: enum mv_lifeclass, that of its arena;
+                                SMALL: which of the owner's queue sets holds it */
   _Atomic(uintptr_t) sampled_block; /* profile lock: 0 when sampled is 0; the sampled
                                 block while it is the page's only one since sampled was
                                 0; MV_SAMPLED_MANY otherwise (mv_profile.h) */
@@ -180,12 +172,12 @@ typedef struct mv_page_queue {
  * a page's heap, even a dead thread's).
  * Invariants: direct[b] == queues[MV_LIFE_SHORT][b].first, or &mv_page_empty
  * when that is NULL or under MOVALLOC_CHECK (so that every malloc takes the
- * slow path, which arms the block's canary); queues[c] holds the pages of
- * queue set c (MV_LIFE_LONG: routed allocations, always through the slow path;
- * MV_QUEUE_SAMPLED: blocks the profiler sampled, and no others); only the owning thread (owned == 1) touches anything but xthread_pages. */
+ * slow path, which arms the block's canary); queues[c] holds pages of lifetime
+ * class c (MV_LIFE_LONG: routed allocations, always through the slow path);
+ * only the owning thread (owned == 1) touches anything but xthread_pages. */
 typedef struct mv_heap {
   mv_page_t *direct[MV_BINS];         /* the fast path's page per bin */
-  mv_page_queue_t queues[MV_QUEUE_SETS][MV_BINS];
+  mv_page_queue_t queues[MV_LIFECLASSES][MV_BINS];
   mv_page_queue_t full;               /* pages with no free block when last looked */
   _Atomic(mv_page_t *) xthread_pages; /* full pages that got a cross-thread free */
   _Atomic(uint8_t) owned;

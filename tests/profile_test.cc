@@ -95,7 +95,7 @@ bool SitesInSeparateArenas() {
   for (void *r : routed)
     for (void *o : other)
       if (((uintptr_t)r >> 21) == ((uintptr_t)o >> 21) &&
-          mv_page_of(o)->lifeclass != MV_QUEUE_SAMPLED)
+          !mv_page_holds_samples(mv_page_of(o)))
         separate = false;
   for (void *p : routed) free(p);
   for (void *p : other) free(p);
@@ -265,7 +265,7 @@ TEST(Profile, SamplesLeaveTheSignalMaskAsItWas) {
   EXPECT_GT(TotalSamples(), samples_before + 10);
 }
 
-// Sampled blocks come from pages of their own (MV_QUEUE_SAMPLED): the pages
+// Sampled blocks come from pages of their own (the samples' heap): the pages
 // the fast path serves hold no sample, so their frees stay fast.
 TEST(Profile, SamplesLiveApartFromTheFastPathsPages) {
   std::vector<void *> held(65536); // 1 KiB blocks, 64 MiB: about 1000 samples
@@ -279,7 +279,7 @@ TEST(Profile, SamplesLiveApartFromTheFastPathsPages) {
     uint64_t n = 0;
     for (size_t i = from; i < held.size(); i += step) {
       mv_page_t *page = mv_page_of(held[i]);
-      if (page->lifeclass == MV_QUEUE_SAMPLED) {
+      if (mv_page_holds_samples(page)) {
         n++;
         EXPECT_GT(atomic_load(&page->sampled), 0u);
       } else {
@@ -327,7 +327,7 @@ TEST(Profile, FreesForgetSamplesInPagesWithOneAndWithMany) {
   while (!sampled && blocks.size() < 100000) {
     void *p = profile_one_site(5000);
     blocks.push_back(p);
-    if (mv_page_of(p)->lifeclass == MV_QUEUE_SAMPLED) sampled = p;
+    if (mv_page_holds_samples(mv_page_of(p))) sampled = p;
   }
   ASSERT_NE(sampled, nullptr);
   mv_page_t *page = mv_page_of(sampled);
