@@ -49,13 +49,14 @@ static _Atomic uint64_t invalid_frees, double_frees;
  * hot frees, for as long as the sample lives (tcmalloc keeps samples apart
  * too). Its pages hold samples only, in the long-lived arenas (its long
  * queues), with what the profiler allocates for itself, so that profiling does
- * not move the program's other blocks; no thread owns it, so every free is a
- * cross-thread one, collected when the heap next looks for a page. */
+ * not move the program's other blocks. No thread owns it: whoever holds the
+ * lock acts as its owner, a sample's free too (sample_free). */
 mv_lock_t mv_samples_lock = MV_LOCK_INIT;
 static mv_heap_t samples_heap; /* mv_samples_lock; set up by its first sample */
 static bool samples_ready;     /* mv_samples_lock */
-/* This thread is finding a sample its block: a malloc made meanwhile (the
- * compactor's pthread_create, started by a fresh page) is not sampled. */
+/* This thread holds mv_samples_lock in sample_apart: a malloc made meanwhile
+ * (the compactor's pthread_create, which a fresh page may start) is served
+ * from the thread's own heap, unsampled. */
 static __thread bool sampling_apart __attribute__((tls_model("initial-exec")));
 
 bool mv_page_holds_samples(const mv_page_t *page) { return mv_page_owner(page) == &samples_heap; }
