@@ -173,6 +173,8 @@ struct movalloc_profile_site {
   uint64_t allocs;           /* estimated allocations */
   uint64_t samples;          /* sampled allocations */
   uint64_t live_samples;     /* of which not freed yet */
+  /* Where a sample's allocation went: the arena of its size's serving page (a
+   * sampled block itself lives apart, with the other samples). */
   uint64_t sparse_bytes;     /* of live_bytes: in arenas less than half in use */
   uint64_t small_page_bytes; /* of live_bytes: in arenas not on a huge page */
   uint64_t long_lived_samples; /* samples still live, or that lived 10 s or more */
