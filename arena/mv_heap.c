@@ -52,12 +52,10 @@ static _Atomic uint64_t invalid_frees, double_frees;
  * not move the program's other blocks. No thread owns it: whoever holds the
  * lock acts as its owner, a sample's free too (sample_free). */
 mv_lock_t mv_samples_lock = MV_LOCK_INIT;
-static mv_heap_t samples_heap; /* mv_samples_lock; set up by its first sample */
-static bool samples_ready;     /* mv_samples_lock */
-/* This thread holds mv_samples_lock in sample_apart: a malloc made meanwhile
- * (the compactor's pthread_create, which a fresh page may start) is served
- * from the thread's own heap, unsampled. */
-static __thread bool sampling_apart __attribute__((tls_model("initial-exec")));
+static mv_heap_t samples_heap = { /* mv_samples_lock; owned, so never adopted */
+    .direct = {[0 ... MV_BINS - 1] = &mv_page_empty},
+    .owned = 1,
+};
 
 bool mv_page_holds_samples(const mv_page_t *page) { return mv_page_owner(page) == &samples_heap; }
 
@@ -732,6 +730,21 @@ static MV_NOINLINE MV_ALLOC_ENTRY void *malloc_slow(size_t size) {
   return small_alloc(h, size);
 }
 
+/* A block of bin from h's long queues (the owner, or mv_samples_lock held);
+ * NULL with errno = ENOMEM. */
+static mv_block_t *long_block(mv_heap_t *h, unsigned bin) {
+  mv_page_t *page = bin_queue(h, bin, MV_LIFE_LONG)->first;
+  if (!page || !page->free) page = heap_page_for(h, bin, MV_LIFE_LONG);
+  if (!page) {
+    errno = ENOMEM;
+    return NULL;
+  }
+  mv_block_t *b = page->free;
+  page->free = mv_ptr_decode(b->next_enc);
+  page->used++;
+  return b;
+}
+
 /* A routed allocation (MOVALLOC_PROFILE_LONGLIVED): pages of the heap's long
  * queues, in arenas of their own. */
 static MV_NOINLINE MV_ALLOC_ENTRY void *malloc_long(size_t size) {
@@ -741,19 +754,8 @@ static MV_NOINLINE MV_ALLOC_ENTRY void *malloc_long(size_t size) {
     return NULL;
   }
   if (size > MV_SMALL_MAX) return alloc_big(size, 0, NULL, MV_LIFE_LONG);
-  unsigned bin = mv_bin_of(size);
-  mv_page_t *page = h->queues[MV_LIFE_LONG][bin].first;
-  if (!page || !page->free) {
-    page = heap_page_for(h, bin, MV_LIFE_LONG);
-    if (!page) {
-      errno = ENOMEM;
-      return NULL;
-    }
-  }
-  mv_block_t *b = page->free;
-  page->free = mv_ptr_decode(b->next_enc);
-  page->used++;
-  return counted(b, size);
+  mv_block_t *b = long_block(h, mv_bin_of(size));
+  return b ? counted(b, size) : NULL;
 }
 
 /* MOVALLOC_PROFILE, sizes the fast path serves: a page's free list is counted
@@ -787,30 +789,14 @@ static inline __attribute__((always_inline)) void prof_install(mv_page_t *page) 
  * counted for it. The report describes the arena of the bin's serving page in
  * h, where the allocation's unsampled neighbours go. */
 static MV_NOINLINE MV_ALLOC_ENTRY void *sample_apart(mv_heap_t *h, size_t size, size_t unit) {
-  if (sampling_apart) return small_alloc(h, size);
+  /* A malloc made while this thread holds the lock (the compactor's
+   * pthread_create, which a fresh page may start) is served unsampled. */
+  if (mv_lock_held_by_me(&mv_samples_lock)) return small_alloc(h, size);
   unsigned bin = mv_bin_of(size);
-  mv_heap_t *s = &samples_heap;
   mv_lock(&mv_samples_lock);
-  sampling_apart = true;
-  if (!samples_ready) { /* as heap_new_locked leaves a heap; no thread adopts it */
-    for (unsigned k = 0; k < MV_BINS; k++) s->direct[k] = &mv_page_empty;
-    atomic_store(&s->owned, 1);
-    samples_ready = true;
-  }
-  mv_page_t *page = bin_queue(s, bin, MV_LIFE_LONG)->first;
-  if (!page || !page->free) page = heap_page_for(s, bin, MV_LIFE_LONG);
-  mv_block_t *b = NULL;
-  if (page) {
-    b = page->free;
-    page->free = mv_ptr_decode(b->next_enc);
-    page->used++;
-  }
-  sampling_apart = false;
+  mv_block_t *b = long_block(&samples_heap, bin);
   mv_unlock(&mv_samples_lock);
-  if (!b) {
-    errno = ENOMEM;
-    return NULL;
-  }
+  if (!b) return NULL;
   mv_page_t *serving = bin_queue(h, bin, MV_LIFE_SHORT)->first;
   return mv_prof_sample(b, size, unit, serving ? serving->start : (uintptr_t)b);
 }

@@ -201,7 +201,7 @@ static void write_prog(const struct sigaction *act) {
 #define MV_SIGCANCEL __SIGRTMIN
 #define MV_SIGSETXID (__SIGRTMIN + 1)
 
-__thread bool mv_signals_held;
+__thread bool mv_signals_held __attribute__((tls_model("initial-exec")));
 
 /* 0 or an error number, errno untouched. segv_too: block SIGSEGV if asked. */
 static int set_mask(int how, const sigset_t *set, sigset_t *old, bool segv_too) {

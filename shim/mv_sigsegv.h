@@ -57,7 +57,7 @@ bool mv_sigsegv_wait(uintptr_t addr, size_t len, uint64_t epoch);
 /* Set by a thread that has blocked every signal itself around code that calls
  * sigprocmask() (the profiler's stepped unwinds: libunwind blocks signals around
  * every frame): those calls change nothing meanwhile. */
-extern __thread bool mv_signals_held;
+extern __thread bool mv_signals_held __attribute__((tls_model("initial-exec")));
 
 /* Ranges held right now (tests). */
 unsigned mv_sigsegv_held(void);
