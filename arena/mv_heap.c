@@ -1019,7 +1019,10 @@ MV_ALLOC_ENTRY void *mv_realloc(void *p, size_t size) {
   }
   void *q = mv_malloc(size);
   if (!q) return NULL; /* p is untouched */
-  memcpy(q, p, size < usable ? size : usable);
+  size_t keep = size < usable ? size : usable;
+  /* Huge to huge: both spans start on an arena, and their pages can move. */
+  if (page->kind == MV_PAGE_HUGE && size > MV_LARGE_MAX) mv_engine_move_span(q, p, keep);
+  else memcpy(q, p, keep);
   mv_free(p);
   return q;
 }

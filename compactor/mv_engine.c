@@ -15,6 +15,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -24,6 +25,7 @@
 #include "arena/mv_prim.h"
 #include "arena/mv_print.h"
 #include "compactor/mv_backend.h"
+#include "compactor/mv_uffd.h"
 #include "shim/mv_channel.h"
 #include "shim/mv_init.h"
 #include "shim/mv_options.h"
@@ -57,7 +59,7 @@ static __thread bool in_callback;
 
 static struct {
   _Atomic uint64_t migrated, retries, refused, failed, staging_failed, bytes, passes, cpu_ns;
-  _Atomic uint64_t vma_capped;
+  _Atomic uint64_t vma_capped, realloc_moved;
   _Atomic uint64_t stall_hist[MOVALLOC_STALL_BUCKETS];
 } counters;
 
@@ -356,6 +358,60 @@ int mv_engine_compact(unsigned flags, int max_moves) {
 
 MV_EXPORT int movalloc_compact(unsigned flags) { return mv_engine_compact(flags, INT32_MAX); }
 
+/* ---- realloc of huge objects ---- */
+
+/* Moves the arena at src to dst, engine lock held: UFFDIO_MOVE moves only into
+ * holes of a range registered on the userfaultfd, and refuses pages it cannot
+ * take (pinned, shared with a fork() child, mlock()ed on one side only).
+ * Returns the bytes moved, a prefix of the arena. */
+static size_t move_arena(uintptr_t dst, uintptr_t src) {
+  if (mv_uffd_register(dst, MV_ARENA_SIZE, true, false) != 0) return 0;
+  int err;
+  size_t n = mv_uffd_move(dst, src, MV_ARENA_SIZE,
+                          UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES | UFFDIO_MOVE_MODE_DONTWAKE, &err);
+  /* Before the caller copies the rest: a write to a hole of a range
+   * registered MISSING would wait for a wake nobody sends. */
+  mv_uffd_unregister_held(dst, MV_ARENA_SIZE, "realloc");
+  return n;
+}
+
+/* Whether the arena at src is better moved to dst than copied. Measured on
+ * this machine, per 2 MiB: a huge page moves in 15 us and copies in 360 us;
+ * 4 KiB pages move in 70 us and copy in 1.2 ms, most of it faulting dst's
+ * pages in. So a destination holding no page always takes a move. One with
+ * pages (an arena cached for reuse) takes a copy without faults, and moving
+ * into it means dropping them first and leaving src empty, so that whoever
+ * reuses src faults its pages in again: worth it for a huge page only (one
+ * fault then, instead of the copy now), not for 512 small ones. */
+static bool worth_moving(uintptr_t dst, uintptr_t src) {
+  if (mv_thp_resident_pages(dst, MV_ARENA_SIZE) == 0) return true;
+  return mv_thp_is_huge(src) == 1 &&
+         mv_os_madvise((void *)dst, MV_ARENA_SIZE, MADV_DONTNEED) == 0; /* not mlock()ed */
+}
+
+/* The lock is taken per arena and never waited for: a compaction in progress
+ * (it may be moving this very arena) or this thread inside the engine already
+ * (a signal handler's realloc) means a copy. */
+static size_t move_or_copy_arena(uintptr_t dst, uintptr_t src) {
+  size_t n = 0;
+  if (!in_callback && mv_lock_try(&mv_engine_lock)) {
+    if (engine_backend()->kind == MV_BACKEND_MOVE && worth_moving(dst, src))
+      n = move_arena(dst, src);
+    mv_unlock(&mv_engine_lock);
+  }
+  memcpy((char *)dst + n, (const char *)src + n, MV_ARENA_SIZE - n);
+  return n;
+}
+
+size_t mv_engine_move_span(void *dst, const void *src, size_t len) {
+  size_t off = 0, moved = 0;
+  for (; off + MV_ARENA_SIZE <= len; off += MV_ARENA_SIZE)
+    moved += move_or_copy_arena((uintptr_t)dst + off, (uintptr_t)src + off);
+  memcpy((char *)dst + off, (const char *)src + off, len - off);
+  if (moved) atomic_fetch_add_explicit(&counters.realloc_moved, moved, memory_order_relaxed);
+  return moved;
+}
+
 /* ---- third-party regions ---- */
 
 static bool overlaps(uintptr_t a, size_t alen, uintptr_t b, size_t blen) {
@@ -419,6 +475,7 @@ void mv_engine_stats(struct movalloc_stats *out) {
   out->compact_passes = atomic_load(&counters.passes);
   out->compactor_cpu_ns = atomic_load(&counters.cpu_ns);
   out->vma_capped = atomic_load(&counters.vma_capped);
+  out->realloc_moved_bytes = atomic_load(&counters.realloc_moved);
   for (int i = 0; i < MOVALLOC_STALL_BUCKETS; i++)
     out->stall_hist[i] = atomic_load(&counters.stall_hist[i]);
   mv_snprintf(out->backend, sizeof out->backend, "%s", b->name);

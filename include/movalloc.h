@@ -65,7 +65,10 @@ struct movalloc_stats {
   uint64_t compactor_wall_ns;    /* since it started: migrated / this = migrations per second */
   uint64_t purged_bytes;         /* free slices returned inside arenas (MOVALLOC_PURGE) */
 
-  uint64_t reserved_for_growth[24]; /* zero; later counters take these slots */
+  uint64_t realloc_moved_bytes;  /* huge objects' realloc growth done by moving pages,
+                                    not copying them (the move backend's UFFDIO_MOVE) */
+
+  uint64_t reserved_for_growth[23]; /* zero; later counters take these slots */
 };
 
 /* Fills *out. Returns 0, or -EINVAL for a NULL pointer. Never allocates. */

@@ -91,12 +91,13 @@ size_t mv_stats_format(char *buf, size_t cap, const char *title) {
   n += mv_snprintf(buf + n, cap - n,
                    "movalloc:   migration   backend %s (%s)\n"
                    "movalloc:               %llu migrated (%s), %llu retried, %llu refused, "
-                   "%llu failed, %llu without a huge page, %llu VMA-capped, %llu passes\n",
+                   "%llu failed, %llu without a huge page, %llu VMA-capped, %llu passes\n"
+                   "movalloc:               realloc growth moved, not copied: %s\n",
                    s.backend, s.backend_reason, (unsigned long long)s.migrated,
                    human(s.bytes_moved, c, sizeof c), (unsigned long long)s.migrate_retries,
                    (unsigned long long)s.isolate_refused, (unsigned long long)s.migrate_failed,
                    (unsigned long long)s.staging_failed, (unsigned long long)s.vma_capped,
-                   (unsigned long long)s.compact_passes);
+                   (unsigned long long)s.compact_passes, human(s.realloc_moved_bytes, a, sizeof a));
   n += mv_snprintf(buf + n, cap - n, "movalloc:   misuse      %llu invalid frees, %llu double frees\n",
                    (unsigned long long)s.invalid_frees, (unsigned long long)s.double_frees);
   return n;

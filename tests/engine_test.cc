@@ -3,6 +3,7 @@
 // putback, and writers running throughout.
 #include <errno.h>
 #include <fcntl.h>
+#include <malloc.h>
 #include <gtest/gtest.h>
 #include <stdlib.h>
 #include <string.h>
@@ -408,6 +409,152 @@ TEST(Engine, OffBackendRefusesToCompact) {
   mv_engine_use_backend(mv_backend_get(MV_BACKEND_OFF), MV_STEP_NONE);
   EXPECT_EQ(movalloc_compact(0), -ENOSYS);
   mv_engine_use_backend(saved, MV_STEP_NONE);
+}
+
+// ---- realloc of huge objects: pages moved, not copied ----
+
+// Uses the move backend for the test's length, restoring the engine's choice.
+class MoveBackend {
+ public:
+  MoveBackend() : saved_(mv_backend_select(MV_BACKEND_AUTO, nullptr, 0)) {
+    const struct mv_backend *move = mv_backend_select(MV_BACKEND_MOVE, nullptr, 0);
+    ok_ = move->kind == MV_BACKEND_MOVE;
+    if (ok_) mv_engine_use_backend(move, MV_STEP_NONE);
+  }
+  ~MoveBackend() { mv_engine_use_backend(saved_, MV_STEP_NONE); }
+  bool ok() const { return ok_; }
+
+ private:
+  const struct mv_backend *saved_;
+  bool ok_;
+};
+
+// Bytes of [dst, dst + len) that differ from the pattern written at src.
+size_t Mismatches(const unsigned char *dst, uintptr_t src, size_t len) {
+  size_t bad = 0;
+  for (size_t i = 0; i < len; i++) bad += dst[i] != Pattern(src + i);
+  return bad;
+}
+
+bool AllZero(const unsigned char *p, size_t len) {
+  for (size_t i = 0; i < len; i++)
+    if (p[i]) return false;
+  return true;
+}
+
+TEST(Engine, MoveSpanMovesPagesIntoAnEmptyDestination) {
+  MoveBackend backend;
+  if (!backend.ok()) GTEST_SKIP() << "no move backend on this kernel";
+  const size_t len = 3 * MV_ARENA_SIZE + 12345;  // a tail shorter than an arena
+  unsigned char *src = MapAligned(len);
+  unsigned char *dst = MapAligned(4 * MV_ARENA_SIZE);
+  madvise(dst, 4 * MV_ARENA_SIZE, MADV_DONTNEED);  // no page: the move pays
+  struct movalloc_stats s0 = Stats();
+  EXPECT_EQ(mv_engine_move_span(dst, src, len), 3 * MV_ARENA_SIZE);
+  EXPECT_EQ(Stats().realloc_moved_bytes - s0.realloc_moved_bytes, 3 * MV_ARENA_SIZE);
+  EXPECT_EQ(Mismatches(dst, (uintptr_t)src, len), 0u);
+  // Moved, not copied: the source's arenas hold no page any more.
+  EXPECT_TRUE(AllZero(src, 3 * MV_ARENA_SIZE));
+  EXPECT_EQ(Mismatches(src + 3 * MV_ARENA_SIZE, (uintptr_t)src + 3 * MV_ARENA_SIZE, 12345), 0u);
+}
+
+TEST(Engine, MoveSpanCopiesSmallPagesIntoAFullDestination) {
+  MoveBackend backend;
+  if (!backend.ok()) GTEST_SKIP() << "no move backend on this kernel";
+  unsigned char *src = MapAligned(2 * MV_ARENA_SIZE);
+  unsigned char *dst = MapAligned(2 * MV_ARENA_SIZE);  // 4 KiB pages, all present
+  madvise(src, 2 * MV_ARENA_SIZE, MADV_NOHUGEPAGE);
+  EXPECT_EQ(mv_engine_move_span(dst, src, 2 * MV_ARENA_SIZE), 0u);
+  EXPECT_EQ(Mismatches(dst, (uintptr_t)src, 2 * MV_ARENA_SIZE), 0u);
+  EXPECT_EQ(Mismatches(src, (uintptr_t)src, 2 * MV_ARENA_SIZE), 0u);  // copied
+}
+
+// Pages shared with a fork() child cannot change hands (UFFDIO_MOVE: EBUSY):
+// they are copied, and the child keeps its own view.
+TEST(Engine, MoveSpanCopiesPagesSharedWithAChild) {
+  MoveBackend backend;
+  if (!backend.ok()) GTEST_SKIP() << "no move backend on this kernel";
+  unsigned char *src = MapAligned(MV_ARENA_SIZE);
+  unsigned char *dst = MapAligned(MV_ARENA_SIZE);
+  madvise(dst, MV_ARENA_SIZE, MADV_DONTNEED);
+  int to_child[2];
+  ASSERT_EQ(pipe(to_child), 0);
+  pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {  // keeps the pages shared until told to check them
+    char c;
+    (void)!read(to_child[0], &c, 1);
+    _exit(Mismatches(src, (uintptr_t)src, MV_ARENA_SIZE) == 0 ? 0 : 1);
+  }
+  EXPECT_EQ(mv_engine_move_span(dst, src, MV_ARENA_SIZE), 0u);
+  EXPECT_EQ(Mismatches(dst, (uintptr_t)src, MV_ARENA_SIZE), 0u);
+  memset(src, 0, MV_ARENA_SIZE);  // the parent's writes stay its own
+  (void)!write(to_child[1], "x", 1);
+  int status;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+}
+
+// A huge object hemmed in by others cannot grow in place: realloc gives it a
+// new span, and its pages move there. Rounds of it, checking every byte, first
+// alone, then with compactions in between (the engine lock is taken per arena,
+// so a compaction may come between two arenas of one span). Returns how many
+// objects were hemmed in.
+size_t HemmedInReallocs(int rounds) {
+  size_t hemmed = 0;
+  for (int round = 0; round < rounds; round++) {
+    size_t size = (size_t)(4 + round % 5) * MV_ARENA_SIZE;
+    unsigned char *p = (unsigned char *)malloc(size);
+    EXPECT_NE(p, nullptr);
+    if (!p) return hemmed;
+    for (size_t i = 0; i < size; i += 512) memset(p + i, Pattern((uintptr_t)p + i), 512);
+    // Spans go to the first free run: fill the runs below until one lands
+    // right after p (or p sits in a run that ends there already).
+    std::vector<void *> blockers;
+    for (int k = 0; k < 64; k++) {
+      blockers.push_back(malloc(MV_ARENA_SIZE));
+      if (blockers.back() == p + size) break;
+    }
+    uintptr_t tag = (uintptr_t)p;  // the pattern follows the old address
+    unsigned char *q = (unsigned char *)realloc(p, 3 * size);
+    EXPECT_NE(q, nullptr);
+    if (!q) return hemmed;
+    hemmed += q != p;
+    size_t bad = 0;
+    for (size_t i = 0; i < size; i += 512)
+      for (size_t k = 0; k < 512; k++) bad += q[i + k] != Pattern(tag + i);
+    EXPECT_EQ(bad, 0u) << "round " << round;
+    free(q);
+    for (void *b : blockers) free(b);
+  }
+  return hemmed;
+}
+
+TEST(Engine, ReallocMovesTheHugeObjectsItCannotGrowInPlace) {
+  MoveBackend backend;
+  if (!backend.ok()) GTEST_SKIP() << "no move backend on this kernel";
+  malloc_trim(0);  // cached arenas back to the kernel: new spans hold no page
+  struct movalloc_stats s0 = Stats();
+  EXPECT_GT(HemmedInReallocs(10), 0u) << "no object was hemmed in: nothing was tested";
+  EXPECT_GT(Stats().realloc_moved_bytes, s0.realloc_moved_bytes);
+}
+
+TEST(Engine, ReallocOfHugeObjectsKeepsEveryByteBetweenCompactions) {
+  MoveBackend backend;
+  if (!backend.ok()) GTEST_SKIP() << "no move backend on this kernel";
+  std::atomic<bool> stop{false};
+  std::atomic<int> passes{0};
+  std::thread compactor([&] {
+    while (!stop) {
+      movalloc_compact(MOVALLOC_COMPACT_ALL);
+      passes++;
+      std::this_thread::sleep_for(std::chrono::microseconds(300));
+    }
+  });
+  EXPECT_GT(HemmedInReallocs(30), 0u);
+  stop = true;
+  compactor.join();
+  EXPECT_GT(passes.load(), 0);
 }
 
 }  // namespace
