@@ -767,12 +767,12 @@ static inline __attribute__((always_inline)) void prof_install(mv_page_t *page) 
   int64_t bs = page->block_size;
   mv_block_t *b = page->free;
   if (!b) return;
-  if (!page->local_free) { /* used counts blocks waiting in xthread_free as handed out */
-    int64_t bytes = (int64_t)(page->capacity - page->used) * bs; /* the whole list */
-    if (mv_prof_left >= bytes) {
-      mv_prof_left -= bytes;
-      return;
-    }
+  /* used counts blocks waiting in xthread_free as handed out, so the idle
+   * blocks are those of free and of local_free (sample_rest is empty here). */
+  int64_t bytes = (int64_t)blocks_not_handed_out(page) * bs; /* the whole list */
+  if (mv_prof_left >= bytes) {
+    mv_prof_left -= bytes;
+    return;
   }
   for (mv_block_t *prev = NULL; b; prev = b, b = mv_ptr_decode(b->next_enc)) {
     if (mv_prof_left < bs && mv_prof_cross()) { /* the countdown ran out in b */
