@@ -43,6 +43,10 @@ WORKLOADS = {
     "kv": (False, False),
     "cxx": (False, False),
 }
+# Run only when named with --only; not part of the tables' geometric means.
+EXTRA_WORKLOADS = {
+    "hugegrow": (False, False),
+}
 
 PEERS = {
     "glibc": None,
@@ -70,7 +74,8 @@ def parse_args():
     ap.add_argument("--warmup", type=int, default=1, metavar="N",
                     help="unmeasured runs of the same workload and allocator right before each measured "
                          "one (default 1; see WARMUP)")
-    ap.add_argument("--only", help="comma-separated workloads (default: all): " + ",".join(WORKLOADS))
+    ap.add_argument("--only", help="comma-separated workloads (default: all): " + ",".join(WORKLOADS) +
+                    "; also " + ",".join(EXTRA_WORKLOADS))
     ap.add_argument("--allocators", help="comma-separated allocators (default: all): " + ",".join(ALL_ALLOCATORS))
     ap.add_argument("--scale", type=float, help="work multiplier passed to every workload")
     ap.add_argument("--threads", type=int, help="thread count for the threaded workloads")
@@ -86,7 +91,7 @@ def parse_args():
                     help="build and take binaries from this bazel output base instead of bazel-bin")
     args = ap.parse_args()
 
-    args.workloads = pick(args.only, list(WORKLOADS), "workload")
+    args.workloads = pick(args.only, list(WORKLOADS), "workload", list(EXTRA_WORKLOADS))
     args.allocator_names = pick(args.allocators, ALL_ALLOCATORS, "allocator")
     for kv in args.env:
         if "=" not in kv:
@@ -96,11 +101,11 @@ def parse_args():
     return args
 
 
-def pick(csv, known, what):
+def pick(csv, known, what, extra=()):
     if not csv:
         return list(known)
     names = [n.strip() for n in csv.split(",") if n.strip()]
-    unknown = [n for n in names if n not in known]
+    unknown = [n for n in names if n not in known and n not in extra]
     if unknown:
         sys.exit(f"run.py: unknown {what}(s): {', '.join(unknown)}; known: {', '.join(known)}")
     return names
@@ -162,7 +167,7 @@ def locate_binaries(args, workloads):
 
 
 def workload_argv(args, bin_dir, workload):
-    threaded, has_big = WORKLOADS[workload]
+    threaded, has_big = {**WORKLOADS, **EXTRA_WORKLOADS}[workload]
     argv = [str(bin_dir / ("wl_" + workload))]
     if args.scale is not None:
         argv += ["--scale", repr(args.scale)]

@@ -53,9 +53,10 @@ void mv_compactor_stats(struct movalloc_stats *out);
 /* realloc of a huge object that cannot grow in place: makes dst hold the len
  * bytes at src, both 2 MiB aligned. An arena of src on a huge page moves
  * (UFFDIO_MOVE: the PMD changes hands, nothing is copied) when the move backend
- * is in use, the engine is idle and the range is not mlock()ed; the rest is
- * copied. Afterwards src's contents are undefined. The caller owns both ranges:
- * no other thread touches them meanwhile. Returns the bytes moved. */
+ * is in use, the engine is idle and the kernel allows it (not pinned, not
+ * shared with a fork() child, not mlock()ed); the rest is copied. Afterwards
+ * src's contents are undefined. The caller owns both ranges: no other thread
+ * touches them meanwhile. Returns the bytes moved. */
 size_t mv_engine_move_span(void *dst, const void *src, size_t len);
 
 /* Copies the engine's counters, backend name and reason into *out. */
