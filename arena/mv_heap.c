@@ -767,9 +767,9 @@ static inline __attribute__((always_inline)) void prof_install(mv_page_t *page) 
   int64_t bs = page->block_size;
   mv_block_t *b = page->free;
   if (!b) return;
-  /* used counts blocks waiting in xthread_free as handed out, so the idle
-   * blocks are those of free and of local_free (sample_rest is empty here). */
-  int64_t bytes = (int64_t)blocks_not_handed_out(page) * bs; /* the whole list */
+  /* The whole of free (sample_rest is empty here), counted without walking it
+   * when local_free is empty or shorter. */
+  int64_t bytes = (int64_t)blocks_not_handed_out(page) * bs;
   if (mv_prof_left >= bytes) {
     mv_prof_left -= bytes;
     return;
