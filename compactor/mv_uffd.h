@@ -11,9 +11,10 @@
  * remove, unmap) is ever requested, because an unread event would block the
  * thread that caused it.
  *
- * A range is registered only around one migration: registration splits the VMA
- * and stops khugepaged and MADV_COLLAPSE on it, so arenas not being moved must
- * not stay registered. Unregistering merges the VMA back with its neighbours.
+ * A range is registered only around one migration, or one UFFDIO_MOVE of
+ * realloc (mv_engine_move_span): registration splits the VMA and stops
+ * khugepaged and MADV_COLLAPSE on it, so arenas not being moved must not stay
+ * registered. Unregistering merges the VMA back with its neighbours.
  */
 #ifndef MV_UFFD_H
 #define MV_UFFD_H
