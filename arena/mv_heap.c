@@ -409,7 +409,7 @@ void mv_page_emptied(mv_page_t *page) { page_emptied_in(mv_tls_heap, page); }
  * threads' way, it would wait for the heap's next sample). Not while this
  * thread holds the heap's lock (a free from inside sample_apart). */
 static bool sample_free(mv_page_t *page, mv_block_t *b) {
-  if (mv_page_owner(page) != &samples_heap || mv_lock_held_by_me(&mv_samples_lock)) return false;
+  if (!mv_page_holds_samples(page) || mv_lock_held_by_me(&mv_samples_lock)) return false;
   mv_lock(&mv_samples_lock);
   b->next_enc = mv_ptr_encode(page->local_free);
   page->local_free = b;

@@ -380,12 +380,11 @@ static size_t move_arena(uintptr_t dst, uintptr_t src) {
  * would stay small if moved, while a copy into fresh memory gets a huge page
  * at fault time where the kernel has one (bench/wl_hugegrow runs in half the
  * time of copying everything when huge pages alone move, and in 1.5 times it
- * when small pages move too). A destination holding pages (an arena cached
- * for reuse) drops them first. */
+ * when small pages move too). UFFDIO_MOVE fills holes only: whatever dst holds
+ * (an arena cached for reuse) is dropped first; an mlock()ed dst refuses that,
+ * and takes the copy. */
 static bool worth_moving(uintptr_t dst, uintptr_t src) {
-  return mv_thp_is_huge(src) == 1 &&
-         (mv_thp_resident_pages(dst, MV_ARENA_SIZE) == 0 ||
-          mv_os_madvise((void *)dst, MV_ARENA_SIZE, MADV_DONTNEED) == 0); /* not mlock()ed */
+  return mv_thp_is_huge(src) == 1 && mv_os_madvise((void *)dst, MV_ARENA_SIZE, MADV_DONTNEED) == 0;
 }
 
 /* The lock is taken per arena and never waited for: a compaction in progress

@@ -24,6 +24,7 @@
 extern "C" {
 #include "arena/mv_alloc.h"
 #include "compactor/mv_backend.h"
+#include "compactor/mv_backend_int.h" /* MADV_COLLAPSE, for glibc 2.36 */
 #include "compactor/mv_engine.h"
 #include "include/movalloc.h"
 #include "shim/mv_options.h"
@@ -449,7 +450,7 @@ bool MakeHuge(unsigned char *p, size_t len, std::string *why) {
   madvise(p, len, MADV_HUGEPAGE);
   for (size_t off = 0; off < len; off += MV_ARENA_SIZE) {
     if (mv_thp_is_huge((uintptr_t)p + off) == 1) continue;
-    if (madvise(p + off, MV_ARENA_SIZE, 25 /* MADV_COLLAPSE */) != 0 ||
+    if (madvise(p + off, MV_ARENA_SIZE, MADV_COLLAPSE) != 0 ||
         mv_thp_is_huge((uintptr_t)p + off) != 1) {
       *why = std::string("no huge page to test with: MADV_COLLAPSE: ") + strerror(errno);
       return false;
