@@ -29,6 +29,7 @@ extern "C" {
 #include "include/movalloc.h"
 #include "shim/mv_options.h"
 }
+#include "tests/khugepaged.h"
 
 namespace {
 
@@ -158,6 +159,7 @@ unsigned char *MapAligned(size_t len) {
 TEST(Engine, RegionOwnerVetoesWhilePinnedAndAllowsLater) {
   std::string why;
   if (!HaveMovingBackend(&why)) GTEST_SKIP() << why;
+  mvtest::KhugepagedWatch khugepaged;
   Region r;
   r.base = MapAligned(2 * MV_ARENA_SIZE);
   ASSERT_EQ(movalloc_region_register(r.base, 2 * MV_ARENA_SIZE, &kRegionOps, &r), 0);
@@ -166,7 +168,7 @@ TEST(Engine, RegionOwnerVetoesWhilePinnedAndAllowsLater) {
   movalloc_compact(0);
   EXPECT_EQ(r.migrations.load(), 0);
   EXPECT_GE(Stats().isolate_refused, refused0 + 2);
-  EXPECT_EQ(mv_thp_is_huge((uintptr_t)r.base), 0);
+  EXPECT_TRUE(khugepaged.Small((uintptr_t)r.base));
   r.pinned = false;
   movalloc_compact(0);
   EXPECT_EQ(r.isolations.load(), 2);

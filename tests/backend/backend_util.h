@@ -22,6 +22,7 @@ extern "C" {
 #include "compactor/mv_backend_int.h"
 #include "compactor/mv_uffd.h"
 }
+#include "tests/khugepaged.h"
 
 namespace mvtest {
 

@@ -71,6 +71,7 @@ TEST_F(MoveBackend, ODirectReadsRacingMoves) {
 // Pages shared copy-on-write with a live child are not the parent's alone:
 // refused, contents intact on both sides, writers released.
 TEST_F(MoveBackend, CowSharedAfterForkIsRefused) {
+  KhugepagedWatch khugepaged;
   Region r(1);
   int go[2], result[2];
   ASSERT_EQ(pipe(go), 0);
@@ -85,7 +86,7 @@ TEST_F(MoveBackend, CowSharedAfterForkIsRefused) {
     _exit(0);
   }
   EXPECT_EQ(MoveOnce(b_, r.start(0)), -EAGAIN);
-  EXPECT_EQ(mv_thp_is_huge(r.start(0)), 0);
+  EXPECT_TRUE(khugepaged.Small(r.start(0)));
   EXPECT_EQ(r.Verify(0), 0u);
   // Released: a write goes through (and makes that one page exclusive again).
   *r.TouchedCounter(0, 0) = 0;

@@ -30,6 +30,7 @@ extern "C" {
 #include "compactor/mv_engine.h"
 #include "include/movalloc.h"
 }
+#include "tests/khugepaged.h"
 
 extern char **environ;
 
