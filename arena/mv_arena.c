@@ -242,18 +242,18 @@ static void release_unlocked(mv_arena_t *a) {
   mv_unlock(&mv_arena_lock);
 }
 
-/* Returns to the kernel the cached arenas nobody reused for MV_DECAY_NS, down
- * to MOVALLOC_ARENA_CACHE of them: a program that frees a lot and allocates it
- * again soon reuses resident memory without page faults, and one that shrank
- * for good gives it back a moment later. */
-void mv_arena_decay(void) {
-  for (;;) {
+/* Returns cached arenas to the kernel, oldest first: at most `max`, keeping
+ * `keep`, and with `decayed_only` only those nobody reused for MV_DECAY_NS.
+ * Returns how many went back. */
+static size_t cache_release(uint32_t keep, size_t max, bool decayed_only) {
+  size_t released = 0;
+  for (; released < max; released++) {
     mv_lock(&mv_arena_lock);
-    uint64_t now = mv_os_now_ns();
-    last_decay_ns = now;
-    if (cache_len <= mv_options.arena_cache || now - cached_at[0] < MV_DECAY_NS) {
+    uint64_t now = decayed_only ? mv_os_now_ns() : 0;
+    if (decayed_only) last_decay_ns = now;
+    if (cache_len <= keep || (decayed_only && now - cached_at[0] < MV_DECAY_NS)) {
       mv_unlock(&mv_arena_lock);
-      return;
+      break;
     }
     uint32_t index = cache[0];
     cache_remove(index);
@@ -261,6 +261,22 @@ void mv_arena_decay(void) {
     mv_unlock(&mv_arena_lock);
     release_unlocked(&mv_arenas[index]);
   }
+  return released;
+}
+
+/* Returns to the kernel the cached arenas nobody reused for MV_DECAY_NS, down
+ * to MOVALLOC_ARENA_CACHE of them: a program that frees a lot and allocates it
+ * again soon reuses resident memory without page faults, and one that shrank
+ * for good gives it back a moment later. */
+void mv_arena_decay(void) { cache_release(mv_options.arena_cache, SIZE_MAX, true); }
+
+/* A huge object just took `fresh` arenas the kernel has yet to fault in while
+ * the cache holds resident ones it could not use (they do not lie in one run
+ * long enough): as many cached arenas go back, so that a program allocating
+ * and freeing huge objects of varied sizes pays the faults glibc's munmap and
+ * mmap would, not the fresh pages on top of the idle ones. */
+static void uncache_for_fresh(uint32_t fresh) {
+  if (fresh) cache_release(mv_options.arena_cache, fresh, false);
 }
 
 /* The allocation paths' share of decay, when no compactor thread does it:
@@ -421,10 +437,12 @@ mv_page_t *mv_arena_alloc_huge(size_t size, size_t align, bool *zeroed) {
     return NULL;
   }
   bool zero = true;
+  uint32_t fresh = 0;
   for (uint32_t i = first; i < first + n; i++) {
     mv_arena_t *a = &mv_arenas[i];
     bit_clear(i);
     cache_remove(i);
+    fresh += !a->committed;
     zero &= a->zero_mask == all_slices;
     a->zero_mask = 0;
     a->free_mask = 0;
@@ -444,6 +462,7 @@ mv_page_t *mv_arena_alloc_huge(size_t size, size_t align, bool *zeroed) {
   bool decay = decay_due();
   mv_unlock(&mv_arena_lock);
   if (decay) mv_arena_decay();
+  uncache_for_fresh(fresh);
   *zeroed = zero;
   return page;
 }
@@ -535,7 +554,7 @@ bool mv_arena_resize_huge(mv_page_t *page, size_t size) {
   size_t want = (size + MV_ARENA_SIZE - 1) >> MV_ARENA_SHIFT;
   if (want == 0 || want > max_arenas) return false;
   if (want == n) return true;
-  uint32_t ticket = 0;
+  uint32_t ticket = 0, fresh = 0;
   mv_lock(&mv_arena_lock);
   if (want < n) {
     ticket = free_span_locked(first + (uint32_t)want, first + n);
@@ -549,6 +568,7 @@ bool mv_arena_resize_huge(mv_page_t *page, size_t size) {
       mv_arena_t *a = &mv_arenas[i];
       bit_clear(i);
       cache_remove(i);
+      fresh += !a->committed;
       a->zero_mask = a->free_mask = 0;
       a->free_count = 0;
       a->committed = true;
@@ -560,27 +580,14 @@ bool mv_arena_resize_huge(mv_page_t *page, size_t size) {
   page->huge_size = want << MV_ARENA_SHIFT;
   mv_unlock(&mv_arena_lock);
   if (ticket) release_span_unlocked(first + (uint32_t)want, first + n, ticket);
+  uncache_for_fresh(fresh);
   return true;
 fail:
   mv_unlock(&mv_arena_lock);
   return false;
 }
 
-size_t mv_arena_trim(void) {
-  size_t released = 0;
-  for (;;) {
-    mv_lock(&mv_arena_lock);
-    if (cache_len == 0) {
-      mv_unlock(&mv_arena_lock);
-      return released;
-    }
-    uint32_t index = cache[--cache_len];
-    bit_clear(index); /* ours until released */
-    mv_unlock(&mv_arena_lock);
-    release_unlocked(&mv_arenas[index]);
-    released++;
-  }
-}
+size_t mv_arena_trim(void) { return cache_release(0, SIZE_MAX, false); }
 
 /* Partial release (MOVALLOC_PURGE): the free slices of active arenas that may
  * hold data go back to the kernel. This breaks the huge page under such an

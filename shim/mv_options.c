@@ -48,7 +48,7 @@ const struct mv_option mv_option_table[] = {
      "virtual address space reserved for the heap, in GiB"},
     {"MOVALLOC_TRACE", MV_OPT_PATH, NULL, 0, 0, 0, FIELD(trace),
      "append a CSV line per migration to this file (mode 0600, its owner's only)"},
-    {"MOVALLOC_ARENA_CACHE", MV_OPT_UINT, NULL, 0, 64, 8, FIELD(arena_cache),
+    {"MOVALLOC_ARENA_CACHE", MV_OPT_UINT, NULL, 0, 64, 2, FIELD(arena_cache),
      "empty 2 MiB arenas kept for reuse before returning them to the kernel"},
     {"MOVALLOC_PROFILE", MV_OPT_RATE, NULL, 1, (uint64_t)1 << 40, 0, FIELD(profile),
      "allocation-site profiler: sample one allocation per this many bytes on average "

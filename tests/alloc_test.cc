@@ -13,6 +13,7 @@
 extern "C" {
 #include "arena/mv_alloc.h"
 #include "include/movalloc.h"
+#include "shim/mv_options.h"
 int mallctl(const char *name, void *oldp, size_t *oldlenp, void *newp, size_t newlen);
 size_t nallocx(size_t size, int flags);
 void malloc_stats_print(void (*write_cb)(void *, const char *), void *cbopaque, const char *opts);
@@ -236,8 +237,43 @@ TEST(Alloc, CachedArenasDecay) {
   void *trigger = Opaque(malloc((size_t)3 << 20));  // an allocation path runs the decay
   movalloc_stats_get(&s1);
   free(trigger);
-  EXPECT_LE(s1.arenas_cached, 8u);  // MOVALLOC_ARENA_CACHE
+  EXPECT_LE(s1.arenas_cached, mv_options.arena_cache);
   EXPECT_GE(s1.arenas_released, s0.arenas_released + 30);
+}
+
+// A huge object that cannot use the cached arenas (no run of them is long
+// enough) faults in fresh ones, and as many cached arenas go back to the
+// kernel: the heap grows by the object, not by the object beside idle arenas.
+TEST(Alloc, HugeObjectOnFreshArenasSendsIdleCachedOnesBack) {
+  malloc_trim(0);
+  const size_t hole_len = (size_t)8 << 20, fence_len = (size_t)4 << 20;
+  // A hole of 4 arenas with a live fence right after it, so that the 10-arena
+  // object below cannot take the hole's arenas.
+  std::vector<void *> misses;
+  void *hole = nullptr, *fence = nullptr;
+  for (int i = 0; i < 64; i++) {
+    hole = Opaque(malloc(hole_len));
+    fence = Opaque(malloc(fence_len));
+    if ((char *)fence == (char *)hole + hole_len) break;
+    misses.push_back(hole);
+    misses.push_back(fence);
+    hole = fence = nullptr;
+  }
+  ASSERT_NE(fence, nullptr) << "no fence right after the hole";
+  unsigned keep = mv_options.arena_cache;
+  mv_options.arena_cache = 0;
+  free(hole);
+  struct movalloc_stats s0, s1;
+  movalloc_stats_get(&s0);
+  EXPECT_GE(s0.arenas_cached, 4u);
+  void *big = Opaque(malloc((size_t)20 << 20));
+  movalloc_stats_get(&s1);
+  mv_options.arena_cache = keep;
+  EXPECT_EQ(s1.arenas_cached, 0u) << "idle cached arenas kept beside fresh ones";
+  EXPECT_GE(s1.arenas_released, s0.arenas_released + s0.arenas_cached);
+  free(big);
+  free(fence);
+  for (void *p : misses) free(p);
 }
 
 TEST(Alloc, CxxOperators) {

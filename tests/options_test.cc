@@ -48,7 +48,7 @@ TEST(Options, Defaults) {
   EXPECT_TRUE(o.compact);
   EXPECT_EQ(o.thp, MV_THP_AUTO);
   EXPECT_EQ(o.reserve_gib, 1024u);
-  EXPECT_EQ(o.arena_cache, 8u);
+  EXPECT_EQ(o.arena_cache, 2u);
 }
 
 TEST(Options, GoodValues) {
@@ -94,7 +94,7 @@ TEST(Options, BadValuesSayWhatIsAcceptedAndKeepTheDefault) {
   EXPECT_FALSE(o.stats);
   EXPECT_EQ(o.migrate, MV_BACKEND_AUTO);
   EXPECT_EQ(o.reserve_gib, 1024u);
-  EXPECT_EQ(o.arena_cache, 8u);
+  EXPECT_EQ(o.arena_cache, 2u);
 }
 
 TEST(Options, TraceTakesAnAbsolutePath) {
