@@ -377,20 +377,32 @@ void mv_arena_free_slices(mv_page_t *page) {
 
 /* ---- huge spans ---- */
 
-/* First index of n FREE arenas in a row starting at a multiple of step, or
- * UINT32_MAX. A run may end at the frontier: the caller extends it. */
+/* First index of n FREE arenas in a row starting at a multiple of step: of
+ * the runs there are, the one with the most cached (still resident) arenas,
+ * the lowest of those; the fewer arenas the kernel has to fault in, the fewer
+ * cached ones go back for them (uncache_for_fresh). A run may end at the
+ * frontier: the caller extends it. */
 static uint32_t find_run(uint32_t n, uint32_t step, uint32_t *tail_needed) {
-  uint32_t run = 0;
+  uint32_t run = 0, warm = 0, best = UINT32_MAX, best_warm = 0;
   for (uint32_t i = free_hint / step * step; i < frontier; i++) {
     if (!bit_test(i)) {
-      run = 0;
+      run = warm = 0;
       continue;
     }
     if (run == 0 && i % step != 0) continue;
-    if (++run == n) {
-      *tail_needed = 0;
-      return i + 1 - n;
+    run++;
+    warm += mv_arenas[i].committed;
+    if (run > n) warm -= mv_arenas[i - n].committed;
+    uint32_t start = i + 1 - n;
+    if (run >= n && start % step == 0 && (best == UINT32_MAX || warm > best_warm)) {
+      best = start;
+      best_warm = warm;
+      if (warm == n) break;
     }
+  }
+  if (best != UINT32_MAX) {
+    *tail_needed = 0;
+    return best;
   }
   /* A free run reaching the frontier can be finished by extending it. */
   uint32_t start = frontier - run;

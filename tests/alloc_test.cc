@@ -276,6 +276,33 @@ TEST(Alloc, HugeObjectOnFreshArenasSendsIdleCachedOnesBack) {
   for (void *p : misses) free(p);
 }
 
+// A huge object goes where cached arenas are, not onto arenas that were given
+// back to the kernel, even when those come first: nothing to fault in, and no
+// cached arena sent back in exchange.
+TEST(Alloc, HugeObjectTakesTheRunOfCachedArenas) {
+  const size_t len = (size_t)8 << 20, fence_len = (size_t)4 << 20;  // 4 and 2 arenas
+  malloc_trim(0);
+  void *low = Opaque(malloc(len));
+  void *fence1 = Opaque(malloc(fence_len));
+  void *high = Opaque(malloc(len));
+  void *fence2 = Opaque(malloc(fence_len));
+  ASSERT_LT(low, high);
+  free(low);
+  malloc_trim(0);  // low's arenas go back to the kernel
+  free(high);      // high's stay cached
+  struct movalloc_stats s0, s1;
+  movalloc_stats_get(&s0);
+  ASSERT_GE(s0.arenas_cached, 4u);
+  void *again = Opaque(malloc(len));
+  movalloc_stats_get(&s1);
+  EXPECT_EQ(again, high);
+  EXPECT_EQ(s1.arenas_cached, s0.arenas_cached - 4);
+  EXPECT_EQ(s1.arenas_released, s0.arenas_released);
+  free(again);
+  free(fence1);
+  free(fence2);
+}
+
 TEST(Alloc, CxxOperators) {
   int *one = new int(7);
   EXPECT_TRUE(mv_owns(one));
