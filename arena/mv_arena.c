@@ -386,6 +386,7 @@ static uint32_t find_run(uint32_t n, uint32_t step, uint32_t *tail_needed) {
   uint32_t run = 0, warm = 0, best = UINT32_MAX, best_warm = 0;
   for (uint32_t i = free_hint / step * step; i < frontier; i++) {
     if (!bit_test(i)) {
+      if (i % 64 == 0 && free_bits[i / 64] == 0) i += 63; /* a word of arenas in use */
       run = warm = 0;
       continue;
     }
