@@ -64,6 +64,35 @@ TEST(Heap, CrossThreadFreesComeBack) {
   EXPECT_LE(InUse() + n * 48, before + 4096);
 }
 
+// A full page that got another thread's free but whose notification was lost
+// is found anyway by the owner's housekeeping, a few full pages at a time, and
+// serves again.
+TEST(Heap, HousekeepingFindsAFullPageWhoseNotificationWasLost) {
+  const size_t size = 1024;
+  void *first = malloc(size);
+  mv_page_t *page = mv_page_of(first);
+  ASSERT_NE(page, nullptr);
+  std::vector<void *> mine{first};
+  while (mv_page_of(mine.back()) == page) mine.push_back(malloc(size));
+  // The page is used up; the next slow call puts it on the full list.
+  for (int i = 0; i < 64 && !atomic_load(&page->in_full); i++) mine.push_back(malloc(size));
+  ASSERT_TRUE(atomic_load(&page->in_full));
+  atomic_store(&page->notify, 1);  // as if it sat on a stack already: no notification
+  std::thread([&] { free(first); }).join();
+  mine[0] = nullptr;
+  atomic_store(&page->notify, 0);
+  ASSERT_NE(atomic_load(&page->xthread_free), 0u);
+  // Enough slow calls (a page used up each) for housekeeping to come round.
+  bool reused = false;
+  for (int i = 0; i < 200000 && !reused; i++) {
+    void *p = malloc(size);
+    mine.push_back(p);
+    reused = p == first;
+  }
+  EXPECT_TRUE(reused) << "the lost free was never handed out again";
+  for (void *p : mine) free(p);
+}
+
 TEST(Heap, ThreadExitReturnsMemory) {
   uint64_t before = InUse();
   std::thread([] {
