@@ -36,6 +36,15 @@ class KhugepagedWatch {
   // Has khugepaged collapsed anything since the watch began?
   bool Collapsed() const { return before_ >= 0 && KhugepagedCollapsed() > before_; }
 
+  // How many of the n arenas from `start` a compaction should move now: all,
+  // but those khugepaged made huge meanwhile (the engine skips a huge arena).
+  int ToMove(uintptr_t start, size_t n) const {
+    int moves = 0;
+    for (size_t i = 0; i < n; i++)
+      moves += !(mv_thp_is_huge(start + i * MV_ARENA_SIZE) == 1 && Collapsed());
+    return moves;
+  }
+
   // Success if the arena at `start` is of small pages, or huge while
   // khugepaged collapsed something since the watch began.
   testing::AssertionResult Small(uintptr_t start) const {

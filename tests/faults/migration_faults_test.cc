@@ -181,6 +181,7 @@ TEST_F(Faults, StagingHugePageUnavailable) {
     for (const Case &c : cases) {
       SCOPED_TRACE(std::string(b->name) + ", " + c.what);
       mv_engine_use_backend(b, MV_STEP_NONE);
+      mvtest::KhugepagedWatch khugepaged;
       Region r;
       target = (uintptr_t)r.base;
       ASSERT_EQ(movalloc_region_register(r.base, MV_ARENA_SIZE, &kOps, &r), 0);
@@ -206,7 +207,8 @@ TEST_F(Faults, StagingHugePageUnavailable) {
       } else {
         EXPECT_EQ(moved, 0);
         EXPECT_EQ(r.isolations.load(), 0) << "isolated without a huge page";
-        EXPECT_EQ(movalloc_compact(0), 1) << "moves once the kernel gives a page";
+        EXPECT_EQ(movalloc_compact(0), khugepaged.ToMove((uintptr_t)r.base, 1))
+            << "moves once the kernel gives a page";
       }
       EXPECT_EQ(r.Bad(), 0u);
     }
@@ -236,6 +238,7 @@ TEST_F(Faults, OsRefusesAStepWithEnomem) {
     for (auto &f : fakes) {
       SCOPED_TRACE(std::string(b->name) + ": " + f.first + " ENOMEM");
       mv_engine_use_backend(b, MV_STEP_NONE);
+      mvtest::KhugepagedWatch khugepaged;
       Region r;
       target = (uintptr_t)r.base;
       ASSERT_EQ(movalloc_region_register(r.base, MV_ARENA_SIZE, &kOps, &r), 0);
@@ -257,13 +260,14 @@ TEST_F(Faults, OsRefusesAStepWithEnomem) {
         EXPECT_EQ(r.putbacks.load(), r.isolations.load());
         EXPECT_GT(s1.migrate_failed + s1.migrate_retries,
                   s0.migrate_failed + s0.migrate_retries);
-        EXPECT_EQ(mv_thp_is_huge((uintptr_t)r.base), 0);
+        EXPECT_TRUE(khugepaged.Small((uintptr_t)r.base));
       }
       EXPECT_EQ(movalloc_region_unregister(r.base), 0);
       target = 0;
       Region fresh;
       ASSERT_EQ(movalloc_region_register(fresh.base, MV_ARENA_SIZE, &kOps, &fresh), 0);
-      EXPECT_EQ(movalloc_compact(0), 1) << "the backend works again";
+      EXPECT_EQ(movalloc_compact(0), khugepaged.ToMove((uintptr_t)fresh.base, 1))
+          << "the backend works again";
       EXPECT_EQ(fresh.Bad(), 0u);
       EXPECT_EQ(movalloc_region_unregister(fresh.base), 0);
     }
