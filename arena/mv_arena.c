@@ -416,6 +416,27 @@ static uint32_t find_run(uint32_t n, uint32_t step, uint32_t *tail_needed) {
   return start;
 }
 
+/* Makes FREE arenas [from, to) part of a huge span (lock held). Returns how
+ * many of them the kernel has yet to fault in; *zero: whether all of them
+ * hold only zeros. */
+static uint32_t span_take(uint32_t from, uint32_t to, bool *zero) {
+  uint32_t fresh = 0;
+  *zero = true;
+  for (uint32_t i = from; i < to; i++) {
+    mv_arena_t *a = &mv_arenas[i];
+    bit_clear(i);
+    cache_remove(i);
+    fresh += !a->committed;
+    *zero &= a->zero_mask == all_slices;
+    a->zero_mask = a->free_mask = 0;
+    a->free_count = 0;
+    a->committed = true;
+    a->huge = true;
+    atomic_store_explicit(&a->state, MV_ARENA_ACTIVE, memory_order_release);
+  }
+  return fresh;
+}
+
 static void map_huge(mv_page_t *page, uint32_t first, uint32_t n) {
   for (uint32_t i = first; i < first + n; i++) {
     mv_arena_t *a = &mv_arenas[i];
@@ -449,21 +470,8 @@ mv_page_t *mv_arena_alloc_huge(size_t size, size_t align, bool *zeroed) {
     errno = ENOMEM;
     return NULL;
   }
-  bool zero = true;
-  uint32_t fresh = 0;
-  for (uint32_t i = first; i < first + n; i++) {
-    mv_arena_t *a = &mv_arenas[i];
-    bit_clear(i);
-    cache_remove(i);
-    fresh += !a->committed;
-    zero &= a->zero_mask == all_slices;
-    a->zero_mask = 0;
-    a->free_mask = 0;
-    a->free_count = 0;
-    a->committed = true;
-    a->huge = true;
-    atomic_store_explicit(&a->state, MV_ARENA_ACTIVE, memory_order_release);
-  }
+  bool zero;
+  uint32_t fresh = span_take(first, first + (uint32_t)n, &zero);
   if (first == free_hint) free_hint = first + (uint32_t)n;
   mv_page_t *page = &mv_arenas[first].pages[0];
   page_reset(page);
@@ -577,17 +585,8 @@ bool mv_arena_resize_huge(mv_page_t *page, size_t size) {
     for (uint32_t i = first + n; i < end && i < frontier; i++)
       if (!bit_test(i)) goto fail;
     if (end > frontier && !extend_frontier(end - frontier)) goto fail;
-    for (uint32_t i = first + n; i < end; i++) {
-      mv_arena_t *a = &mv_arenas[i];
-      bit_clear(i);
-      cache_remove(i);
-      fresh += !a->committed;
-      a->zero_mask = a->free_mask = 0;
-      a->free_count = 0;
-      a->committed = true;
-      a->huge = true;
-      atomic_store_explicit(&a->state, MV_ARENA_ACTIVE, memory_order_release);
-    }
+    bool zero; /* the grown part's contents are the caller's to fill */
+    fresh = span_take(first + n, end, &zero);
     map_huge(page, first + n, end - first - n);
   }
   page->huge_size = want << MV_ARENA_SHIFT;

@@ -540,8 +540,9 @@ size_t HemmedInReallocs(int rounds, size_t *huge, std::string *why) {
     if (!p) return hemmed;
     for (size_t i = 0; i < size; i += 512) memset(p + i, Pattern((uintptr_t)p + i), 512);
     *huge += MakeHuge(p, size, why);
-    // Spans go to the first free run: fill the runs below until one lands
-    // right after p (or p sits in a run that ends there already).
+    // A span goes to a free run, cached arenas first, else the lowest: take
+    // one-arena spans until one lands right after p (or p sits in a run that
+    // ends there already).
     std::vector<void *> blockers;
     for (int k = 0; k < 64; k++) {
       blockers.push_back(malloc(MV_ARENA_SIZE));
