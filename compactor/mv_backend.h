@@ -18,7 +18,8 @@
  * - hold() returns 0 with m->held_at_ns set to when writers began to wait, or
  *   -errno with nothing held. Writes from other threads,
  *   and where the backend says so in mv_backend.holds_syscalls, writes by system
- *   calls (read() into the range), wait until release(); reads never wait.
+ *   calls (read() into the range), wait until release(); reads wait only in
+ *   the move backend, whose pages leave the range (mv_backend_move.c).
  * - move() returns 0, -EAGAIN (temporary: a pinned or shared page, a race) or
  *   another -errno (permanent). On any failure the range's contents are exactly
  *   as before the call and the writers are still held. No byte written before

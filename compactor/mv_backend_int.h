@@ -130,6 +130,28 @@ void mv_thp_forget_spares(void);
  * 0 or -errno. */
 int mv_thp_page_map(uintptr_t addr, struct mv_page_map *map);
 
+/* The same for pages [first, first + n) of it only; the other bits of *map are
+ * left as they are. */
+int mv_thp_page_map_part(uintptr_t addr, size_t first, size_t n, struct mv_page_map *map);
+
+static inline bool mv_page_test(const struct mv_page_map *map, size_t i) {
+  return map->bits[i / 64] >> (i % 64) & 1;
+}
+
+static inline void mv_page_set(struct mv_page_map *map, size_t i) {
+  map->bits[i / 64] |= UINT64_C(1) << (i % 64);
+}
+
+static inline void mv_page_clear(struct mv_page_map *map, size_t i) {
+  map->bits[i / 64] &= ~(UINT64_C(1) << (i % 64));
+}
+
+static inline size_t mv_page_count(const struct mv_page_map *map) {
+  size_t n = 0;
+  for (size_t w = 0; w < MV_ARENA_PAGES / 64; w++) n += (size_t)__builtin_popcountll(map->bits[w]);
+  return n;
+}
+
 /* Reads [src, src + len) of this process's memory into dst through
  * /proc/self/mem, which never waits on a userfaultfd: a page that would (a
  * hole in a range registered MISSING) ends the read. Returns the bytes read
@@ -150,18 +172,15 @@ void mv_thp_copy_pages(void *dst, const void *src, const struct mv_page_map *map
  * caller unregisters). */
 int mv_precopy(struct mv_move *m, bool missing);
 
-/* Serves every fault pending on the userfaultfd: a fault in the range marks its
- * page dirty, unprotects it (or maps the zero page into a hole) and wakes the
- * thread; one outside it (none should exist: one migration at a time) is only
- * woken. For a backend that lets writers run before mv_precopy() (the move
- * backend's pin check). 0 or -errno. */
-int mv_precopy_serve(struct mv_move *m);
+/* Reads every fault pending on the userfaultfd and hands each one in the range
+ * to serve_page (page index, whether a write-protect fault), which marks the
+ * page dirty and wakes the thread; one outside the range (none should exist:
+ * one migration at a time) is only woken. 0 or the first -errno. */
+int mv_precopy_serve(struct mv_move *m, int (*serve_page)(struct mv_move *m, size_t i, bool wp));
 
-/* With writers held: removes the protection, without waking anyone, from the
- * pages that mv_precopy_finish() will copy whatever happens to them (not
- * pre-copied, or dirty); the pre-copied clean ones stay protected, because a
- * write to them from now on would be seen by nobody. 0 or -errno. */
-int mv_precopy_unprotect_recopied(struct mv_move *m);
+/* The pre-copy's serve_page: marks page i dirty, unprotects it (or maps the
+ * zero page into a hole) and wakes its thread. 0 or -errno. */
+int mv_precopy_serve_page(struct mv_move *m, size_t i, bool wp);
 
 /* With writers held: brings staging up to date from src (the range, or where
  * its pages went), whose pages with data are in present (NULL: all of them):

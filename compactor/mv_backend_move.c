@@ -4,37 +4,52 @@
  *   stage    fault a THP (staging); take a 2 MiB scratch range registered on
  *            the userfaultfd (UFFDIO_MOVE only moves into registered ranges),
  *            kept empty from the last move
- *   hold     register the arena MISSING|WP, write-protect it; check for pins
- *            (every page moved out to scratch and back: EBUSY means pinned,
- *            -EAGAIN); pre-copy it into staging while serving its writers
- *            (mv_precopy.c), then hold them
- *   move     1. drop the protection without waking (WP_UNPOPULATED left markers
- *               in empty PTEs, and UFFDIO_MOVE refuses markers with EFAULT) from
- *               the pages step 3 copies anyway: not pre-copied, or dirty. From
- *               here such a page still in the arena takes its writes with it
- *               when it is moved out, and a write to a moved-out page waits
- *               (MISSING). Pre-copied clean pages hold data, so no marker.
- *            2. move the arena's pages out to scratch: the kernel refuses a
- *               pinned or copy-on-write shared page with EBUSY, which is the pin
- *               check; then everything moved goes back and the answer is -EAGAIN.
- *               A marker met here (the program zapped a protected page) is a
- *               hole: unprotected, and passed
- *            3. copy what the pre-copy missed or writers dirtied, scratch ->
- *               staging: nothing can reach those pages any more, and no device
- *               was writing them (the pin check at hold)
+ *   hold     register the arena MISSING|WP and write-protect it: writers wait,
+ *            readers (the owner's migrate() among them) do not
+ *   move     1. pre-copy by moving out: the arena's pages go to scratch
+ *               OUT_PAGES at a time (unprotected first, without waking: the
+ *               kernel refuses WP_UNPOPULATED's markers), and each batch is
+ *               copied from there into staging. Between batches the engine
+ *               serves the userfaultfd: a thread that touched a page that is
+ *               out gets it back from scratch; one that wrote a page still
+ *               protected gets it unprotected; a hole gets the zero page.
+ *               Either way the page is dirty. While many pages are dirty they
+ *               go out and are copied again.
+ *            2. every page still in the arena goes out: from here every access
+ *               waits
+ *            3. copy the dirty pages, scratch -> staging, and zero the ones the
+ *               program zapped since their copy
  *            4. MADV_DONTNEED the (now empty) arena so its PTE table is freed
- *               (CONFIG_PT_RECLAIM), then UFFDIO_MOVE the staged THP in as one PMD
- *   release  unregister (clears the protection, wakes the range, merges the VMA
- *            back), free the old pages in scratch; scratch and the empty
- *            staging VMA are kept for the next move (mv_spare_keep)
+ *               (CONFIG_PT_RECLAIM), then UFFDIO_MOVE the staged THP in as one
+ *               PMD
+ *   release  unregister (wakes the range, merges the VMA back), free the old
+ *            pages in scratch; scratch and the empty staging VMA are kept for
+ *            the next move (mv_spare_keep)
+ *
+ * Why no write is lost: a page is copied only while it is in scratch, where
+ * nothing but the engine reaches it, and a page that left scratch since its
+ * copy, or was written in the arena, is dirty and copied again after step 2.
+ *
+ * Pins: the kernel refuses to move a pinned or copy-on-write shared page
+ * (EBUSY); everything goes back and the answer is -EAGAIN. Since a page is
+ * copied only after it moved out, no device was writing it when it was
+ * copied; a pin for writing taken later faults (the protection, or the hole)
+ * like any write, so its page is dirty, and is met again at step 2.
+ *
+ * Why the copier never waits on itself: it reads only scratch, which is
+ * registered WP and never protected, so a hole there reads as zeros. Nothing
+ * the program does reaches scratch.
+ *
+ * Readers wait too during move(): for their page to be served while it is
+ * out, and from step 2 until release. With UFFD_USER_MODE_ONLY a system call
+ * touching a page that is out would fail (EFAULT) instead of waiting, so there
+ * is no pre-copy: step 3 copies everything with every access held. An arena
+ * already on a THP goes out whole (one PMD) and is copied a batch at a time.
  *
  * An mlock()ed arena keeps its VMA, so it stays locked; scratch and staging
  * are locked like it, because UFFDIO_MOVE refuses to move between a locked and
  * an unlocked VMA (EINVAL).
  *
- * Readers wait too, from the moment their page is moved out until it is back
- * (the pin check) or until release: the data is not in the arena then. That
- * window is the pin check, and steps 2 to 4.
  * Timings: copy_ns covers steps 1 to 3, swap_ns step 4.
  */
 #include <errno.h>
@@ -100,48 +115,123 @@ static void move_back(struct mv_move *m, size_t from, size_t to) {
   }
 }
 
-/* Moves scratch [from, to) back and write-protects the arena again, so the
- * contents are as before and writers are held. Returns rc. */
-static int put_back(struct mv_move *m, size_t from, size_t to, int rc) {
-  move_back(m, from, to);
+/* After a failure in move(): scratch [from, end) back, and the arena
+ * write-protected again, so that the contents are as before and writers are
+ * held until release. Returns rc. */
+static int put_back(struct mv_move *m, size_t from, int rc) {
+  move_back(m, from, MV_ARENA_SIZE);
   mv_uffd_writeprotect(m->start, MV_ARENA_SIZE, true, true);
   return rc;
 }
 
-/* EBUSY (a pinned or shared page) and EAGAIN are worth another pass. */
+/* EBUSY (a pinned or shared page) and EAGAIN are worth another pass; 0 is 0. */
 static int temporary_or(int err) { return err == EBUSY || err == EAGAIN ? -EAGAIN : -err; }
 
-/* The pin check before a pre-copy: every page moved out to scratch and back.
- * UFFDIO_MOVE refuses a pinned page (EBUSY), and once the protection is armed
- * a new write pin has to fault first (GUP for write breaks the protection),
- * which the pre-copy sees. So after this no device writes the arena behind
- * the pre-copy's back: a pin taken before the protection and dropped before
- * its page's check had its DMA done before the pre-copy began.
- *
- * PIN_CHECK_PAGES at a time, serving faults in between, so that a reader or
- * writer of a page that is out waits for one batch only; a THP goes whole (one
- * PMD, a few microseconds). 0, or -EAGAIN (pinned or shared) / -errno with
- * the contents as before. */
-#define PIN_CHECK_PAGES 64
+#define OUT_PAGES 64    /* moved out and copied between two looks at the fd: about 35 us */
+#define FINAL_PAGES 32  /* few enough dirty pages to copy with every access held */
+#define RECOPY_PASSES 2 /* dirty pages go out again at most this often: a hot page stays hot */
 
-static int check_pins(struct mv_move *m) {
+/* mv_precopy_serve's serve_page: a page that is out comes back from scratch
+ * into the hole it left (dirty from then on); any other is served as the
+ * write-protect pre-copy serves it. Pages are in the arena or in scratch,
+ * never in both. 0 or -errno. */
+static int serve_page(struct mv_move *m, size_t i, bool wp) {
+  uintptr_t off = i * MV_PAGE_SIZE;
+  struct mv_page_map there;
+  int rc = mv_thp_page_map_part((uintptr_t)m->scratch, i, 1, &there);
+  if (rc) return rc;
+  if (!mv_page_test(&there, i)) return mv_precopy_serve_page(m, i, wp);
+  mv_page_set(&m->dirty, i);
+  int err;
+  mv_uffd_move(m->start + off, (uintptr_t)m->scratch + off, MV_PAGE_SIZE,
+               UFFDIO_MOVE_MODE_DONTWAKE, &err);
+  return err ? -err : mv_uffd_wake(m->start + off, MV_PAGE_SIZE);
+}
+
+/* Moves the pages of [first, end) that are in want and hold data out to
+ * scratch, and marks them in moved. Only the pages the page map shows, and
+ * without UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES: Linux 6.18 keeps the -EAGAIN of a
+ * step that met a changing page, so when the program zaps (MADV_DONTNEED) a
+ * page while it moves, a move that allows holes retries that hole forever
+ * inside the kernel. Without the mode the hole ends the move (ENOENT), and
+ * the move goes on after it. 0, or the errno that stopped it. */
+static int move_present_out(struct mv_move *m, const struct mv_page_map *want, size_t first,
+                            size_t end, struct mv_page_map *moved) {
   uintptr_t a = m->start, s = (uintptr_t)m->scratch;
-  bool markers = mv_uffd_features() & UFFD_FEATURE_WP_UNPOPULATED;
-  size_t step = mv_thp_is_huge(a) == 1 ? MV_ARENA_SIZE : PIN_CHECK_PAGES * MV_PAGE_SIZE;
-  for (size_t off = 0; off < MV_ARENA_SIZE; off += step) {
-    int rc = mv_precopy_serve(m);
-    if (rc) return rc;
-    /* UFFDIO_MOVE refuses WP_UNPOPULATED's markers (EFAULT): unprotected,
-     * without waking, for as long as the batch is out. */
-    if (markers && (rc = mv_uffd_writeprotect(a + off, step, false, false)) != 0) return rc;
-    int err;
-    size_t out = mv_uffd_move(s + off, a + off, step,
-                              UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES | UFFDIO_MOVE_MODE_DONTWAKE, &err);
-    move_back(m, off, off + out);
-    int wp = mv_uffd_writeprotect(a + off, step, true, true);
-    if (err || wp) return err ? temporary_or(err) : wp;
+  struct mv_page_map there;
+  int rc = mv_thp_page_map_part(a, first, end - first, &there);
+  if (rc) return -rc;
+  for (size_t i = first; i < end;) {
+    if (!mv_page_test(want, i) || !mv_page_test(&there, i)) {
+      i++;
+      continue;
+    }
+    size_t run = i + 1;
+    while (run < end && mv_page_test(want, run) && mv_page_test(&there, run)) run++;
+    while (i < run) {
+      int err;
+      size_t pages = mv_uffd_move(s + i * MV_PAGE_SIZE, a + i * MV_PAGE_SIZE,
+                                  (run - i) * MV_PAGE_SIZE, UFFDIO_MOVE_MODE_DONTWAKE, &err) /
+                     MV_PAGE_SIZE;
+      for (; pages; pages--) mv_page_set(moved, i++);
+      if (err == ENOENT) i++; /* zapped since the page map: a hole, nothing to move */
+      else if (err) return err;
+    }
   }
   return 0;
+}
+
+/* Moves the pages of want out to scratch, step pages at a time, unprotected
+ * first (without waking). With copying, serves faults every OUT_PAGES and
+ * copies those pages from scratch: a page copied now is not dirty any more
+ * (its dirty bit is cleared when it moves out; one served since is dirty again
+ * and not in scratch). On failure everything goes back to the arena (-EAGAIN
+ * for a pinned or shared page); 0 or -errno. */
+static int move_out(struct mv_move *m, const struct mv_page_map *want, size_t step,
+                    bool copying) {
+  struct mv_page_map moved = {{0}};
+  for (size_t first = 0; first < MV_ARENA_PAGES; first += copying ? OUT_PAGES : step) {
+    int rc = copying ? mv_precopy_serve(m, serve_page) : 0;
+    if (first % step == 0) {
+      if (rc == 0)
+        rc = mv_uffd_writeprotect(m->start + first * MV_PAGE_SIZE, step * MV_PAGE_SIZE, false,
+                                  false);
+      for (size_t k = first; copying && k < first + step; k++)
+        if (mv_page_test(want, k)) mv_page_clear(&m->dirty, k);
+      if (rc == 0) rc = temporary_or(move_present_out(m, want, first, first + step, &moved));
+    }
+    if (rc) {
+      move_back(m, 0, MV_ARENA_SIZE);
+      return rc;
+    }
+    size_t end = first + OUT_PAGES;
+    for (size_t i = first; copying && i < end;) {
+      if (!mv_page_test(&moved, i) || mv_page_test(&m->dirty, i)) {
+        i++;
+        continue;
+      }
+      size_t run = i + 1;
+      while (run < end && mv_page_test(&moved, run) && !mv_page_test(&m->dirty, run)) run++;
+      memcpy((char *)m->staging + i * MV_PAGE_SIZE, (const char *)m->scratch + i * MV_PAGE_SIZE,
+             (run - i) * MV_PAGE_SIZE);
+      for (; i < run; i++) mv_page_set(&m->copied, i);
+    }
+  }
+  return 0;
+}
+
+/* Step 1: every page out and copied once (an arena on a THP goes out whole,
+ * as one PMD), then the dirty ones again while there are many. */
+static int precopy_moving_out(struct mv_move *m) {
+  struct mv_page_map all;
+  memset(&all, 0xff, sizeof all);
+  int rc = move_out(m, &all, mv_thp_is_huge(m->start) == 1 ? MV_ARENA_PAGES : OUT_PAGES, true);
+  for (int pass = 0; rc == 0 && pass < RECOPY_PASSES && mv_page_count(&m->dirty) > FINAL_PAGES;
+       pass++) {
+    struct mv_page_map again = m->dirty;
+    rc = move_out(m, &again, OUT_PAGES, true);
+  }
+  return rc;
 }
 
 static int move_hold(struct mv_move *m) {
@@ -152,19 +242,13 @@ static int move_hold(struct mv_move *m) {
   if (rc == 0) rc = mv_uffd_register(m->start, MV_ARENA_SIZE, true, true);
   if (rc) return rc;
   rc = mv_uffd_writeprotect(m->start, MV_ARENA_SIZE, true, true);
-  /* With UFFD_USER_MODE_ONLY a system call writing a protected page fails
-   * (EFAULT) instead of waiting: keep that window short, no pre-copy. */
-  if (rc == 0 && mv_backend_probe()->uffd_user_only) m->held_at_ns = mv_os_now_ns();
-  else {
-    if (rc == 0) rc = check_pins(m);
-    if (rc == 0) rc = mv_precopy(m, true);
-  }
   if (rc) {
     mv_uffd_unregister(m->start, MV_ARENA_SIZE);
     return rc;
   }
   m->held = true;
-  m->hold_ns = mv_os_now_ns() - t0;
+  m->held_at_ns = mv_os_now_ns();
+  m->hold_ns = m->held_at_ns - t0;
   return 0;
 }
 
@@ -172,33 +256,28 @@ static int move_move(struct mv_move *m) {
   if (!m->held || !m->staging || !m->scratch) return -EINVAL;
   uintptr_t a = m->start, s = (uintptr_t)m->scratch, t = (uintptr_t)m->staging;
   uint64_t t0 = mv_os_now_ns();
-  int err;
-  if (mv_uffd_features() & UFFD_FEATURE_WP_UNPOPULATED) {
-    int rc = mv_precopy_unprotect_recopied(m);
-    if (rc) return put_back(m, 0, 0, rc);
+  int rc = 0;
+  if (!mv_backend_probe()->uffd_user_only) {
+    rc = precopy_moving_out(m);
+    m->held_at_ns = mv_os_now_ns(); /* served until now: from here writers wait for good */
   }
+  if (rc) return put_back(m, MV_ARENA_SIZE, rc); /* move_out put every page back */
 
+  struct mv_page_map all;
+  memset(&all, 0xff, sizeof all);
   /* The injected failure moves half out, then gets what a pinned page gives. */
-  size_t len = m->fail_at == MV_STEP_MOVE_OUT ? MV_ARENA_SIZE / 2 : MV_ARENA_SIZE;
-  size_t out = 0;
-  for (size_t markers = 0;; markers++) {
-    out += mv_uffd_move(s + out, a + out, len - out,
-                        UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES | UFFDIO_MOVE_MODE_DONTWAKE, &err);
-    /* EFAULT: a marker, left where the program zapped (MADV_DONTNEED) a
-     * protected page since step 1. It is a hole: unprotected like the others,
-     * and the move goes on from it (a marker does not come back unprotected). */
-    if (err != EFAULT || markers == MV_ARENA_PAGES ||
-        mv_uffd_writeprotect(a + out, MV_PAGE_SIZE, false, false) != 0)
-      break;
+  if (m->fail_at == MV_STEP_MOVE_OUT) {
+    memset(all.bits + MV_ARENA_PAGES / 128, 0, sizeof all / 2);
+    rc = move_out(m, &all, MV_ARENA_PAGES, false);
+    return put_back(m, 0, rc ? rc : -EAGAIN);
   }
-  if (!err && m->fail_at == MV_STEP_MOVE_OUT) err = EBUSY;
-  if (err) return put_back(m, 0, out, temporary_or(err));
-
+  rc = move_out(m, &all, MV_ARENA_PAGES, false);
+  if (rc) return put_back(m, MV_ARENA_SIZE, rc);
   struct mv_page_map map;
   bool mapped = mv_thp_page_map(s, &map) == 0;
   mv_precopy_finish(m, s, mapped ? &map : NULL, false); /* scratch: WP only, never fails */
   m->copy_ns = mv_os_now_ns() - t0;
-  if (m->fail_at == MV_STEP_COPY) return put_back(m, 0, MV_ARENA_SIZE, -EAGAIN);
+  if (m->fail_at == MV_STEP_COPY) return put_back(m, 0, -EAGAIN);
 
   uint64_t t1 = mv_os_now_ns();
   /* Nothing is left to zap: this only frees the empty PTE table, so that the
@@ -207,16 +286,17 @@ static int move_move(struct mv_move *m) {
   if (mv_os_madvise((void *)a, MV_ARENA_SIZE, MADV_DONTNEED_LOCKED) != 0)
     mv_os_madvise((void *)a, MV_ARENA_SIZE, MADV_DONTNEED);
   size_t in = 0;
+  int err;
   if (m->fail_at == MV_STEP_SWAP) err = EIO;
   else in = mv_uffd_move(a, t, MV_ARENA_SIZE, UFFDIO_MOVE_MODE_DONTWAKE, &err);
   /* What did go in is the copy of what was there: put back only the rest. */
-  if (err) return put_back(m, in, MV_ARENA_SIZE, temporary_or(err));
+  if (err) return put_back(m, in, temporary_or(err));
   m->staging = NULL; /* consumed; release unmaps the empty VMA left at staging_map */
   m->swap_ns = mv_os_now_ns() - t1;
 
   /* The contents are right either way; a THP split on the way in (no PT
    * reclaim on this kernel, or a race) is worth another try. */
-  if (mv_thp_is_huge(a) != 1) return put_back(m, 0, 0, -EAGAIN);
+  if (mv_thp_is_huge(a) != 1) return put_back(m, MV_ARENA_SIZE, -EAGAIN);
   return 0;
 }
 

@@ -1,5 +1,7 @@
-/* Pre-copy: copy an arena into its staging page while the program keeps
- * writing it, so that writers wait only for what they changed meanwhile.
+/* Pre-copy by write protection (the remap backend): copy an arena into its
+ * staging page while the program keeps writing it, so that writers wait only
+ * for what they changed meanwhile. The move backend pre-copies the same way
+ * with pages moved out instead of protected (mv_backend_move.c).
  *
  * Copying 2 MiB takes about 450 us; a writer held for all of it stalls that
  * long. Instead (the way live migration of virtual machines works):
@@ -22,14 +24,14 @@
  * A thread still waiting at step 3 has not written its page yet.
  *
  * System calls writing the range (read() into it) fault the same way and are
- * served the same way. DMA does not fault: the move backend, the one that
- * promises pin safety, checks for pins right after arming the protection
- * (mv_backend_move.c), so that no device can be writing what is pre-copied.
+ * served the same way. DMA does not fault, which is why remap does not promise
+ * pin safety.
  *
  * Why the copier never waits on itself: the engine is the only thread that
  * serves the userfaultfd, so a fault of its own there would never end. It
  * only reads the range, and a read faults only on a hole in a range
- * registered MISSING (the move backend's). There it reads through
+ * registered MISSING (without UFFD_FEATURE_WP_UNPOPULATED, a hole cannot be
+ * write-protected, so it is held as missing). There it reads through
  * /proc/self/mem, whose page lookups get an error instead of waiting (they
  * cannot drop the mmap lock to wait, so the userfaultfd refuses them); it
  * costs about twice a memcpy. A hole appears even where the page map showed
@@ -46,42 +48,39 @@
 #define BATCH_PAGES 16      /* about 10 us of copying between two looks at the fd */
 #define FINAL_PAGES 32      /* few enough dirty pages to copy with writers held */
 #define RECOPY_PASSES 2     /* step 2 at most this often: a hot page stays hot */
+#define SERVE_MAX 64        /* faults served between two batches */
 
-static bool test_bit(const struct mv_page_map *map, size_t i) {
-  return map->bits[i / 64] >> (i % 64) & 1;
+int mv_precopy_serve_page(struct mv_move *m, size_t i, bool wp) {
+  uintptr_t page = m->start + i * MV_PAGE_SIZE;
+  mv_page_set(&m->dirty, i);
+  /* A hole (registered MISSING) gets the zero page; a write then fills it
+   * without faulting again, which is fine: it is dirty. */
+  int rc = wp ? 0 : mv_uffd_zeropage(page, MV_PAGE_SIZE);
+  if (wp || rc == -EEXIST) rc = mv_uffd_writeprotect(page, MV_PAGE_SIZE, false, true);
+  return rc;
 }
 
-static void set_bit(struct mv_page_map *map, size_t i) {
-  map->bits[i / 64] |= UINT64_C(1) << (i % 64);
-}
-
-static size_t count_bits(const struct mv_page_map *map) {
-  size_t n = 0;
-  for (size_t w = 0; w < MV_ARENA_PAGES / 64; w++) n += (size_t)__builtin_popcountll(map->bits[w]);
-  return n;
-}
-
-int mv_precopy_serve(struct mv_move *m) {
+int mv_precopy_serve(struct mv_move *m, int (*serve_page)(struct mv_move *m, size_t i, bool wp)) {
   uintptr_t addrs[16];
   bool wp[16];
-  int n;
-  while ((n = mv_uffd_read_faults(addrs, wp, 16)) > 0) {
+  int n, served = 0;
+  /* At most SERVE_MAX per call: a thread that faults again as soon as it is
+   * served (writing page after page, or zapping what it wrote) would keep the
+   * engine serving forever. The rest waits for the next batch, or release. */
+  while (served < SERVE_MAX && (n = mv_uffd_read_faults(addrs, wp, 16)) > 0) {
+    served += n;
     for (int k = 0; k < n; k++) {
       uintptr_t page = addrs[k] & ~(uintptr_t)(MV_PAGE_SIZE - 1);
       if (page - m->start >= MV_ARENA_SIZE) {
         mv_uffd_wake(page, MV_PAGE_SIZE);
         continue;
       }
-      set_bit(&m->dirty, (page - m->start) / MV_PAGE_SIZE);
       m->precopy_faults++;
-      /* A hole (registered MISSING) gets the zero page; a write then fills it
-       * without faulting again, which is fine: it is dirty. */
-      int rc = wp[k] ? 0 : mv_uffd_zeropage(page, MV_PAGE_SIZE);
-      if (wp[k] || rc == -EEXIST) rc = mv_uffd_writeprotect(page, MV_PAGE_SIZE, false, true);
+      int rc = serve_page(m, (page - m->start) / MV_PAGE_SIZE, wp[k]);
       if (rc) return rc;
     }
   }
-  return n;
+  return n < 0 ? n : 0;
 }
 
 /* Copies pages [i, end) into staging and marks them copied. In a range
@@ -100,7 +99,7 @@ static bool copy_run(struct mv_move *m, size_t i, size_t end, bool missing) {
     else if ((got = mv_thp_read_mem(dst + i * MV_PAGE_SIZE, m->start + i * MV_PAGE_SIZE, len)) < 0)
       return false;
     size_t pages = (size_t)got / MV_PAGE_SIZE;
-    for (size_t k = 0; k < pages; k++) set_bit(&m->copied, i + k);
+    for (size_t k = 0; k < pages; k++) mv_page_set(&m->copied, i + k);
     i += pages + ((size_t)got < len); /* steps over the page that ended the read */
   }
   return true;
@@ -111,31 +110,31 @@ static bool copy_run(struct mv_move *m, size_t i, size_t end, bool missing) {
 static int copy_serving(struct mv_move *m, const struct mv_page_map *want, bool missing) {
   bool copying = true;
   for (size_t first = 0; first < MV_ARENA_PAGES; first += BATCH_PAGES) {
-    int rc = mv_precopy_serve(m);
+    int rc = mv_precopy_serve(m, mv_precopy_serve_page);
     if (rc) return rc;
     for (size_t i = first; copying && i < first + BATCH_PAGES;) {
-      if (!test_bit(want, i) || test_bit(&m->dirty, i)) {
+      if (!mv_page_test(want, i) || mv_page_test(&m->dirty, i)) {
         i++;
         continue;
       }
       size_t end = i + 1;
-      while (end < first + BATCH_PAGES && test_bit(want, end) && !test_bit(&m->dirty, end)) end++;
+      while (end < first + BATCH_PAGES && mv_page_test(want, end) && !mv_page_test(&m->dirty, end)) end++;
       copying = copy_run(m, i, end, missing);
       i = end;
     }
   }
-  return mv_precopy_serve(m);
+  return mv_precopy_serve(m, mv_precopy_serve_page);
 }
 
 /* Protects (or unprotects, without waking) the runs of pages in map. */
 static int protect_pages(struct mv_move *m, const struct mv_page_map *map, bool protect) {
   for (size_t i = 0; i < MV_ARENA_PAGES;) {
-    if (!test_bit(map, i)) {
+    if (!mv_page_test(map, i)) {
       i++;
       continue;
     }
     size_t end = i;
-    while (end < MV_ARENA_PAGES && test_bit(map, end)) end++;
+    while (end < MV_ARENA_PAGES && mv_page_test(map, end)) end++;
     int rc = mv_uffd_writeprotect(m->start + i * MV_PAGE_SIZE, (end - i) * MV_PAGE_SIZE, protect,
                                   protect);
     if (rc) return rc;
@@ -150,7 +149,7 @@ int mv_precopy(struct mv_move *m, bool missing) {
   if (missing) memset(&map, 0xff, sizeof map); /* holes end reads (copy_run) */
   else rc = mv_thp_page_map(m->start, &map);
   if (rc == 0) rc = copy_serving(m, &map, missing);
-  for (int pass = 0; rc == 0 && pass < RECOPY_PASSES && count_bits(&m->dirty) > FINAL_PAGES;
+  for (int pass = 0; rc == 0 && pass < RECOPY_PASSES && mv_page_count(&m->dirty) > FINAL_PAGES;
        pass++) {
     struct mv_page_map again = m->dirty;
     memset(&m->dirty, 0, sizeof m->dirty);
@@ -165,20 +164,13 @@ int mv_precopy(struct mv_move *m, bool missing) {
   return 0;
 }
 
-int mv_precopy_unprotect_recopied(struct mv_move *m) {
-  struct mv_page_map recopied;
-  for (size_t w = 0; w < MV_ARENA_PAGES / 64; w++)
-    recopied.bits[w] = ~m->copied.bits[w] | m->dirty.bits[w];
-  return protect_pages(m, &recopied, false);
-}
-
 int mv_precopy_finish(struct mv_move *m, uintptr_t src, const struct mv_page_map *present,
                       bool missing) {
   char *dst = m->staging;
   for (size_t i = 0; i < MV_ARENA_PAGES; i++) {
-    bool has = present ? test_bit(present, i) : true, copied = test_bit(&m->copied, i);
+    bool has = present ? mv_page_test(present, i) : true, copied = mv_page_test(&m->copied, i);
     char *to = dst + i * MV_PAGE_SIZE;
-    if (has && (!copied || test_bit(&m->dirty, i))) {
+    if (has && (!copied || mv_page_test(&m->dirty, i))) {
       ssize_t got = MV_PAGE_SIZE;
       if (!missing) memcpy(to, (const char *)src + i * MV_PAGE_SIZE, MV_PAGE_SIZE);
       else if ((got = mv_thp_read_mem(to, src + i * MV_PAGE_SIZE, MV_PAGE_SIZE)) < 0)

@@ -246,6 +246,10 @@ int mv_thp_page_map(uintptr_t addr, struct mv_page_map *map) {
   return page_map_part(addr, 0, MV_ARENA_PAGES, map, PM_PRESENT | PM_SWAP);
 }
 
+int mv_thp_page_map_part(uintptr_t addr, size_t first, size_t n, struct mv_page_map *map) {
+  return page_map_part(addr, first, n, map, PM_PRESENT | PM_SWAP);
+}
+
 void mv_thp_copy_pages(void *dst, const void *src, const struct mv_page_map *map) {
   if (!map) {
     memcpy(dst, src, MV_ARENA_SIZE);
