@@ -239,7 +239,7 @@ static void timed_unstage(struct mv_move *m) {
 
 /* The window starts with hold(), not when writers begin to wait after a
  * pre-copy: a writer stalled by anything the backend does (a write served
- * during the pre-copy, the move backend's pin check) counts. */
+ * during the pre-copy, a page moved out by the move backend) counts. */
 static int timed_hold(struct mv_move *m) {
   hold_start_wait_ns = run_delay_ns(compactor_schedstat);
   hold_start_ns = now_ns();

@@ -7,8 +7,9 @@
  *
  *   stage()            before anything is isolated; may be slow (faults a THP)
  *   hold()             from its return on, every write to the range waits
- *                      (it may first pre-copy while writers run: mv_precopy.c)
+ *                      (remap first pre-copies while writers run: mv_precopy.c)
  *   move()             contents onto the staged page, same virtual address
+ *                      (move first pre-copies, serving writers again)
  *   release()          held writers run again (after move, success or not)
  *   unstage()          frees a staged page that move() did not consume
  *
@@ -18,8 +19,11 @@
  * - hold() returns 0 with m->held_at_ns set to when writers began to wait, or
  *   -errno with nothing held. Writes from other threads,
  *   and where the backend says so in mv_backend.holds_syscalls, writes by system
- *   calls (read() into the range), wait until release(); reads wait only in
- *   the move backend, whose pages leave the range (mv_backend_move.c).
+ *   calls (read() into the range), wait until release() (the move backend
+ *   serves them during its pre-copy in move(), and sets held_at_ns again when
+ *   it stops). Reads of pages that hold data do not wait between hold() and
+ *   move(): the owner's migrate() may read the range. Inside move() they wait
+ *   too in the move backend, whose pages leave the range.
  * - move() returns 0, -EAGAIN (temporary: a pinned or shared page, a race) or
  *   another -errno (permanent). On any failure the range's contents are exactly
  *   as before the call and the writers are still held. No byte written before

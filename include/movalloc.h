@@ -113,8 +113,11 @@ struct movalloc_movable_ops {
   /* Called with the arena isolated and its writers held: any thread that
    * writes [start, start + len) now waits until the engine releases it, so
    * the callee must not write the arena and must not wait for a thread that
-   * might. To move the contents the callee calls movalloc_migration_move(m)
-   * (it may do its own work before and after, and may veto by not calling it).
+   * might. It may read what the arena holds, but not a page never written (a
+   * read there may wait for the engine, which is the caller). To move the
+   * contents the callee calls movalloc_migration_move(m) (it may do its own
+   * work before and after, and may veto by not calling it); while that runs,
+   * readers of the arena may wait too.
    * Returns:
    *   0        moved; the callee has resumed handing out from the arena
    *   -EAGAIN  temporary: the engine calls putback() and retries later

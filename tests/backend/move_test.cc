@@ -1,4 +1,4 @@
-// The move backend's pin check: an O_DIRECT read in flight and pages shared
+// The move backend's pin safety: an O_DIRECT read in flight and pages shared
 // copy-on-write with a child make UFFDIO_MOVE refuse (EBUSY), the move says
 // -EAGAIN, and nothing is lost.
 #include <fcntl.h>

@@ -500,7 +500,7 @@ TEST_F(Faults, ForkVforkPosixSpawnWhileAnArenaIsHeld) {
     for (const char *how : {"fork", "vfork", "posix_spawn"}) {
       SCOPED_TRACE(std::string(b->name) + ", " + how);
       // After a fork the pages are shared until written, and the move
-      // backend's pin check refuses shared pages at hold: written again here
+      // backend refuses to move shared pages: written again here
       // (the same bytes), they are the parent's alone.
       RewriteBlocks(blocks);
       std::atomic<int> request{0};    // 1: go
