@@ -42,9 +42,9 @@
  *
  * Readers wait too during move(): for their page to be served while it is
  * out, and from step 2 until release. With UFFD_USER_MODE_ONLY a system call
- * touching a page that is out would fail (EFAULT) instead of waiting, so there
- * is no pre-copy: step 3 copies everything with every access held. An arena
- * already on a THP goes out whole (one PMD) and is copied a batch at a time.
+ * touching a page that is out would fail (EFAULT) instead of waiting, and an
+ * arena already on a THP goes out whole (one PMD): neither pre-copies, so
+ * step 3 copies everything with every access held.
  *
  * An mlock()ed arena keeps its VMA, so it stays locked; scratch and staging
  * are locked like it, because UFFDIO_MOVE refuses to move between a locked and
@@ -145,7 +145,7 @@ static int serve_page(struct mv_move *m, size_t i, bool wp) {
   int err;
   mv_uffd_move(m->start + off, (uintptr_t)m->scratch + off, MV_PAGE_SIZE,
                UFFDIO_MOVE_MODE_DONTWAKE, &err);
-  return err ? -err : mv_uffd_wake(m->start + off, MV_PAGE_SIZE);
+  return err ? temporary_or(err) : mv_uffd_wake(m->start + off, MV_PAGE_SIZE);
 }
 
 /* Moves the pages of [first, end) that are in want and hold data out to
@@ -181,37 +181,32 @@ static int move_present_out(struct mv_move *m, const struct mv_page_map *want, s
   return 0;
 }
 
-/* Moves the pages of want out to scratch, step pages at a time, unprotected
- * first (without waking). With copying, serves faults every OUT_PAGES and
- * copies those pages from scratch: a page copied now is not dirty any more
- * (its dirty bit is cleared when it moves out; one served since is dirty again
- * and not in scratch). On failure everything goes back to the arena (-EAGAIN
- * for a pinned or shared page); 0 or -errno. */
-static int move_out(struct mv_move *m, const struct mv_page_map *want, size_t step,
-                    bool copying) {
-  struct mv_page_map moved = {{0}};
-  for (size_t first = 0; first < MV_ARENA_PAGES; first += copying ? OUT_PAGES : step) {
+/* Moves the pages of want out to scratch, unprotected first (without waking).
+ * With copying, OUT_PAGES at a time, serving faults before each batch and
+ * copying it from scratch after: a page copied now is not dirty any more. On
+ * failure everything goes back to the arena (-EAGAIN for a pinned or shared
+ * page); 0 or -errno. */
+static int move_out(struct mv_move *m, const struct mv_page_map *want, bool copying) {
+  size_t step = copying ? OUT_PAGES : MV_ARENA_PAGES;
+  for (size_t first = 0; first < MV_ARENA_PAGES; first += step) {
+    struct mv_page_map moved = {{0}};
     int rc = copying ? mv_precopy_serve(m, serve_page) : 0;
-    if (first % step == 0) {
-      if (rc == 0)
-        rc = mv_uffd_writeprotect(m->start + first * MV_PAGE_SIZE, step * MV_PAGE_SIZE, false,
-                                  false);
-      for (size_t k = first; copying && k < first + step; k++)
-        if (mv_page_test(want, k)) mv_page_clear(&m->dirty, k);
-      if (rc == 0) rc = temporary_or(move_present_out(m, want, first, first + step, &moved));
-    }
+    if (rc == 0)
+      rc = mv_uffd_writeprotect(m->start + first * MV_PAGE_SIZE, step * MV_PAGE_SIZE, false, false);
+    for (size_t k = first; copying && k < first + step; k++)
+      if (mv_page_test(want, k)) mv_page_clear(&m->dirty, k);
+    if (rc == 0) rc = temporary_or(move_present_out(m, want, first, first + step, &moved));
     if (rc) {
       move_back(m, 0, MV_ARENA_SIZE);
       return rc;
     }
-    size_t end = first + OUT_PAGES;
-    for (size_t i = first; copying && i < end;) {
-      if (!mv_page_test(&moved, i) || mv_page_test(&m->dirty, i)) {
+    for (size_t i = first; copying && i < first + step;) {
+      if (!mv_page_test(&moved, i)) {
         i++;
         continue;
       }
       size_t run = i + 1;
-      while (run < end && mv_page_test(&moved, run) && !mv_page_test(&m->dirty, run)) run++;
+      while (run < first + step && mv_page_test(&moved, run)) run++;
       memcpy((char *)m->staging + i * MV_PAGE_SIZE, (const char *)m->scratch + i * MV_PAGE_SIZE,
              (run - i) * MV_PAGE_SIZE);
       for (; i < run; i++) mv_page_set(&m->copied, i);
@@ -220,16 +215,16 @@ static int move_out(struct mv_move *m, const struct mv_page_map *want, size_t st
   return 0;
 }
 
-/* Step 1: every page out and copied once (an arena on a THP goes out whole,
- * as one PMD), then the dirty ones again while there are many. */
+/* Step 1: every page out and copied once, then the dirty ones again while
+ * there are many. */
 static int precopy_moving_out(struct mv_move *m) {
   struct mv_page_map all;
   memset(&all, 0xff, sizeof all);
-  int rc = move_out(m, &all, mv_thp_is_huge(m->start) == 1 ? MV_ARENA_PAGES : OUT_PAGES, true);
+  int rc = move_out(m, &all, true);
   for (int pass = 0; rc == 0 && pass < RECOPY_PASSES && mv_page_count(&m->dirty) > FINAL_PAGES;
        pass++) {
     struct mv_page_map again = m->dirty;
-    rc = move_out(m, &again, OUT_PAGES, true);
+    rc = move_out(m, &again, true);
   }
   return rc;
 }
@@ -257,7 +252,10 @@ static int move_move(struct mv_move *m) {
   uintptr_t a = m->start, s = (uintptr_t)m->scratch, t = (uintptr_t)m->staging;
   uint64_t t0 = mv_os_now_ns();
   int rc = 0;
-  if (!mv_backend_probe()->uffd_user_only) {
+  /* An arena on a THP goes out whole, as one PMD, at step 2: serving a fault
+   * from a THP in scratch would split it there, and a split that fails (a
+   * transient reference: EBUSY) would leave the page neither here nor there. */
+  if (!mv_backend_probe()->uffd_user_only && mv_thp_is_huge(a) != 1) {
     rc = precopy_moving_out(m);
     m->held_at_ns = mv_os_now_ns(); /* served until now: from here writers wait for good */
   }
@@ -268,10 +266,10 @@ static int move_move(struct mv_move *m) {
   /* The injected failure moves half out, then gets what a pinned page gives. */
   if (m->fail_at == MV_STEP_MOVE_OUT) {
     memset(all.bits + MV_ARENA_PAGES / 128, 0, sizeof all / 2);
-    rc = move_out(m, &all, MV_ARENA_PAGES, false);
+    rc = move_out(m, &all, false);
     return put_back(m, 0, rc ? rc : -EAGAIN);
   }
-  rc = move_out(m, &all, MV_ARENA_PAGES, false);
+  rc = move_out(m, &all, false);
   if (rc) return put_back(m, MV_ARENA_SIZE, rc);
   struct mv_page_map map;
   bool mapped = mv_thp_page_map(s, &map) == 0;
