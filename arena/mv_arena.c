@@ -276,7 +276,7 @@ void mv_arena_decay(void) { cache_release(mv_options.arena_cache, SIZE_MAX, true
  * and freeing huge objects of varied sizes pays the faults glibc's munmap and
  * mmap would, not the fresh pages on top of the idle ones. */
 static void uncache_for_fresh(uint32_t fresh) {
-  if (fresh) cache_release(mv_options.arena_cache, fresh, false);
+  cache_release(mv_options.arena_cache, fresh, false);
 }
 
 /* The allocation paths' share of decay, when no compactor thread does it:

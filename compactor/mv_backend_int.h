@@ -146,6 +146,15 @@ static inline void mv_page_clear(struct mv_page_map *map, size_t i) {
   map->bits[i / 64] &= ~(UINT64_C(1) << (i % 64));
 }
 
+/* The next run of pages set in map within [*i, end): moves *i to its first
+ * page and returns the page after its last (*i == end: none left). */
+static inline size_t mv_page_run(const struct mv_page_map *map, size_t *i, size_t end) {
+  while (*i < end && !mv_page_test(map, *i)) ++*i;
+  size_t run = *i;
+  while (run < end && mv_page_test(map, run)) run++;
+  return run;
+}
+
 static inline size_t mv_page_count(const struct mv_page_map *map) {
   size_t n = 0;
   for (size_t w = 0; w < MV_ARENA_PAGES / 64; w++) n += (size_t)__builtin_popcountll(map->bits[w]);

@@ -89,7 +89,7 @@ static int move_stage(struct mv_move *m) {
   return 0;
 }
 
-/* Moves scratch [from, to) back into the arena.
+/* Moves scratch [from, MV_ARENA_SIZE) back into the arena.
  *
  * Nothing else can map a page into the arena meanwhile: it is registered
  * MISSING, so every fault there (read or write, THP or zero page, from a
@@ -101,9 +101,9 @@ static int move_stage(struct mv_move *m) {
  * now takes the count from the page tables, so an arena page that is still
  * in the way here is one that cannot be explained, and guessing which copy
  * is right would lose data silently. */
-static void move_back(struct mv_move *m, size_t from, size_t to) {
+static void move_back(struct mv_move *m, size_t from) {
   uintptr_t a = m->start, s = (uintptr_t)m->scratch;
-  size_t done = from;
+  size_t done = from, to = MV_ARENA_SIZE;
   for (int tries = 0; done < to; tries++) {
     int err;
     done += mv_uffd_move(a + done, s + done, to - done,
@@ -119,7 +119,7 @@ static void move_back(struct mv_move *m, size_t from, size_t to) {
  * write-protected again, so that the contents are as before and writers are
  * held until release. Returns rc. */
 static int put_back(struct mv_move *m, size_t from, int rc) {
-  move_back(m, from, MV_ARENA_SIZE);
+  move_back(m, from);
   mv_uffd_writeprotect(m->start, MV_ARENA_SIZE, true, true);
   return rc;
 }
@@ -161,13 +161,8 @@ static int move_present_out(struct mv_move *m, const struct mv_page_map *want, s
   struct mv_page_map there;
   int rc = mv_thp_page_map_part(a, first, end - first, &there);
   if (rc) return -rc;
-  for (size_t i = first; i < end;) {
-    if (!mv_page_test(want, i) || !mv_page_test(&there, i)) {
-      i++;
-      continue;
-    }
-    size_t run = i + 1;
-    while (run < end && mv_page_test(want, run) && mv_page_test(&there, run)) run++;
+  for (size_t w = first / 64; w * 64 < end; w++) there.bits[w] &= want->bits[w];
+  for (size_t i = first, run; (run = mv_page_run(&there, &i, end)) > i;) {
     while (i < run) {
       int err;
       size_t pages = mv_uffd_move(s + i * MV_PAGE_SIZE, a + i * MV_PAGE_SIZE,
@@ -197,16 +192,10 @@ static int move_out(struct mv_move *m, const struct mv_page_map *want, bool copy
       if (mv_page_test(want, k)) mv_page_clear(&m->dirty, k);
     if (rc == 0) rc = temporary_or(move_present_out(m, want, first, first + step, &moved));
     if (rc) {
-      move_back(m, 0, MV_ARENA_SIZE);
+      move_back(m, 0);
       return rc;
     }
-    for (size_t i = first; copying && i < first + step;) {
-      if (!mv_page_test(&moved, i)) {
-        i++;
-        continue;
-      }
-      size_t run = i + 1;
-      while (run < first + step && mv_page_test(&moved, run)) run++;
+    for (size_t i = first, run; copying && (run = mv_page_run(&moved, &i, first + step)) > i;) {
       memcpy((char *)m->staging + i * MV_PAGE_SIZE, (const char *)m->scratch + i * MV_PAGE_SIZE,
              (run - i) * MV_PAGE_SIZE);
       for (; i < run; i++) mv_page_set(&m->copied, i);

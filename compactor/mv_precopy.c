@@ -128,17 +128,10 @@ static int copy_serving(struct mv_move *m, const struct mv_page_map *want, bool 
 
 /* Protects (or unprotects, without waking) the runs of pages in map. */
 static int protect_pages(struct mv_move *m, const struct mv_page_map *map, bool protect) {
-  for (size_t i = 0; i < MV_ARENA_PAGES;) {
-    if (!mv_page_test(map, i)) {
-      i++;
-      continue;
-    }
-    size_t end = i;
-    while (end < MV_ARENA_PAGES && mv_page_test(map, end)) end++;
+  for (size_t i = 0, end; (end = mv_page_run(map, &i, MV_ARENA_PAGES)) > i; i = end) {
     int rc = mv_uffd_writeprotect(m->start + i * MV_PAGE_SIZE, (end - i) * MV_PAGE_SIZE, protect,
                                   protect);
     if (rc) return rc;
-    i = end;
   }
   return 0;
 }
