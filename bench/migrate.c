@@ -8,7 +8,9 @@
  *   throughput  the pass alone: GB/s with and without staging
  *   writer      a thread storing into every arena: how long its stores stall
  *   fault       a thread mapping, faulting and unmapping unrelated memory,
- *               first with no migration, then during the pass
+ *               first with no migration, then beside a thread that only
+ *               copies memory (the control: what any copy in this process
+ *               costs it), then during the pass
  * A child per phase, because a migrated heap is no longer made of 4 KiB pages
  * (collapsing a huge page again costs nothing) and the remap backend leaves
  * VMAs behind that would change what the next subject measures.
@@ -55,6 +57,7 @@
 #define MAX_STALLS (1u << 16)
 #define FAULT_MAP_SIZE (64u << 10)
 #define MAX_FAULT_SAMPLES (1u << 18)
+#define COPY_CHUNK (256u << 10) /* the control's memcpy: the move backend's batch */
 #define SETTLE_NS 20000000ull     /* writer running before and after the pass */
 #define WRITER_LOST_S 2           /* a writer not back this long after the pass was never woken */
 #define CHILD_TIMEOUT_MS 300000   /* a child that takes longer is stuck: killed */
@@ -114,6 +117,7 @@ struct phase_result {
   uint64_t writer_stores;
   uint64_t writer_lost;         /* 1: still held long after the pass: a lost wake-up */
   struct lat fault_with, fault_without;
+  struct lat fault_copying; /* beside a thread of this process that only copies */
 };
 
 static uint64_t now_ns(void) {
@@ -524,6 +528,27 @@ static void *faulter_main(void *arg) {
   return NULL;
 }
 
+/* The fault phase's control: copies memory the way a migration does (256 KiB
+ * at a time, 2 MiB per round) and nothing else, with no lock, system call or
+ * page fault. A munmap must flush the TLB of every CPU running this process,
+ * so whatever delays the copier's CPU in taking that interrupt shows up here
+ * as well as under a migration. */
+struct copier {
+  atomic_bool stop;
+};
+
+static void *copier_main(void *arg) {
+  struct copier *c = arg;
+  char *from = map_populated(MV_ARENA_SIZE), *to = map_populated(MV_ARENA_SIZE);
+  memset(from, 0x5a, MV_ARENA_SIZE);
+  while (!atomic_load_explicit(&c->stop, memory_order_relaxed))
+    for (size_t off = 0; off < MV_ARENA_SIZE; off += COPY_CHUNK)
+      memcpy(to + off, from + off, COPY_CHUNK);
+  munmap(from, MV_ARENA_SIZE);
+  munmap(to, MV_ARENA_SIZE);
+  return NULL;
+}
+
 /* Latencies of the samples that overlap [start, end). */
 static struct lat fault_lat(const struct faulter *f, uint64_t start, uint64_t end) {
   size_t bytes = f->sample_count * sizeof(struct span) + 8;
@@ -605,6 +630,14 @@ static void run_phase(const struct subject *s, enum phase phase, size_t arenas,
     uint64_t quiet_start = now_ns();
     sleep_ns(baseline_ns);
     uint64_t quiet_end = now_ns();
+    static struct copier c;
+    pthread_t copier;
+    start_thread(&copier, copier_main, &c);
+    uint64_t copy_start = now_ns();
+    sleep_ns(baseline_ns);
+    uint64_t copy_end = now_ns();
+    atomic_store(&c.stop, true);
+    pthread_join(copier, NULL);
     run_pass(s, &h, r, &pass);
     atomic_store(&f.stop, true);
     pthread_join(thread, NULL);
@@ -612,6 +645,7 @@ static void run_phase(const struct subject *s, enum phase phase, size_t arenas,
       snprintf(r->error, sizeof r->error, "faulter mmap: %s", strerror(f.error));
     r->fault_without = fault_lat(&f, quiet_start, quiet_end);
     r->fault_with = fault_lat(&f, pass.start_ns, pass.end_ns);
+    r->fault_copying = fault_lat(&f, copy_start, copy_end);
   }
 }
 
@@ -717,6 +751,7 @@ enum metric_id {
   M_WITH_NET_P50, M_WITH_NET_P99, M_WITH_NET_MAX,
   M_WITHOUT_NET_P50, M_WITHOUT_NET_P99, M_WITHOUT_NET_MAX,
   M_FAULT_RATIO, M_FAULT_RATIO_NET,
+  M_COPYING_P50, M_COPYING_P99, M_COPYING_MAX, M_COPY_RATIO,
   M_COUNT
 };
 
@@ -768,6 +803,11 @@ static double fault_ratio(const struct outcome *o) {
 static double fault_ratio_net(const struct outcome *o) {
   const struct phase_result *f = &o->phase[PHASE_FAULT];
   return p99_ratio(&f->fault_with.net, &f->fault_without.net);
+}
+/* Against the control: what the migration costs beyond a plain copy. */
+static double copy_ratio(const struct outcome *o) {
+  const struct phase_result *f = &o->phase[PHASE_FAULT];
+  return p99_ratio(&f->fault_with.raw, &f->fault_copying.raw);
 }
 
 #define AT(ph, member, scale) ph, offsetof(struct phase_result, member), scale, NULL
@@ -823,6 +863,10 @@ static const struct metric metrics[M_COUNT] = {
     [M_WITHOUT_NET_MAX] = {"fault_without_less_cpu_wait_max_us", US(F, fault_without.net.max)},
     [M_FAULT_RATIO] = {"fault_p99_ratio", .get = fault_ratio},
     [M_FAULT_RATIO_NET] = {"fault_p99_ratio_less_cpu_wait", .get = fault_ratio_net},
+    [M_COPYING_P50] = {"fault_beside_plain_copy_p50_us", US(F, fault_copying.raw.p50)},
+    [M_COPYING_P99] = {"fault_beside_plain_copy_p99_us", US(F, fault_copying.raw.p99)},
+    [M_COPYING_MAX] = {"fault_beside_plain_copy_max_us", US(F, fault_copying.raw.max)},
+    [M_COPY_RATIO] = {"fault_p99_ratio_to_plain_copy", .get = copy_ratio},
 };
 #undef AT
 #undef US
@@ -944,6 +988,11 @@ static void print_targets(const struct summary *sum) {
     printf("  %-9s fault p99 <= 1.2x no migration           %s (%.2fx); %s (%.2fx)\n", name,
            verdict(fault_met(s, false)), s->median[M_FAULT_RATIO], verdict(fault_met(s, true)),
            s->median[M_FAULT_RATIO_NET]);
+    double without = s->median[M_WITHOUT_P99];
+    printf("  %-9s   control, beside a plain copy: p99 %.0f us, %.2fx no migration; "
+           "the pass is %.2fx that\n",
+           name, s->median[M_COPYING_P99], without ? s->median[M_COPYING_P99] / without : 0,
+           s->median[M_COPY_RATIO]);
     printf("  %-9s >= 4 GB/s per core, staging excluded     %s (%.2f); %s (%.2f)\n", name,
            verdict(gbps_met(s, false)), s->median[M_GBPS_EXCL], verdict(gbps_met(s, true)),
            s->median[M_GBPS_EXCL_NET]);

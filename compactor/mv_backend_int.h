@@ -131,8 +131,10 @@ void mv_thp_forget_spares(void);
 int mv_thp_page_map(uintptr_t addr, struct mv_page_map *map);
 
 /* The same for pages [first, first + n) of it only; the other bits of *map are
- * left as they are. */
-int mv_thp_page_map_part(uintptr_t addr, size_t first, size_t n, struct mv_page_map *map);
+ * left as they are. swapped, when not NULL, gets the pages of them that are
+ * not present: swapped out, or a userfaultfd write-protect marker. */
+int mv_thp_page_map_part(uintptr_t addr, size_t first, size_t n, struct mv_page_map *map,
+                         struct mv_page_map *swapped);
 
 static inline bool mv_page_test(const struct mv_page_map *map, size_t i) {
   return map->bits[i / 64] >> (i % 64) & 1;

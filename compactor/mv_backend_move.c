@@ -7,9 +7,10 @@
  *   hold     register the arena MISSING|WP and write-protect it: writers wait,
  *            readers (the owner's migrate() among them) do not
  *   move     1. pre-copy by moving out: the arena's pages go to scratch
- *               OUT_PAGES at a time (unprotected first, without waking: the
- *               kernel refuses WP_UNPOPULATED's markers), and each batch is
- *               copied from there into staging. Between batches the engine
+ *               OUT_PAGES at a time, still write-protected (a batch with a
+ *               WP_UNPOPULATED marker is unprotected first: see
+ *               move_present_out), and each batch is copied from there into
+ *               staging. Between batches the engine
  *               serves the userfaultfd: a thread that touched a page that is
  *               out gets it back from scratch; one that wrote a page still
  *               protected gets it unprotected; a hole gets the zero page.
@@ -138,7 +139,7 @@ static int temporary_or(int err) { return err == EBUSY || err == EAGAIN ? -EAGAI
 static int serve_page(struct mv_move *m, size_t i, bool wp) {
   uintptr_t off = i * MV_PAGE_SIZE;
   struct mv_page_map there;
-  int rc = mv_thp_page_map_part((uintptr_t)m->scratch, i, 1, &there);
+  int rc = mv_thp_page_map_part((uintptr_t)m->scratch, i, 1, &there, NULL);
   if (rc) return rc;
   if (!mv_page_test(&there, i)) return mv_precopy_serve_page(m, i, wp);
   mv_page_set(&m->dirty, i);
@@ -154,13 +155,28 @@ static int serve_page(struct mv_move *m, size_t i, bool wp) {
  * step that met a changing page, so when the program zaps (MADV_DONTNEED) a
  * page while it moves, a move that allows holes retries that hole forever
  * inside the kernel. Without the mode the hole ends the move (ENOENT), and
- * the move goes on after it. 0, or the errno that stopped it. */
+ * the move goes on after it.
+ *
+ * A present page moves write-protected or not (it arrives writable). A
+ * write-protect marker (WP_UNPOPULATED's, on a hole) does not move: the kernel
+ * refuses it. So only a range whose page map shows an entry that is not
+ * present (a marker, or a page swapped out) is unprotected first, without
+ * waking: every UFFDIO_WRITEPROTECT takes the mmap lock that other threads'
+ * mmap() waits for, and sends a TLB flush to every CPU running this process.
+ * 0, or the errno that stopped it. */
 static int move_present_out(struct mv_move *m, const struct mv_page_map *want, size_t first,
                             size_t end, struct mv_page_map *moved) {
   uintptr_t a = m->start, s = (uintptr_t)m->scratch;
-  struct mv_page_map there;
-  int rc = mv_thp_page_map_part(a, first, end - first, &there);
+  struct mv_page_map there, swapped;
+  int rc = mv_thp_page_map_part(a, first, end - first, &there, &swapped);
   if (rc) return -rc;
+  bool markers = false;
+  for (size_t w = first / 64; w * 64 < end; w++) markers |= (swapped.bits[w] & want->bits[w]) != 0;
+  if (markers) {
+    rc = mv_uffd_writeprotect(a + first * MV_PAGE_SIZE, (end - first) * MV_PAGE_SIZE, false, false);
+    if (rc == 0) rc = mv_thp_page_map_part(a, first, end - first, &there, NULL);
+    if (rc) return -rc;
+  }
   for (size_t w = first / 64; w * 64 < end; w++) there.bits[w] &= want->bits[w];
   for (size_t i = first, run; (run = mv_page_run(&there, &i, end)) > i;) {
     while (i < run) {
@@ -176,18 +192,15 @@ static int move_present_out(struct mv_move *m, const struct mv_page_map *want, s
   return 0;
 }
 
-/* Moves the pages of want out to scratch, unprotected first (without waking).
- * With copying, OUT_PAGES at a time, serving faults before each batch and
- * copying it from scratch after: a page copied now is not dirty any more. On
- * failure everything goes back to the arena (-EAGAIN for a pinned or shared
- * page); 0 or -errno. */
+/* Moves the pages of want out to scratch. With copying, OUT_PAGES at a time,
+ * serving faults before each batch and copying it from scratch after: a page
+ * copied now is not dirty any more. On failure everything goes back to the
+ * arena (-EAGAIN for a pinned or shared page); 0 or -errno. */
 static int move_out(struct mv_move *m, const struct mv_page_map *want, bool copying) {
   size_t step = copying ? OUT_PAGES : MV_ARENA_PAGES;
   for (size_t first = 0; first < MV_ARENA_PAGES; first += step) {
     struct mv_page_map moved = {{0}};
     int rc = copying ? mv_precopy_serve(m, serve_page) : 0;
-    if (rc == 0)
-      rc = mv_uffd_writeprotect(m->start + first * MV_PAGE_SIZE, step * MV_PAGE_SIZE, false, false);
     for (size_t k = first; copying && k < first + step; k++)
       if (mv_page_test(want, k)) mv_page_clear(&m->dirty, k);
     if (rc == 0) rc = temporary_or(move_present_out(m, want, first, first + step, &moved));

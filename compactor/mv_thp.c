@@ -216,17 +216,21 @@ static int read_pagemap(uintptr_t addr, uint64_t entries[MV_ARENA_PAGES]) {
   return read_pagemap_n(addr, entries, MV_ARENA_PAGES);
 }
 
-/* Sets the bits of pages [first, first + n) whose pagemap entry has any of
- * flags, clears the others. */
-static int page_map_part(uintptr_t addr, size_t first, size_t n, struct mv_page_map *map,
-                         uint64_t flags) {
+/* Sets the bits of pages [first, first + n) whose pagemap entry shows a page
+ * (present, or swapped out: PM_PRESENT | PM_SWAP) in *there and, when swapped
+ * is not NULL, of those not present in *swapped; clears the others. */
+static int page_map_part(uintptr_t addr, size_t first, size_t n, struct mv_page_map *there,
+                         struct mv_page_map *swapped) {
   uint64_t pm[MV_ARENA_PAGES];
   int rc = read_pagemap_n(addr + first * MV_PAGE_SIZE, pm, n);
   if (rc) return rc;
   for (size_t i = first; i < first + n; i++) {
-    uint64_t bit = UINT64_C(1) << (i % 64);
-    if (pm[i - first] & flags) map->bits[i / 64] |= bit;
-    else map->bits[i / 64] &= ~bit;
+    uint64_t bit = UINT64_C(1) << (i % 64), e = pm[i - first];
+    if (e & (PM_PRESENT | PM_SWAP)) there->bits[i / 64] |= bit;
+    else there->bits[i / 64] &= ~bit;
+    if (!swapped) continue;
+    if ((e & (PM_PRESENT | PM_SWAP)) == PM_SWAP) swapped->bits[i / 64] |= bit;
+    else swapped->bits[i / 64] &= ~bit;
   }
   return 0;
 }
@@ -243,11 +247,12 @@ ssize_t mv_thp_read_mem(void *dst, uintptr_t src, size_t len) {
 }
 
 int mv_thp_page_map(uintptr_t addr, struct mv_page_map *map) {
-  return page_map_part(addr, 0, MV_ARENA_PAGES, map, PM_PRESENT | PM_SWAP);
+  return page_map_part(addr, 0, MV_ARENA_PAGES, map, NULL);
 }
 
-int mv_thp_page_map_part(uintptr_t addr, size_t first, size_t n, struct mv_page_map *map) {
-  return page_map_part(addr, first, n, map, PM_PRESENT | PM_SWAP);
+int mv_thp_page_map_part(uintptr_t addr, size_t first, size_t n, struct mv_page_map *map,
+                         struct mv_page_map *swapped) {
+  return page_map_part(addr, first, n, map, swapped);
 }
 
 void mv_thp_copy_pages(void *dst, const void *src, const struct mv_page_map *map) {
