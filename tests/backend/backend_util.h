@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <string>
@@ -277,11 +278,15 @@ inline int MoveOnce(const mv_backend *b, uintptr_t start, mv_move_step fail_at =
   return MoveOnce(b, start, fail_at, t, [] {});
 }
 
-// -EAGAIN is worth retrying (the engine does, a bounded number of passes).
+// -EAGAIN is worth retrying (the engine does, a bounded number of passes, a
+// compactor round apart). The pauses grow: under a loaded machine
+// MADV_COLLAPSE can refuse (a page in another CPU's LRU batch, no free huge
+// page just now) twenty times in a row without one, about 2 s in all with.
 inline int MoveRetrying(const mv_backend *b, uintptr_t start, Timing *t = nullptr,
                         int *retries = nullptr) {
   int rc = -EAGAIN;
-  for (int i = 0; i < 20 && rc == -EAGAIN; i++) {
+  for (int i = 0; i < 40 && rc == -EAGAIN; i++) {
+    if (i > 0) usleep(2500 * i);
     rc = MoveOnce(b, start, MV_STEP_NONE, t);
     if (rc == -EAGAIN && retries) ++*retries;
   }
