@@ -10,10 +10,10 @@
  *               OUT_PAGES at a time, still write-protected (a batch with a
  *               WP_UNPOPULATED marker is unprotected first: see
  *               move_present_out), and each batch is copied from there into
- *               staging. Between batches the engine
- *               serves the userfaultfd: a thread that touched a page that is
- *               out gets it back from scratch; one that wrote a page still
- *               protected gets it unprotected; a hole gets the zero page.
+ *               staging. Between batches the engine serves the userfaultfd: a
+ *               thread that touched a page that is out gets it back from
+ *               scratch; one that wrote a page still protected gets it
+ *               unprotected; a hole gets the zero page.
  *               Either way the page is dirty. While many pages are dirty they
  *               go out and are copied again.
  *            2. every page still in the arena goes out: from here every access
@@ -167,11 +167,12 @@ static int serve_page(struct mv_move *m, size_t i, bool wp) {
 static int move_present_out(struct mv_move *m, const struct mv_page_map *want, size_t first,
                             size_t end, struct mv_page_map *moved) {
   uintptr_t a = m->start, s = (uintptr_t)m->scratch;
-  struct mv_page_map there, swapped;
+  struct mv_page_map there, swapped = {{0}};
   int rc = mv_thp_page_map_part(a, first, end - first, &there, &swapped);
   if (rc) return -rc;
   bool markers = false;
-  for (size_t w = first / 64; w * 64 < end; w++) markers |= (swapped.bits[w] & want->bits[w]) != 0;
+  for (size_t w = first / 64; w * 64 < end; w++)
+    markers |= (swapped.bits[w] & want->bits[w]) != 0;
   if (markers) {
     rc = mv_uffd_writeprotect(a + first * MV_PAGE_SIZE, (end - first) * MV_PAGE_SIZE, false, false);
     if (rc == 0) rc = mv_thp_page_map_part(a, first, end - first, &there, NULL);
