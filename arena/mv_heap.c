@@ -243,16 +243,21 @@ static inline __attribute__((always_inline)) void page_release(mv_heap_t *h, mv_
 }
 
 /* MOVALLOC_PROFILE counted the page's list when installed (prof_install): the
- * blocks never handed out were not allocated. A copy of page_retire of its
- * own, so that the unprofiled one keeps its registers. */
+ * blocks never handed out were not allocated, and go back to this thread's
+ * countdown. A copy of page_retire of its own, so that the unprofiled one
+ * keeps its registers. */
 static MV_NOINLINE void page_retire_profiled(mv_heap_t *h, mv_page_t *page) {
   if (page->lifeclass == MV_LIFE_SHORT && page->block_size <= 1024)
     mv_prof_left += (int64_t)page->block_size * blocks_not_handed_out(page);
   page_release(h, page);
 }
 
+/* Only pages of the calling thread's own heap give back to its countdown: the
+ * countdown is per thread, so what a heap of an exited thread (or the exiting
+ * thread's, which is no longer mv_tls_heap) never handed out is no one's to
+ * give back, and counting it walks two free lists for nothing. */
 static void page_retire(mv_heap_t *h, mv_page_t *page) {
-  if (MV_UNLIKELY(mv_prof_rate)) page_retire_profiled(h, page);
+  if (MV_UNLIKELY(mv_prof_rate) && h == mv_tls_heap) page_retire_profiled(h, page);
   else page_release(h, page);
 }
 

@@ -343,6 +343,28 @@ TEST(Profile, FreesForgetSamplesInPagesWithOneAndWithMany) {
 
 // realloc moves a sampled block: the old one is freed (forgotten), the new one
 // may be sampled; nothing stays live once the last one is freed.
+// The byte countdown is per thread. A page that empties in the heap of a
+// thread that has exited gives nothing back to the thread that retires it:
+// what that heap never handed out was counted on a countdown that is gone.
+// (It used to be credited to whichever thread collected the heap, after
+// walking the page's lists.)
+TEST(Profile, RetiringAnExitedThreadsPageLeavesTheCountdownAlone) {
+  void *block = nullptr;
+  std::thread([&] { block = malloc(1000); }).join(); // its page keeps carved blocks
+  ASSERT_NE(block, nullptr);
+  mv_page_t *page = mv_page_of(block);
+  ASSERT_GT(page->capacity, 1u) << "the page should hold blocks never handed out";
+  free(block); // from here the abandoned heap's page is empty
+  int64_t before = -1, after = -1;
+  std::thread([&] { // a thread with no heap and a countdown never started
+    before = mv_prof_left;
+    mv_heap_collect_all();
+    after = mv_prof_left;
+  }).join();
+  EXPECT_EQ(before, 0);
+  EXPECT_EQ(after, before);
+}
+
 TEST(Profile, ReallocAndCallocAreCountedAndForgotten) {
   std::vector<void *> held;
   for (int i = 0; i < 4096; i++) {
