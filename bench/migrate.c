@@ -57,7 +57,7 @@
 #define MAX_STALLS (1u << 16)
 #define FAULT_MAP_SIZE (64u << 10)
 #define MAX_FAULT_SAMPLES (1u << 18)
-#define COPY_CHUNK (256u << 10) /* the control's memcpy: the move backend's batch */
+#define COPY_CHUNK (256u << 10)   /* the control's memcpy: the move backend's batch */
 #define SETTLE_NS 20000000ull     /* writer running before and after the pass */
 #define WRITER_LOST_S 2           /* a writer not back this long after the pass was never woken */
 #define CHILD_TIMEOUT_MS 300000   /* a child that takes longer is stuck: killed */

@@ -341,8 +341,6 @@ TEST(Profile, FreesForgetSamplesInPagesWithOneAndWithMany) {
   EXPECT_EQ(atomic_load(&page->sampled_block), 0u);
 }
 
-// realloc moves a sampled block: the old one is freed (forgotten), the new one
-// may be sampled; nothing stays live once the last one is freed.
 // The byte countdown is per thread. A page that empties in the heap of a
 // thread that has exited gives nothing back to the thread that retires it:
 // what that heap never handed out was counted on a countdown that is gone.
@@ -365,6 +363,8 @@ TEST(Profile, RetiringAnExitedThreadsPageLeavesTheCountdownAlone) {
   EXPECT_EQ(after, before);
 }
 
+// realloc moves a sampled block: the old one is freed (forgotten), the new one
+// may be sampled; nothing stays live once the last one is freed.
 TEST(Profile, ReallocAndCallocAreCountedAndForgotten) {
   std::vector<void *> held;
   for (int i = 0; i < 4096; i++) {
