@@ -91,7 +91,7 @@ static uint64_t rng_seed;           /* from the OS once; threads derive theirs *
 static _Atomic uint64_t rng_threads; /* threads seeded so far */
 /* This thread is inside unw_backtrace (a fork from a signal handler that
  * interrupted it must not wait for itself). */
-static __thread bool unwinding_here __attribute__((tls_model("initial-exec")));
+__thread bool mv_prof_unwinding __attribute__((tls_model("initial-exec")));
 /* A thread's first samples are unwound frame by frame: unw_backtrace's first
  * call on a thread maps and fills a 256 KiB frame cache (16384 slots, about
  * 170 us here, unmapped at thread exit), which a short-lived thread never
@@ -185,7 +185,7 @@ static int step_frames(void **frames, int max) {
 /* This thread's stack unless a fork is under way (0 frames then). */
 static int unwind(backtrace_fn fn, void **frames, int max) {
   atomic_fetch_add(&unwinding, 1);
-  unwinding_here = true;
+  mv_prof_unwinding = true;
   int n = 0;
   if (!atomic_load(&forking)) {
     if (stepper.getcontext && stepped_here < STEPPED_SAMPLES) {
@@ -205,7 +205,7 @@ static int unwind(backtrace_fn fn, void **frames, int max) {
       n = fn(frames, max);
     }
   }
-  unwinding_here = false;
+  mv_prof_unwinding = false;
   atomic_fetch_sub(&unwinding, 1);
   return n;
 }
@@ -221,7 +221,7 @@ int mv_prof_backtrace(void **frames, int max) {
 
 void mv_prof_fork_prepare(void) {
   atomic_store(&forking, true);
-  while (atomic_load(&unwinding) > (unwinding_here ? 1u : 0u)) sched_yield();
+  while (atomic_load(&unwinding) > (mv_prof_unwinding ? 1u : 0u)) sched_yield();
 }
 
 void mv_prof_fork_done(void) { atomic_store(&forking, false); }
@@ -715,8 +715,26 @@ static int write_longlived(const char *path) {
   return output_end(&w);
 }
 
+/* The exit report: to stderr, or appended to MOVALLOC_PROFILE_REPORT's file
+ * (stderr may be the program's own output, compared or parsed). */
+static void report_at_exit(void) {
+  const char *path = mv_options.profile_report;
+  if (!path) {
+    movalloc_profile_report(2, 10);
+    return;
+  }
+  char why[160];
+  int fd = mv_os_open_private(path, why, sizeof why);
+  if (fd < 0) {
+    mv_log("MOVALLOC_PROFILE_REPORT=%s: %s", path, why);
+    return;
+  }
+  movalloc_profile_report(fd, 10);
+  close(fd);
+}
+
 void mv_prof_exit(void) {
-  movalloc_profile_report(2, 10);
+  report_at_exit();
   if (mv_options.profile_out) {
     int rc = movalloc_profile_dump(mv_options.profile_out);
     if (rc) mv_log("MOVALLOC_PROFILE_OUT=%s: cannot write it (%d)", mv_options.profile_out, rc);

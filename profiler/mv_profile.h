@@ -35,6 +35,8 @@
  * not through the GOT. */
 extern uint64_t mv_prof_rate __attribute__((visibility("hidden")));
 extern __thread int64_t mv_prof_left __attribute__((tls_model("initial-exec")));
+/* This thread is inside libunwind for a sample (shim/mv_unwind_fds.c). */
+extern __thread bool mv_prof_unwinding __attribute__((tls_model("initial-exec")));
 extern mv_lock_t mv_prof_lock;
 
 /* After the options are read: maps the tables and hooks the slow paths

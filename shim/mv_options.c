@@ -53,6 +53,8 @@ const struct mv_option mv_option_table[] = {
     {"MOVALLOC_PROFILE", MV_OPT_RATE, NULL, 1, (uint64_t)1 << 40, 0, FIELD(profile),
      "allocation-site profiler: sample one allocation per this many bytes on average "
      "(on: 2097152); report at exit"},
+    {"MOVALLOC_PROFILE_REPORT", MV_OPT_PATH, NULL, 0, 0, 0, FIELD(profile_report),
+     "with MOVALLOC_PROFILE: append the exit report to this file instead of stderr (mode 0600)"},
     {"MOVALLOC_PROFILE_OUT", MV_OPT_PATH, NULL, 0, 0, 0, FIELD(profile_out),
      "with MOVALLOC_PROFILE: write live bytes per site as folded stacks here at exit (mode 0600)"},
     {"MOVALLOC_PROFILE_LONGLIVED_OUT", MV_OPT_PATH, NULL, 0, 0, 0, FIELD(profile_longlived_out),

@@ -50,6 +50,7 @@ struct mv_options {
   const char *trace;      /* MOVALLOC_TRACE: file that gets a CSV line per migration */
   uint64_t profile;       /* MOVALLOC_PROFILE: mean bytes between samples; 0: off */
   const char *profile_out; /* MOVALLOC_PROFILE_OUT: folded stacks written here at exit */
+  const char *profile_report; /* MOVALLOC_PROFILE_REPORT: the exit report, instead of stderr */
   const char *profile_longlived_out; /* MOVALLOC_PROFILE_LONGLIVED_OUT: long-lived sites */
   const char *profile_longlived;     /* MOVALLOC_PROFILE_LONGLIVED: route those sites */
 };

@@ -539,6 +539,84 @@ TEST(Profile, ReportAtExitAndFoldedFile) {
   unlink(ll);
 }
 
+// MOVALLOC_PROFILE_REPORT: the exit report goes to that file (appended, each
+// report naming its process) and nothing to stderr, which may be the
+// program's own output; a file open to others is refused with one line saying
+// why, and no report.
+TEST(Profile, ReportToAFileLeavesStderrAlone) {
+  char report[] = "/tmp/movalloc_profile_report_XXXXXX";
+  int rfd = mkstemp(report);
+  ASSERT_GE(rfd, 0);
+  ASSERT_EQ(write(rfd, "kept\n", 5), 5); // appended to, not truncated
+  close(rfd);
+  auto run = [](const std::string &path) {
+    char err[] = "/tmp/movalloc_profile_err_XXXXXX";
+    int efd = mkstemp(err);
+    EXPECT_GE(efd, 0);
+    int status = RunSelf("Profile.ExitChild",
+                         {"MOVALLOC_PROFILE=65536", "MOVALLOC_PROFILE_REPORT=" + path,
+                          "PROFILE_TEST_EXIT_CHILD=1"},
+                         efd);
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
+    close(efd);
+    std::ifstream e(err);
+    std::string text((std::istreambuf_iterator<char>(e)), std::istreambuf_iterator<char>());
+    unlink(err);
+    return text;
+  };
+  auto slurp = [&report] {
+    std::ifstream f(report);
+    return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  };
+  std::string err = run(report);
+  EXPECT_EQ(err.find("movalloc profile"), std::string::npos) << err;
+  std::string text = slurp();
+  EXPECT_EQ(text.rfind("kept\nmovalloc profile (pid ", 0), 0u) << text;
+  EXPECT_NE(text.find("profile_exit_site"), std::string::npos) << text;
+  run(report); // a second process appends its own
+  std::string twice = slurp();
+  EXPECT_NE(twice.find("movalloc profile (pid ", text.size()), std::string::npos) << twice;
+
+  ASSERT_EQ(chmod(report, 0644), 0);
+  size_t before = slurp().size();
+  err = run(report);
+  EXPECT_NE(err.find("MOVALLOC_PROFILE_REPORT="), std::string::npos) << err;
+  EXPECT_NE(err.find("open to group or others"), std::string::npos) << err;
+  EXPECT_EQ(err.find("movalloc profile (pid "), std::string::npos) << err;
+  EXPECT_EQ(slurp().size(), before);
+  unlink(report);
+}
+
+// libunwind makes a pipe at its first unwind and keeps it. The profiler's
+// unwinds have it made above the program's range of descriptors, where a
+// program listing its own never sees it; the program's pipe2 is glibc's.
+TEST(Profile, LibunwindsPipeStaysOutOfTheProgramsRange) {
+  for (int i = 0; i < 4096; i++) free(profile_churn_site(1024)); // samples: libunwind is up
+  ASSERT_GT(TotalSamples(), 0u);
+  int high = 0;
+  for (int fd = 3; fd < 65536; fd++) { // 0-2 may be pipes the test runner made
+    char link[64], target[64];
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    ssize_t n = readlink(link, target, sizeof target - 1);
+    if (n <= 0) continue;
+    target[n] = 0;
+    if (strncmp(target, "pipe:", 5) != 0) continue;
+    if (fd < 512) ADD_FAILURE() << "fd " << fd << " (" << target << "): a pipe in the program's range";
+    else high++;
+  }
+  EXPECT_EQ(high, 2) << "libunwind's pipe";
+  int fds[2];
+  ASSERT_EQ(pipe2(fds, O_CLOEXEC), 0);
+  EXPECT_LT(fds[0], 512);
+  EXPECT_LT(fds[1], 512);
+  EXPECT_EQ(write(fds[1], "x", 1), 1);
+  char c = 0;
+  EXPECT_EQ(read(fds[0], &c, 1), 1);
+  EXPECT_EQ(c, 'x');
+  close(fds[0]);
+  close(fds[1]);
+}
+
 // The child half of RoutingSeparatesArenas, run with MOVALLOC_PROFILE_LONGLIVED.
 TEST(Profile, RouteChild) {
   if (!getenv("PROFILE_TEST_ROUTE_CHILD")) GTEST_SKIP() << "run by RoutingSeparatesArenas";
