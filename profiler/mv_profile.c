@@ -89,8 +89,9 @@ static __thread bool in_profiler __attribute__((tls_model("initial-exec")));
 static __thread uint64_t rng __attribute__((tls_model("initial-exec"))); /* 0: unseeded */
 static uint64_t rng_seed;           /* from the OS once; threads derive theirs */
 static _Atomic uint64_t rng_threads; /* threads seeded so far */
-/* This thread is inside unw_backtrace (a fork from a signal handler that
- * interrupted it must not wait for itself). */
+/* This thread is inside libunwind for a sample: a fork from a signal handler
+ * that interrupted it must not wait for itself, and a pipe libunwind makes
+ * meanwhile is its own (shim/mv_unwind_fds.c). */
 __thread bool mv_prof_unwinding __attribute__((tls_model("initial-exec")));
 /* A thread's first samples are unwound frame by frame: unw_backtrace's first
  * call on a thread maps and fills a 256 KiB frame cache (16384 slots, about
