@@ -126,6 +126,27 @@ int RunSelf(const char *filter, const std::vector<std::string> &env, int err_fd)
   return waitpid(pid, &status, 0) == pid ? status : -1;
 }
 
+// The whole file ("" when it cannot be read).
+std::string Slurp(const std::string &path) {
+  std::ifstream f(path);
+  return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+}
+
+// Runs Profile.ExitChild with env besides its own switch; expects it to exit 0
+// and returns what it wrote to stderr.
+std::string RunExitChild(std::vector<std::string> env) {
+  char err[] = "/tmp/movalloc_profile_err_XXXXXX";
+  int efd = mkstemp(err);
+  EXPECT_GE(efd, 0);
+  env.push_back("PROFILE_TEST_EXIT_CHILD=1");
+  int status = RunSelf("Profile.ExitChild", env, efd);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
+  close(efd);
+  std::string text = Slurp(err);
+  unlink(err);
+  return text;
+}
+
 // The sampler's logarithm and 1 - e^-y, written out so that libm is not
 // mapped into every process, agree with libm's to 1e-14 relative.
 TEST(Profile, OwnMathAgreesWithLibm) {
@@ -508,34 +529,22 @@ TEST(Profile, ReportAtExitAndFoldedFile) {
   int lfd = mkstemp(ll);
   ASSERT_GE(lfd, 0);
   close(lfd);
-  char err[] = "/tmp/movalloc_profile_err_XXXXXX";
-  int efd = mkstemp(err);
-  ASSERT_GE(efd, 0);
-  int status = RunSelf("Profile.ExitChild",
-                       {"MOVALLOC_PROFILE=65536", std::string("MOVALLOC_PROFILE_OUT=") + out,
-                        std::string("MOVALLOC_PROFILE_LONGLIVED_OUT=") + ll,
-                        "PROFILE_TEST_EXIT_CHILD=1"},
-                       efd);
-  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
-  close(efd);
-  std::ifstream e(err);
-  std::string report((std::istreambuf_iterator<char>(e)), std::istreambuf_iterator<char>());
+  std::string report =
+      RunExitChild({"MOVALLOC_PROFILE=65536", std::string("MOVALLOC_PROFILE_OUT=") + out,
+                    std::string("MOVALLOC_PROFILE_LONGLIVED_OUT=") + ll});
   EXPECT_NE(report.find("movalloc profile (pid "), std::string::npos) << report;
   EXPECT_NE(report.find("profile_exit_site"), std::string::npos) << report;
-  std::ifstream f(out);
-  std::string folded((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  std::string folded = Slurp(out);
   EXPECT_NE(folded.find("profile_exit_site"), std::string::npos) << folded;
   struct stat st;
   ASSERT_EQ(stat(out, &st), 0);
   EXPECT_EQ(st.st_mode & 0777, 0600u);
   // The long-lived sites: the kept site, as "[exe] 0x<offset>", not the freed one.
-  std::ifstream l(ll);
-  std::string sites((std::istreambuf_iterator<char>(l)), std::istreambuf_iterator<char>());
+  std::string sites = Slurp(ll);
   EXPECT_TRUE(std::regex_search(sites, std::regex(R"(\n\[exe\] 0x[0-9a-f]+ profile_exit_site)")))
       << sites;
   EXPECT_EQ(sites.find("profile_churn_site"), std::string::npos) << sites;
   unlink(out);
-  unlink(err);
   unlink(ll);
 }
 
@@ -549,41 +558,25 @@ TEST(Profile, ReportToAFileLeavesStderrAlone) {
   ASSERT_GE(rfd, 0);
   ASSERT_EQ(write(rfd, "kept\n", 5), 5); // appended to, not truncated
   close(rfd);
-  auto run = [](const std::string &path) {
-    char err[] = "/tmp/movalloc_profile_err_XXXXXX";
-    int efd = mkstemp(err);
-    EXPECT_GE(efd, 0);
-    int status = RunSelf("Profile.ExitChild",
-                         {"MOVALLOC_PROFILE=65536", "MOVALLOC_PROFILE_REPORT=" + path,
-                          "PROFILE_TEST_EXIT_CHILD=1"},
-                         efd);
-    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
-    close(efd);
-    std::ifstream e(err);
-    std::string text((std::istreambuf_iterator<char>(e)), std::istreambuf_iterator<char>());
-    unlink(err);
-    return text;
+  auto run = [&report] {
+    return RunExitChild({"MOVALLOC_PROFILE=65536", std::string("MOVALLOC_PROFILE_REPORT=") + report});
   };
-  auto slurp = [&report] {
-    std::ifstream f(report);
-    return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  };
-  std::string err = run(report);
+  std::string err = run();
   EXPECT_EQ(err.find("movalloc profile"), std::string::npos) << err;
-  std::string text = slurp();
+  std::string text = Slurp(report);
   EXPECT_EQ(text.rfind("kept\nmovalloc profile (pid ", 0), 0u) << text;
   EXPECT_NE(text.find("profile_exit_site"), std::string::npos) << text;
-  run(report); // a second process appends its own
-  std::string twice = slurp();
+  run(); // a second process appends its own
+  std::string twice = Slurp(report);
   EXPECT_NE(twice.find("movalloc profile (pid ", text.size()), std::string::npos) << twice;
 
   ASSERT_EQ(chmod(report, 0644), 0);
-  size_t before = slurp().size();
-  err = run(report);
+  size_t before = Slurp(report).size();
+  err = run();
   EXPECT_NE(err.find("MOVALLOC_PROFILE_REPORT="), std::string::npos) << err;
   EXPECT_NE(err.find("open to group or others"), std::string::npos) << err;
   EXPECT_EQ(err.find("movalloc profile (pid "), std::string::npos) << err;
-  EXPECT_EQ(slurp().size(), before);
+  EXPECT_EQ(Slurp(report).size(), before);
   unlink(report);
 }
 
