@@ -163,6 +163,17 @@ static inline size_t mv_page_count(const struct mv_page_map *map) {
   return n;
 }
 
+/* Both pre-copies (remap's and move's) copy the dirty pages again after a
+ * pass while more than MV_PRECOPY_FINAL_PAGES are dirty, at most
+ * MV_PRECOPY_RECOPY_PASSES times (a hot page stays hot): what is left is few
+ * enough to copy with every writer held. */
+#define MV_PRECOPY_FINAL_PAGES 32
+#define MV_PRECOPY_RECOPY_PASSES 2
+static inline bool mv_precopy_again(const struct mv_move *m, int passes_done) {
+  return passes_done < MV_PRECOPY_RECOPY_PASSES &&
+         mv_page_count(&m->dirty) > MV_PRECOPY_FINAL_PAGES;
+}
+
 /* Reads [src, src + len) of this process's memory into dst through
  * /proc/self/mem, which never waits on a userfaultfd: a page that would (a
  * hole in a range registered MISSING) ends the read. Returns the bytes read

@@ -128,9 +128,7 @@ static int put_back(struct mv_move *m, size_t from, int rc) {
 /* EBUSY (a pinned or shared page) and EAGAIN are worth another pass; 0 is 0. */
 static int temporary_or(int err) { return err == EBUSY || err == EAGAIN ? -EAGAIN : -err; }
 
-#define OUT_PAGES 64    /* moved out and copied between two looks at the fd: about 35 us */
-#define FINAL_PAGES 32  /* few enough dirty pages to copy with every access held */
-#define RECOPY_PASSES 2 /* dirty pages go out again at most this often: a hot page stays hot */
+#define OUT_PAGES 64 /* moved out and copied between two looks at the fd: about 35 us */
 
 /* mv_precopy_serve's serve_page: a page that is out comes back from scratch
  * into the hole it left (dirty from then on); any other is served as the
@@ -224,8 +222,7 @@ static int precopy_moving_out(struct mv_move *m) {
   struct mv_page_map all;
   memset(&all, 0xff, sizeof all);
   int rc = move_out(m, &all, true);
-  for (int pass = 0; rc == 0 && pass < RECOPY_PASSES && mv_page_count(&m->dirty) > FINAL_PAGES;
-       pass++) {
+  for (int pass = 0; rc == 0 && mv_precopy_again(m, pass); pass++) {
     struct mv_page_map again = m->dirty;
     rc = move_out(m, &again, true);
   }

@@ -46,8 +46,6 @@
 #include "compactor/mv_uffd.h"
 
 #define BATCH_PAGES 16      /* about 10 us of copying between two looks at the fd */
-#define FINAL_PAGES 32      /* few enough dirty pages to copy with writers held */
-#define RECOPY_PASSES 2     /* step 2 at most this often: a hot page stays hot */
 #define SERVE_MAX 64        /* faults served between two batches */
 
 int mv_precopy_serve_page(struct mv_move *m, size_t i, bool wp) {
@@ -118,7 +116,8 @@ static int copy_serving(struct mv_move *m, const struct mv_page_map *want, bool 
         continue;
       }
       size_t end = i + 1;
-      while (end < first + BATCH_PAGES && mv_page_test(want, end) && !mv_page_test(&m->dirty, end)) end++;
+      while (end < first + BATCH_PAGES && mv_page_test(want, end) && !mv_page_test(&m->dirty, end))
+        end++;
       copying = copy_run(m, i, end, missing);
       i = end;
     }
@@ -142,8 +141,7 @@ int mv_precopy(struct mv_move *m, bool missing) {
   if (missing) memset(&map, 0xff, sizeof map); /* holes end reads (copy_run) */
   else rc = mv_thp_page_map(m->start, &map);
   if (rc == 0) rc = copy_serving(m, &map, missing);
-  for (int pass = 0; rc == 0 && pass < RECOPY_PASSES && mv_page_count(&m->dirty) > FINAL_PAGES;
-       pass++) {
+  for (int pass = 0; rc == 0 && mv_precopy_again(m, pass); pass++) {
     struct mv_page_map again = m->dirty;
     memset(&m->dirty, 0, sizeof m->dirty);
     rc = protect_pages(m, &again, true);

@@ -260,10 +260,9 @@ void mv_thp_copy_pages(void *dst, const void *src, const struct mv_page_map *map
     memcpy(dst, src, MV_ARENA_SIZE);
     return;
   }
-  for (size_t i = 0; i < MV_ARENA_PAGES; i++)
-    if (map->bits[i / 64] >> (i % 64) & 1)
-      memcpy((char *)dst + i * MV_PAGE_SIZE, (const char *)src + i * MV_PAGE_SIZE,
-             MV_PAGE_SIZE);
+  for (size_t i = 0, end; (end = mv_page_run(map, &i, MV_ARENA_PAGES)) > i; i = end)
+    memcpy((char *)dst + i * MV_PAGE_SIZE, (const char *)src + i * MV_PAGE_SIZE,
+           (end - i) * MV_PAGE_SIZE);
 }
 
 /* Parses an unsigned decimal or hex number at *s, advancing *s. */

@@ -159,7 +159,7 @@ static size_t moved_uncounted(uintptr_t dst, uintptr_t src, size_t len, uint64_t
   bool holes = mode & UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES;
   size_t pages = len / MV_PAGE_SIZE < MV_ARENA_PAGES ? len / MV_PAGE_SIZE : MV_ARENA_PAGES, n;
   for (n = 0; n < pages; n++) {
-    bool at_src = s.bits[n / 64] >> (n % 64) & 1, at_dst = d.bits[n / 64] >> (n % 64) & 1;
+    bool at_src = mv_page_test(&s, n), at_dst = mv_page_test(&d, n);
     if (at_src || !(at_dst || holes)) break;
   }
   return n * MV_PAGE_SIZE;
