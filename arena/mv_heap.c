@@ -573,6 +573,39 @@ static bool block_is_free(const mv_page_t *page, const mv_block_t *b) {
          block_on_list(page, (const mv_block_t *)atomic_load(&page->xthread_free), b);
 }
 
+/* Another thread's free into a page whose heap was abandoned (its thread
+ * exited): the freeing thread takes the page over, so the block serves its own
+ * next mallocs at once instead of waiting in the page until some new thread
+ * adopts that heap. Servers hand objects from thread to thread (bench/wl_larson:
+ * 5% less CPU). Once per page, under the heaps' lock, which stands for the
+ * abandoned heaps' owner, when nobody else holds it. */
+static MV_NOINLINE bool page_claim(mv_page_t *page) {
+  mv_heap_t *a = mv_page_owner(page), *h = mv_tls_heap;
+  if (!a || atomic_load_explicit(&a->owned, memory_order_relaxed) || h == &mv_heap_empty)
+    return false;
+  if (!mv_lock_try(&mv_heaps_lock)) return false;
+  bool claim = !atomic_load(&a->owned) && mv_page_owner(page) == a;
+  if (claim && atomic_load(&page->notify)) heap_drain_notified(a); /* its stack lets go of it */
+  /* sample_rest: blocks held back for a sample of the countdown of a's thread. */
+  claim = claim && !atomic_load(&page->notify) && !page->sample_rest && arena_serving(page);
+  if (claim) {
+    if (atomic_load(&page->in_full)) {
+      queue_remove(&a->full, page);
+      atomic_store(&page->in_full, 0);
+    } else {
+      queue_remove(page_queue(a, page), page);
+      update_direct_for(a, page);
+    }
+    atomic_store_explicit(&page->heap, h, memory_order_release);
+  }
+  mv_unlock(&mv_heaps_lock);
+  if (claim) {
+    queue_push_back(page_queue(h, page), page);
+    update_direct_for(h, page);
+  }
+  return claim;
+}
+
 /* profiling: MOVALLOC_PROFILE is on, a constant in each copy (free_block).
  * Off, no page is tagged and the first block compiles away. */
 static inline __attribute__((always_inline)) void free_small(mv_page_t *page, mv_block_t *b,
@@ -622,6 +655,12 @@ static inline __attribute__((always_inline)) void free_small(mv_page_t *page, mv
   }
   if (MV_UNLIKELY(mv_options.check)) canary_verify("free", b, page->block_size);
   if (profiling && sample_free(page, b)) return;
+  if (page_claim(page)) {
+    b->next_enc = mv_ptr_encode(page->local_free);
+    page->local_free = b;
+    if (--page->used == 0) page_emptied_in(mv_tls_heap, page);
+    return;
+  }
   uintptr_t head = atomic_load_explicit(&page->xthread_free, memory_order_relaxed);
   do b->next_enc = mv_ptr_encode((void *)head);
   while (!atomic_compare_exchange_weak(&page->xthread_free, &head, (uintptr_t)b));

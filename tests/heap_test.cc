@@ -64,6 +64,42 @@ TEST(Heap, CrossThreadFreesComeBack) {
   EXPECT_LE(InUse() + n * 48, before + 4096);
 }
 
+// A free into a page of a live thread's heap leaves the page where it is; once
+// that thread has exited, the next free into it takes the page over, and its
+// blocks serve the freeing thread's own mallocs.
+TEST(Heap, AFreeIntoAnExitedThreadsPageTakesThePageOver) {
+  free(malloc(48));  // this thread has a heap: a claim needs somewhere to go
+  const int n = 3000;
+  std::vector<void *> blocks(n);
+  mv_heap_t *theirs = nullptr;
+  std::atomic<int> step{0};
+  std::thread owner([&] {
+    for (int i = 0; i < n; i++) blocks[i] = malloc(48);
+    theirs = mv_heap_get();
+    step = 1;
+    while (step != 2) sched_yield();
+  });
+  while (step != 1) sched_yield();
+  free(blocks[0]);
+  EXPECT_EQ(mv_page_owner(mv_page_of(blocks[1])), theirs) << "taken while its thread lived";
+  step = 2;
+  owner.join();
+  mv_page_t *page = mv_page_of(blocks[1]);
+  free(blocks[1]);
+  EXPECT_EQ(mv_page_owner(page), mv_heap_get());
+  // The freed block comes back to this thread before the page's other free
+  // blocks run out.
+  std::vector<void *> mine;
+  bool reused = false;
+  for (uint32_t i = 0; i <= page->reserved && !reused; i++) {
+    mine.push_back(malloc(48));
+    reused = mine.back() == blocks[1];
+  }
+  EXPECT_TRUE(reused);
+  for (void *p : mine) free(p);
+  for (int i = 2; i < n; i++) free(blocks[i]);
+}
+
 // A full page that got another thread's free but whose notification was lost
 // is found anyway by the owner's housekeeping, a few full pages at a time, and
 // serves again.
