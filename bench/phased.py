@@ -138,7 +138,8 @@ def run_one(name, args, out):
                     if frag and w[1] == "churn":
                         frag.stop()
                 elif w and w[0] == "tick":
-                    ops[int(time.monotonic() - t0)] = int(w[3])
+                    second = int(time.monotonic() - t0)  # a phase's last tick may share it
+                    ops[second] = ops.get(second, 0) + int(w[3])
 
     th = threading.Thread(target=reader, daemon=True)
     th.start()

@@ -3,7 +3,8 @@
 # movalloc with the profiler on: each must exit 0 and print the same checksum (the workloads check their own
 # blocks, and exit 3 on a wrong byte). Keeps the workloads and the paths they
 # take through the allocator (hugegrow's realloc moves, large's span reuse,
-# chase's big heap) covered by CI, where bench/run.py does not run.
+# chase's big heap) covered by CI, where bench/run.py does not run; and
+# checks what phased's ticks count.
 #
 # Usage: smoke_test.sh [DIR_OF_WORKLOADS [LIBMOVALLOC]]
 #        bazel test //bench:smoke_test
@@ -37,5 +38,23 @@ for entry in churn:0.02 threads:0.02 xthread:0.02 larson:0.05 realloc:0.05 large
       echo "ok   $wl (profile $profile): $sum_ours"
     fi
   done
+done
+
+# phased: every tick counts the operations of one phase (tools/movalloc demo's
+# rates rest on it). A 16 MiB grow is over long before the first whole second,
+# and still gets a tick with an operation per object of at most 512 bytes.
+for l in "" "$lib"; do
+  out=$(env ${l:+LD_PRELOAD=$l} "$bin/wl_phased" --heap-mib 16 --churn-s 1.2 --steady-s 0.2 2>&1)
+  rc=$?
+  bad=$(awk '$1 == "phase" { ph = $2 }
+             $1 == "tick" { if ($3 != ph) print "a tick of " $3 " during " ph; ops[$3] += $4 }
+             END { if (ops["grow"] < 16 * 1048576 / 512) print "grow counted " ops["grow"] + 0 " operations" }' \
+        <<<"$out")
+  if [[ $rc != 0 || -n $bad ]]; then
+    echo "FAIL phased (${l:-glibc}): exit $rc; $bad"
+    failed=$((failed + 1))
+  else
+    echo "ok   phased (${l:-glibc}): each tick counts one phase"
+  fi
 done
 exit $((failed > 0))

@@ -12,7 +12,8 @@
 //
 // stdout, line-buffered, read live by the harness:
 //   phase NAME T            a phase starts T seconds after the start
-//   tick T PHASE OPS LIVE   one per second: operations in that second, live MiB
+//   tick T PHASE OPS LIVE   one per second, and one as a phase ends: operations since
+//                           the tick before (of PHASE only), live MiB
 //   sum HEX                 at the end: keeps the reads alive (it depends on
 //                           how many operations ran, so it differs run to run)
 // An operation is one malloc (grow, regrow), one free (shrink), or one
@@ -38,19 +39,26 @@ static bool long_lived(const struct phased *w, uint64_t i) { return i % 100 < w-
 
 static double secs(const struct phased *w) { return (double)(wl_now_ns() - w->t0) / 1e9; }
 
-static void tick(struct phased *w) {
-  if ((++w->ops & 1023) != 0) return;
-  uint64_t now = wl_now_ns();
-  if (now < w->next_tick) return;
+static void print_tick(struct phased *w, uint64_t now) {
   printf("tick %.1f %s %" PRIu64 " %.0f\n", (double)(now - w->t0) / 1e9, w->phase, w->ops,
          (double)w->live_bytes / 1048576.0);
   fflush(stdout);
   w->ops = 0;
+}
+
+static void tick(struct phased *w) {
+  if ((++w->ops & 1023) != 0) return;
+  uint64_t now = wl_now_ns();
+  if (now < w->next_tick) return;
+  print_tick(w, now);
   w->next_tick += 1000000000ull;
   if (w->next_tick < now) w->next_tick = now + 1000000000ull;
 }
 
+/* The phase before gets a last, shorter tick: every tick counts the operations
+ * of one phase, so a phase's rate is its ticks' sum over its duration. */
 static void start_phase(struct phased *w, const char *name) {
+  if (w->phase && w->ops) print_tick(w, wl_now_ns());
   w->phase = name;
   printf("phase %s %.1f\n", name, secs(w));
   fflush(stdout);

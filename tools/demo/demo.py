@@ -1,11 +1,16 @@
 #!/usr/bin/python3
-"""movalloc demo: one program under glibc's malloc and under movalloc, one after the other.
+"""movalloc demo: one program under glibc's malloc, glibc's malloc asking for huge pages, and movalloc.
 
-Samples each run every half second (/proc/PID/smaps_rollup: RSS, anonymous
-RSS, AnonHugePages), prints per phase, for both: the time it took, huge-page
-coverage (AnonHugePages / anonymous RSS) at its end and on average, and peak
-RSS; then writes a plot of coverage over time and prints its path. Everything
-printed is what was measured in these two runs.
+Runs the program three times, one after the other: under glibc's malloc; under
+glibc's malloc with GLIBC_TUNABLES=glibc.malloc.hugetlb=1, which madvises its
+heap for transparent huge pages (the plain way to ask for them, and a control:
+what a huge page's first touch costs on this machine is in its time too); and
+under movalloc. Samples each run every half second (/proc/PID/smaps_rollup:
+RSS, anonymous RSS, AnonHugePages), prints per phase, for each: the time it
+took, huge-page coverage (AnonHugePages / anonymous RSS) at its end and on
+average, peak RSS and the program's operations per second; then writes a plot
+of coverage over time and prints its path. Everything printed is what was
+measured in these runs.
 
 Phases: a program marks the start of a phase by printing a line "phase NAME"
 on stdout ("phase end" ends the last one); a program that prints none is one
@@ -24,6 +29,7 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parent.parent.parent
 INTERVAL = 0.5
+SETTLE = 4  # seconds between runs
 
 sys.path.insert(0, str(REPO / "bench"))
 from phased import rollup  # noqa: E402  (rss, anon, anon_huge) in KiB, or None
@@ -80,21 +86,22 @@ def per_phase(samples, phases, ops, wall):
         cov_end = inside[-1][2] if inside else 0.0
         mean = sum(s[2] for s in inside) / len(inside) if inside else 0.0
         peak = max((s[1] for s in inside), default=0) / 1024
-        # Ticks come once a second and count the second before: only long phases have a rate.
+        # Ticks count the operations since the tick before, of one phase (the last
+        # one ends it); a rate over less than 3 s says little.
         rate = ops[name] / (end - start) / 1e6 if name in ops and end - start >= 3 else None
         result[name] = (end - start, cov_end, mean, peak, rate)
     return result
 
 
-def plot(out, title):
+def plot(out, title, labels):
     png = out / "coverage.png"
     script = (
         "set terminal png size 1000,500 noenhanced\n"
         f"set output '{png}'\nset datafile separator ','\nset title '{title}'\n"
         "set xlabel 'seconds since start'\nset ylabel 'huge-page coverage %'\nset yrange [0:105]\n"
         "set key bottom right\nset grid\n"
-        f"plot '{out / 'glibc.csv'}' using 1:($3*100) with lines lw 2 title 'glibc', "
-        f"'{out / 'movalloc.csv'}' using 1:($3*100) with lines lw 2 title 'movalloc'\n")
+        "plot " + ", ".join(f"'{out / (label + '.csv')}' using 1:($3*100) with lines lw 2 title '{label}'"
+                            for label, _ in labels) + "\n")
     r = subprocess.run(["gnuplot"], input=script, text=True, capture_output=True)
     if r.returncode != 0:
         print("demo: gnuplot failed: " + r.stderr.strip(), file=sys.stderr)
@@ -127,40 +134,49 @@ def main():
         about = " ".join(cmd)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"movalloc demo: {about}; once under glibc's malloc, once under movalloc.")
-    print("Sampled every 0.5 s; coverage = AnonHugePages / anonymous RSS of the process.")
+    print(f"movalloc demo: {about}.")
+    print("Run under glibc's malloc, glibc's malloc with GLIBC_TUNABLES=glibc.malloc.hugetlb=1")
+    print("(it madvises its heap for huge pages), and movalloc, 4 s apart; sampled every 0.5 s;")
+    print("coverage = AnonHugePages / anonymous RSS of the process.")
     print(f"THP here: enabled={read_sys('enabled')}, defrag={read_sys('defrag')}.\n", flush=True)
+    labels = [("glibc", {}), ("glibc+THP", {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}),
+              ("movalloc", {"LD_PRELOAD": args.movalloc})]
     res = {}
     walls = {}
-    for label in ("glibc", "movalloc"):
-        e = dict(env)
-        if label == "movalloc":
-            e["LD_PRELOAD"] = args.movalloc
+    for i, (label, extra) in enumerate(labels):
+        if i:
+            # Memory the run before freed is still backed by the host for a moment
+            # (a virtual machine's free page reporting waits 2 s): a run right after
+            # one that freed huge pages would fault them in cheaply, and the one
+            # before it paid (docs/RESULTS.md, section 1, tenth session).
+            time.sleep(SETTLE)
         print(f"  running under {label}...", file=sys.stderr, flush=True)
-        samples, phases, ops, wall = run(label, cmd, e, out / f"{label}.csv")
+        samples, phases, ops, wall = run(label, cmd, {**env, **extra}, out / f"{label}.csv")
         res[label] = per_phase(samples, phases, ops, wall)
         walls[label] = wall
     names = list(res["movalloc"])
-    names += [n for n in res["glibc"] if n not in names]
-    print("%-8s | %-43s | %-43s" % ("", "glibc", "movalloc"))
-    print("%-8s | %s | %s" % ("phase", *["%7s %9s %8s %9s %6s" % (
-        "time s", "cov end", "cov avg", "peak MiB", "Mop/s")] * 2))
+    names += [n for lab in res.values() for n in lab if n not in names]
+    print("%-8s %-10s %7s %9s %8s %9s %6s" % ("phase", "malloc", "time s", "cov end", "cov avg",
+                                              "peak MiB", "Mop/s"))
     for n in names:
-        cells = []
-        for label in ("glibc", "movalloc"):
+        first = True
+        for label, _ in labels:
             r = res[label].get(n)
-            rate = "-" if not r or r[4] is None else "%.2f" % r[4]
-            cells.append("%7.1f %8.1f%% %7.1f%% %9.0f %6s" % (r[0], 100 * r[1], 100 * r[2], r[3], rate)
-                         if r else "%43s" % "-")
-        print("%-8s | %s | %s" % (n, cells[0], cells[1]))
-    print("%-8s | %7.1f %35s | %7.1f" % ("total", walls["glibc"], "", walls["movalloc"]))
+            if not r:
+                continue
+            rate = "-" if r[4] is None else "%.2f" % r[4]
+            print("%-8s %-10s %7.1f %8.1f%% %7.1f%% %9.0f %6s" % (
+                n if first else "", label, r[0], 100 * r[1], 100 * r[2], r[3], rate))
+            first = False
+    print("total    " + ", ".join("%s %.1f s" % (label, walls[label]) for label, _ in labels))
     if any(r[4] is not None for lab in res.values() for r in lab.values()):
         print("(Mop/s: the workload's operations per second in phases of 3 s or more; the churn")
         print(" phases run for a fixed time, so compare their Mop/s, not their time)")
-    png = plot(out, "huge-page coverage over time: " + (what[0] if len(what) == 1 else os.path.basename(what[0])))
+    png = plot(out, "huge-page coverage over time: " + (what[0] if len(what) == 1 else os.path.basename(what[0])),
+               labels)
     if png:
         print(f"\nplot of coverage over time: {png}")
-    print(f"samples: {out / 'glibc.csv'}, {out / 'movalloc.csv'}")
+    print("samples: " + ", ".join(str(out / f"{label}.csv") for label, _ in labels))
 
 
 def read_sys(name):
