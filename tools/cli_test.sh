@@ -233,18 +233,17 @@ if [[ $(id -u) == 0 ]]; then
   check "channel and stat: owner only (another user is refused)" owner_only
 fi
 
+expect() { # status, message pattern, command...: the command exits so, saying that on stderr
+  local want=$1 pattern=$2 out rc=0
+  shift 2
+  out=$("$@" 2>&1 >/dev/null) || rc=$?
+  if [[ $rc != "$want" || $out != *$pattern* ]]; then
+    echo "$*: exit $rc (want $want), stderr: $out"
+    return 1
+  fi
+}
+
 errors() {
-  local out rc
-  expect() { # status, message pattern, command...
-    local want=$1 pattern=$2
-    shift 2
-    rc=0
-    out=$("$@" 2>&1 >/dev/null) || rc=$?
-    if [[ $rc != "$want" || $out != *$pattern* ]]; then
-      echo "$*: exit $rc (want $want), stderr: $out"
-      return 1
-    fi
-  }
   expect 1 "does not exist" $cli stat 4194303 &&
   expect 2 "unknown subcommand" $cli frobnicate &&
   expect 2 "required" $cli stat &&
@@ -267,6 +266,20 @@ helps() {
   done
 }
 check "every subcommand has --help" helps
+
+# The developer scripts answer --help without running anything, and refuse
+# what they do not know (before building or installing anything).
+scripts_usage() {
+  local script
+  for script in test test-matrix soak; do
+    tools/$script --help | grep -q "^Usage: tools/$script" || { echo "$script --help"; return 1; }
+  done
+  expect 2 "unknown argument '--bogus'" tools/test --bogus &&
+  expect 2 "unknown option '--bogus'" tools/test-matrix --bogus &&
+  expect 2 "no program 'nosuch'" tools/test-matrix nosuch &&
+  expect 2 "unknown argument '--bogus'" tools/soak --bogus
+}
+check "tools/test, test-matrix and soak: --help, and bad arguments refused" scripts_usage
 
 # ---- documentation matches the code --------------------------------------------
 options_documented() {
