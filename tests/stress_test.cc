@@ -1,6 +1,6 @@
 // Several threads allocate random sizes, fill each block with a pattern derived
-// from its address, pass blocks between threads, and verify every byte before
-// freeing.
+// from its address, pass blocks between threads (live ones, and ones that have
+// exited), and verify every byte before freeing.
 #include <gtest/gtest.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -109,6 +109,48 @@ TEST(Stress, ThreadsPassBlocksAndVerifyEveryByte) {
   }
   EXPECT_EQ(bad.load(), 0u);
   EXPECT_GT(verified.load(), (size_t)threads * ops / 2);
+}
+
+// Rounds of short-lived threads: each takes blocks that threads of earlier
+// rounds allocated and have exited since, verifies every byte and frees them
+// (the freeing thread takes such a page over: mv_heap.c, page_claim), and
+// leaves blocks of its own for the next rounds.
+TEST(Stress, ShortLivedThreadsFreeTheBlocksOfThreadsThatExited) {
+  const int rounds = 40, threads = 4, ops = 3000;
+  std::vector<std::atomic<Block *>> mailbox(2048);
+  std::atomic<size_t> bad{0}, verified{0};
+  for (int r = 0; r < rounds; r++) {
+    std::vector<std::thread> ts;
+    for (int t = 0; t < threads; t++)
+      ts.emplace_back([&, r, t] {
+        uint64_t x = 0x9e3779b97f4a7c15ull * (r * threads + t + 1);
+        for (int i = 0; i < ops; i++) {
+          Block *b = new Block;
+          b->size = 1 + Next(&x) % 1024;
+          b->p = (unsigned char *)malloc(b->size);
+          ASSERT_NE(b->p, nullptr);
+          Fill(*b);
+          b = mailbox[Next(&x) % mailbox.size()].exchange(b);
+          if (b) {
+            bad += Verify(*b);
+            verified++;
+            free(b->p);
+            delete b;
+          }
+        }
+      });
+    for (auto &t : ts) t.join();
+  }
+  for (auto &slot : mailbox) {
+    Block *b = slot.load();
+    if (!b) continue;
+    bad += Verify(*b);
+    verified++;
+    free(b->p);
+    delete b;
+  }
+  EXPECT_EQ(bad.load(), 0u);
+  EXPECT_GT(verified.load(), (size_t)rounds * threads * ops / 2);
 }
 
 }  // namespace
