@@ -148,7 +148,7 @@ def main():
             # Memory the run before freed is still backed by the host for a moment
             # (a virtual machine's free page reporting waits 2 s): a run right after
             # one that freed huge pages would fault them in cheaply, and the one
-            # before it paid (docs/RESULTS.md, section 1, tenth session).
+            # before it paid (docs/RESULTS.md, section 3, tenth session).
             time.sleep(SETTLE)
         print(f"  running under {label}...", file=sys.stderr, flush=True)
         samples, phases, ops, wall = run(label, cmd, {**env, **extra}, out / f"{label}.csv")
