@@ -45,11 +45,28 @@ size_t RandomSize(uint64_t *x) {
   return (1 << 20) + Next(x) % (6 << 20);          // huge
 }
 
+struct Tally {
+  std::atomic<size_t> bad{0}, verified{0};
+};
+
+// Checks every byte of b, counts it, frees it.
+void Retire(Block *b, Tally *tally) {
+  tally->bad += Verify(*b);
+  tally->verified++;
+  free(b->p);
+  delete b;
+}
+
+void RetireMailbox(std::vector<std::atomic<Block *>> *mailbox, Tally *tally) {
+  for (auto &slot : *mailbox)
+    if (Block *b = slot.load()) Retire(b, tally);
+}
+
 TEST(Stress, ThreadsPassBlocksAndVerifyEveryByte) {
   const int threads = 6;
   const int ops = 25000;
   std::vector<std::atomic<Block *>> mailbox(512);
-  std::atomic<size_t> bad{0}, verified{0};
+  Tally tally;
   std::vector<std::thread> ts;
   for (int t = 0; t < threads; t++)
     ts.emplace_back([&, t] {
@@ -76,14 +93,14 @@ TEST(Stress, ThreadsPassBlocksAndVerifyEveryByte) {
           b = mailbox[Next(&x) % mailbox.size()].exchange(b);
         }
         if (b) {
-          bad += Verify(*b);
-          verified++;
+          tally.bad += Verify(*b);
+          tally.verified++;
           if (Next(&x) % 8 == 0) {  // grow it through realloc, then verify again
             size_t old = b->size;
             const unsigned char *old_base = b->p;  // only its address is used
             b->p = (unsigned char *)realloc(b->p, old * 2 + 1);
             ASSERT_NE(b->p, nullptr);
-            for (size_t k = 0; k < old; k++) bad += b->p[k] != PatternAt(old_base, k);
+            for (size_t k = 0; k < old; k++) tally.bad += b->p[k] != PatternAt(old_base, k);
             b->size = old * 2 + 1;
             Fill(*b);
           }
@@ -91,24 +108,12 @@ TEST(Stress, ThreadsPassBlocksAndVerifyEveryByte) {
           delete b;
         }
       }
-      for (Block *m : mine) {
-        bad += Verify(*m);
-        verified++;
-        free(m->p);
-        delete m;
-      }
+      for (Block *m : mine) Retire(m, &tally);
     });
   for (auto &t : ts) t.join();
-  for (auto &slot : mailbox) {
-    Block *b = slot.load();
-    if (!b) continue;
-    bad += Verify(*b);
-    verified++;
-    free(b->p);
-    delete b;
-  }
-  EXPECT_EQ(bad.load(), 0u);
-  EXPECT_GT(verified.load(), (size_t)threads * ops / 2);
+  RetireMailbox(&mailbox, &tally);
+  EXPECT_EQ(tally.bad.load(), 0u);
+  EXPECT_GT(tally.verified.load(), (size_t)threads * ops / 2);
 }
 
 // Rounds of short-lived threads: each takes blocks that threads of earlier
@@ -118,7 +123,7 @@ TEST(Stress, ThreadsPassBlocksAndVerifyEveryByte) {
 TEST(Stress, ShortLivedThreadsFreeTheBlocksOfThreadsThatExited) {
   const int rounds = 40, threads = 4, ops = 3000;
   std::vector<std::atomic<Block *>> mailbox(2048);
-  std::atomic<size_t> bad{0}, verified{0};
+  Tally tally;
   for (int r = 0; r < rounds; r++) {
     std::vector<std::thread> ts;
     for (int t = 0; t < threads; t++)
@@ -130,27 +135,14 @@ TEST(Stress, ShortLivedThreadsFreeTheBlocksOfThreadsThatExited) {
           b->p = (unsigned char *)malloc(b->size);
           ASSERT_NE(b->p, nullptr);
           Fill(*b);
-          b = mailbox[Next(&x) % mailbox.size()].exchange(b);
-          if (b) {
-            bad += Verify(*b);
-            verified++;
-            free(b->p);
-            delete b;
-          }
+          if (Block *old = mailbox[Next(&x) % mailbox.size()].exchange(b)) Retire(old, &tally);
         }
       });
     for (auto &t : ts) t.join();
   }
-  for (auto &slot : mailbox) {
-    Block *b = slot.load();
-    if (!b) continue;
-    bad += Verify(*b);
-    verified++;
-    free(b->p);
-    delete b;
-  }
-  EXPECT_EQ(bad.load(), 0u);
-  EXPECT_GT(verified.load(), (size_t)rounds * threads * ops / 2);
+  RetireMailbox(&mailbox, &tally);
+  EXPECT_EQ(tally.bad.load(), 0u);
+  EXPECT_GT(tally.verified.load(), (size_t)rounds * threads * ops / 2);
 }
 
 }  // namespace
