@@ -106,6 +106,16 @@ static inline bool mv_looks_freed(const mv_block_t *b) {
   return next == 0 || ((next ^ (uintptr_t)b) >> MV_ARENA_SHIFT) == 0;
 }
 
+/* The owner's free of b: onto its page's own list. True when the page must be
+ * looked at, because it emptied or had been set aside as full (then
+ * mv_page_emptied, or for a heap not the thread's, page_emptied_in). */
+static inline bool mv_push_local(mv_page_t *page, mv_block_t *b) {
+  b->next_enc = mv_ptr_encode(page->local_free);
+  page->local_free = b;
+  return MV_UNLIKELY(--page->used == 0 ||
+                     atomic_load_explicit(&page->in_full, memory_order_relaxed));
+}
+
 /* A page holding blocks the profiler sampled has its heap pointer tagged
  * (MV_HEAP_SAMPLED), so the owner test fails and its frees go the slow way. */
 static inline void mv_free(void *p) {
@@ -117,11 +127,7 @@ static inline void mv_free(void *p) {
     mv_block_t *b = (mv_block_t *)p;
     if (MV_LIKELY(atomic_load_explicit(&page->heap, memory_order_relaxed) == mv_tls_heap &&
                   !mv_looks_freed(b))) {
-      b->next_enc = mv_ptr_encode(page->local_free);
-      page->local_free = b;
-      if (MV_UNLIKELY(--page->used == 0 ||
-                      atomic_load_explicit(&page->in_full, memory_order_relaxed)))
-        mv_page_emptied(page);
+      if (mv_push_local(page, b)) mv_page_emptied(page);
       return;
     }
   }

@@ -436,10 +436,7 @@ void mv_page_emptied(mv_page_t *page) { page_emptied_in(mv_tls_heap, page); }
 static bool sample_free(mv_page_t *page, mv_block_t *b) {
   if (!mv_page_holds_samples(page) || mv_lock_held_by_me(&mv_samples_lock)) return false;
   mv_lock(&mv_samples_lock);
-  b->next_enc = mv_ptr_encode(page->local_free);
-  page->local_free = b;
-  if (--page->used == 0 || atomic_load_explicit(&page->in_full, memory_order_relaxed))
-    page_emptied_in(&samples_heap, page);
+  if (mv_push_local(page, b)) page_emptied_in(&samples_heap, page);
   mv_unlock(&mv_samples_lock);
   return true;
 }
@@ -623,10 +620,7 @@ static inline __attribute__((always_inline)) void free_small(mv_page_t *page, mv
          * untagged, no more (what it leaves unchecked is unchecked with
          * profiling off too). Otherwise the tag fails the owner test below,
          * and the free takes the other threads' way: correct too. */
-        b->next_enc = mv_ptr_encode(page->local_free);
-        page->local_free = b;
-        if (--page->used == 0 || atomic_load_explicit(&page->in_full, memory_order_relaxed))
-          mv_page_emptied(page);
+        if (mv_push_local(page, b)) mv_page_emptied(page);
         return;
       }
     }
@@ -636,17 +630,14 @@ static inline __attribute__((always_inline)) void free_small(mv_page_t *page, mv
     report_misuse("free", b, "not the start of a block (interior pointer)", false);
     return;
   }
-  mv_heap_t *h = mv_tls_heap;
-  if (atomic_load_explicit(&page->heap, memory_order_relaxed) == h) {
+  /* The owner's free; a page of an exited thread's heap becomes this thread's. */
+  if (atomic_load_explicit(&page->heap, memory_order_relaxed) == mv_tls_heap || page_claim(page)) {
     if (mv_looks_freed(b) && block_is_free(page, b)) {
       report_misuse("free", b, "double free", true);
       return;
     }
     if (MV_UNLIKELY(mv_options.check)) canary_verify("free", b, page->block_size);
-    b->next_enc = mv_ptr_encode(page->local_free);
-    page->local_free = b;
-    if (--page->used == 0 || atomic_load_explicit(&page->in_full, memory_order_relaxed))
-      mv_page_emptied(page);
+    if (mv_push_local(page, b)) mv_page_emptied(page);
     return;
   }
   if (mv_looks_freed(b) && block_is_free(page, b)) {
@@ -655,12 +646,6 @@ static inline __attribute__((always_inline)) void free_small(mv_page_t *page, mv
   }
   if (MV_UNLIKELY(mv_options.check)) canary_verify("free", b, page->block_size);
   if (profiling && sample_free(page, b)) return;
-  if (page_claim(page)) {
-    b->next_enc = mv_ptr_encode(page->local_free);
-    page->local_free = b;
-    if (--page->used == 0) page_emptied_in(mv_tls_heap, page);
-    return;
-  }
   uintptr_t head = atomic_load_explicit(&page->xthread_free, memory_order_relaxed);
   do b->next_enc = mv_ptr_encode((void *)head);
   while (!atomic_compare_exchange_weak(&page->xthread_free, &head, (uintptr_t)b));

@@ -225,11 +225,11 @@ static int page_map_part(uintptr_t addr, size_t first, size_t n, struct mv_page_
   int rc = read_pagemap_n(addr + first * MV_PAGE_SIZE, pm, n);
   if (rc) return rc;
   for (size_t i = first; i < first + n; i++) {
-    uint64_t bit = UINT64_C(1) << (i % 64), e = pm[i - first];
-    if (e & (PM_PRESENT | PM_SWAP)) there->bits[i / 64] |= bit;
+    uint64_t bit = UINT64_C(1) << (i % 64), shown = pm[i - first] & (PM_PRESENT | PM_SWAP);
+    if (shown) there->bits[i / 64] |= bit;
     else there->bits[i / 64] &= ~bit;
     if (!swapped) continue;
-    if ((e & (PM_PRESENT | PM_SWAP)) == PM_SWAP) swapped->bits[i / 64] |= bit;
+    if (shown == PM_SWAP) swapped->bits[i / 64] |= bit;
     else swapped->bits[i / 64] &= ~bit;
   }
   return 0;
