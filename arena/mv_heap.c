@@ -389,19 +389,23 @@ static inline __attribute__((always_inline)) mv_page_t *heap_page_for(mv_heap_t 
   if (++h->slow_calls % MV_HOUSEKEEPING_EVERY == 0) heap_rescan_some_full(h);
   heap_drain_notified(h);
   mv_page_queue_t *q = bin_queue(h, bin, lifeclass);
-  mv_page_t *page = q->first;
+  /* A page with freed blocks before a page with blocks still to carve:
+   * carving touches new memory while freed blocks wait, and each size class
+   * would keep the memory of its own peak. */
+  mv_page_t *page = q->first, *uncarved = NULL;
   while (page) {
     mv_page_t *next = page->next;
     if (arena_serving(page)) { /* an isolated arena hands out nothing new */
       page_collect(page);
       if (page->free) break;
-      if (page->capacity < page->reserved) {
-        page_extend(page);
-        break;
-      }
-      page_to_full(h, page);
+      if (page->capacity == page->reserved) page_to_full(h, page);
+      else if (!uncarved) uncarved = page;
     }
     page = next;
+  }
+  if (!page && uncarved) {
+    page = uncarved;
+    page_extend(page);
   }
   if (!page) {
     collect_one_abandoned(); /* their empty pages may serve instead of fresh ones */
