@@ -66,6 +66,14 @@ static inline struct mv_heap *mv_page_owner(const mv_page_t *page) {
   return (struct mv_heap *)(h & ~MV_HEAP_SAMPLED);
 }
 
+/* Blocks of a small page in use or waiting in its xthread_free (mv_types.h).
+ * Exact for the owner; another thread's read may catch the two counts apart,
+ * and gets 0 rather than a wrapped count. */
+static inline uint32_t mv_page_in_use(const mv_page_t *page) {
+  uint32_t taken = page->taken, local = page->local_count;
+  return taken > local ? taken - local : 0;
+}
+
 /* The page holding p, or NULL when p is not in a used arena of the heap. */
 static inline mv_page_t *mv_page_of(const void *p) {
   uintptr_t off = (uintptr_t)p - mv_heap_base;
@@ -81,7 +89,7 @@ static inline mv_arena_t *mv_arena_of(uintptr_t addr) {
 /* ---- slow paths ---- */
 void *mv_malloc_slow(size_t size) MV_NOINLINE;
 void mv_free_slow(void *p) MV_NOINLINE;
-void mv_page_emptied(mv_page_t *page) MV_NOINLINE; /* owner: used hit 0, or a full page got a free */
+void mv_page_emptied(mv_page_t *page) MV_NOINLINE; /* owner: none in use now, or a full page got a free */
 
 /* ---- fast paths ---- */
 
@@ -92,7 +100,7 @@ static inline void *mv_malloc(size_t size) {
     mv_block_t *b = page->free;
     if (MV_LIKELY(b != NULL)) {
       page->free = mv_ptr_decode(b->next_enc);
-      page->used++;
+      page->taken++;
       return b;
     }
   }
@@ -112,7 +120,7 @@ static inline bool mv_looks_freed(const mv_block_t *b) {
 static inline bool mv_push_local(mv_page_t *page, mv_block_t *b) {
   b->next_enc = mv_ptr_encode(page->local_free);
   page->local_free = b;
-  return MV_UNLIKELY(--page->used == 0 ||
+  return MV_UNLIKELY(++page->local_count == page->taken ||
                      atomic_load_explicit(&page->in_full, memory_order_relaxed));
 }
 

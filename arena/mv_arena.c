@@ -303,10 +303,11 @@ static void page_reset(mv_page_t *page) {
   /* notify and xnext stay: the page may still be on a heap's xthread stack. */
   page->free = NULL;
   page->local_free = NULL;
+  page->local_count = 0;
   atomic_store_explicit(&page->xthread_free, 0, memory_order_relaxed);
   atomic_store_explicit(&page->heap, NULL, memory_order_relaxed);
   page->next = page->prev = NULL;
-  page->used = page->capacity = page->reserved = page->block_size = 0;
+  page->taken = page->capacity = page->reserved = page->block_size = 0;
   atomic_store_explicit(&page->in_full, 0, memory_order_relaxed);
   page->kind = MV_PAGE_NONE;
   page->bin = 0;

@@ -179,6 +179,8 @@ static void page_collect(mv_page_t *page) {
   if (!page->free && page->local_free) {
     page->free = page->local_free;
     page->local_free = NULL;
+    page->taken -= page->local_count;
+    page->local_count = 0;
   }
   if (!atomic_load_explicit(&page->xthread_free, memory_order_relaxed)) return;
   mv_block_t *head =
@@ -187,12 +189,12 @@ static void page_collect(mv_page_t *page) {
   uint32_t n = 1;
   mv_block_t *tail = head;
   for (mv_block_t *next; (next = mv_ptr_decode(tail->next_enc)) != NULL; tail = next)
-    if (++n > page->used)
+    if (++n > mv_page_in_use(page))
       mv_fatal("heap corruption: page %p has more free blocks than it handed out "
                "(a double free from another thread?)", (void *)page->start);
   tail->next_enc = mv_ptr_encode(page->free);
   page->free = head;
-  page->used -= n;
+  page->taken -= n;
 }
 
 /* Carves the next blocks of a page onto its free list. */
@@ -210,25 +212,9 @@ static void page_extend(mv_page_t *page) {
   page->capacity += n;
 }
 
-/* The blocks on free and sample_rest. With local_free's, they are the carved
- * blocks that used does not count (it counts those waiting in xthread_free),
- * so the walk goes down free (then sample_rest) and local_free side by side and
- * stops at the first list to end: twice the shorter one's length, not the
- * whole of free, which is the longer one when the owner's frees empty a page. */
-static uint32_t blocks_not_handed_out(const mv_page_t *page) {
-  uint32_t idle = page->capacity - page->used;
-  const mv_block_t *a = page->free, *rest = page->sample_rest, *b = page->local_free;
-  for (uint32_t n = 0; n < idle; n++) {
-    if (!a) {
-      a = rest;
-      rest = NULL;
-      if (!a) return n;
-    }
-    if (!b) return idle - n;
-    a = mv_ptr_decode(a->next_enc);
-    b = mv_ptr_decode(b->next_enc);
-  }
-  return idle;
+/* The blocks on free and sample_rest. */
+static inline uint32_t blocks_not_handed_out(const mv_page_t *page) {
+  return page->capacity - page->taken;
 }
 
 static inline __attribute__((always_inline)) void page_release(mv_heap_t *h, mv_page_t *page) {
@@ -423,7 +409,7 @@ static inline __attribute__((always_inline)) mv_page_t *heap_page_for(mv_heap_t 
 
 static void page_emptied_in(mv_heap_t *h, mv_page_t *page) {
   if (atomic_load_explicit(&page->in_full, memory_order_relaxed)) page_unfull(h, page);
-  if (page->used != 0) return;
+  if (mv_page_in_use(page) != 0) return;
   /* Keep a bin's only page: a thread that frees its last block of a size
    * usually allocates that size again. */
   mv_page_queue_t *q = page_queue(h, page);
@@ -501,7 +487,7 @@ static void heap_collect(mv_heap_t *h, bool keep_one) {
       for (mv_page_t *page = q->first, *next; page; page = next) {
         next = page->next;
         page_collect(page);
-        if (page->used == 0 && !(keep_one && q->first == page && !next)) page_retire(h, page);
+        if (mv_page_in_use(page) == 0 && !(keep_one && q->first == page && !next)) page_retire(h, page);
       }
     }
   }
@@ -746,7 +732,7 @@ static void *small_alloc(mv_heap_t *h, size_t size) {
       mv_fatal("malloc: heap corruption: the free block %p has a damaged link (written after "
                "it was freed, or past the end of the block before it)", (void *)b);
   }
-  page->used++;
+  page->taken++;
   return b;
 }
 
@@ -794,7 +780,7 @@ static mv_block_t *long_block(mv_heap_t *h, unsigned bin) {
   }
   mv_block_t *b = page->free;
   page->free = mv_ptr_decode(b->next_enc);
-  page->used++;
+  page->taken++;
   return b;
 }
 
@@ -820,8 +806,7 @@ static inline __attribute__((always_inline)) void prof_install(mv_page_t *page) 
   int64_t bs = page->block_size;
   mv_block_t *b = page->free;
   if (!b) return;
-  /* The whole of free (sample_rest is empty here), counted without walking it
-   * when local_free is empty or shorter. */
+  /* The whole of free (sample_rest is empty here). */
   int64_t bytes = (int64_t)blocks_not_handed_out(page) * bs;
   if (mv_prof_left >= bytes) {
     mv_prof_left -= bytes;
@@ -877,7 +862,7 @@ static MV_NOINLINE MV_ALLOC_ENTRY void *malloc_refill(size_t size) {
   mv_block_t *b = page->free;
   if (b) {
     page->free = mv_ptr_decode(b->next_enc);
-    page->used++;
+    page->taken++;
     return b;
   }
   page->free = page->sample_rest;
@@ -898,7 +883,7 @@ static MV_NOINLINE MV_ALLOC_ENTRY void *malloc_hooked(size_t size, uintptr_t ra)
     mv_block_t *b = page->free;
     if (MV_LIKELY(b != NULL)) { /* the fast path's pop, counted when installed */
       page->free = mv_ptr_decode(b->next_enc);
-      page->used++;
+      page->taken++;
       return b;
     }
     if (mv_prof_rate) return malloc_refill(size);
@@ -1091,7 +1076,7 @@ uint64_t mv_heap_bytes_in_use(void) {
     for (unsigned s = 0; s < MV_SLICES; s++) {
       mv_page_t *page = a->slice_page[s];
       if (page != &a->pages[s]) continue; /* count each page at its first slice */
-      if (page->kind == MV_PAGE_SMALL) total += (uint64_t)page->used * page->block_size;
+      if (page->kind == MV_PAGE_SMALL) total += (uint64_t)mv_page_in_use(page) * page->block_size;
       else if (page->kind == MV_PAGE_LARGE || page->kind == MV_PAGE_HUGE)
         total += page->huge_size;
     }

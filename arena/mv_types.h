@@ -71,26 +71,33 @@ enum mv_lifeclass {
 /* One page. Lives in the meta region, in the arena that holds its first slice.
  *
  * SMALL invariants (owner = the heap that owns the page):
- *   used = blocks handed out, counting blocks waiting in xthread_free;
+ *   taken = blocks popped off free and not back on it: in use, or waiting in
+ *   local_free or xthread_free; local_count = the length of local_free. So the
+ *   blocks in use or waiting in xthread_free are taken - local_count
+ *   (mv_page_in_use), and free and sample_rest hold capacity - taken: counted,
+ *   never walked. The owner's free adds to local_count, not to taken, so that it
+ *   costs what a decrement of an in-use count would;
  *   capacity = blocks carved so far <= reserved; blocks in free, local_free and
  *   xthread_free are distinct and each lies in [start, start + reserved * block_size);
  *   free and local_free are touched only by the owner; xthread_free by anyone
  *   (lock-free push, owner takes it whole with an exchange).
- *   used == 0 and the page is not its bin's only page => the owner retires it.
+ *   none in use and the page is not its bin's only page => the owner retires it.
  *   in_full: the page sits in the owner's full list, not its bin queue.
  *   notify: the page is on some heap's xthread_pages stack (at most one).
  */
 typedef struct mv_page {
   mv_block_t *free;          /* malloc pops here (owner only) */
-  uint32_t used;
+  uint32_t taken;
   uint32_t block_size;
   mv_block_t *local_free;    /* the owner's frees; become `free` when it runs out */
+  uint32_t local_count;
   _Atomic(uintptr_t) xthread_free; /* other threads' frees (plain next pointers) */
   _Atomic(struct mv_heap *) heap;  /* owner; NULL for LARGE/HUGE. Bit 0 set (MV_HEAP_SAMPLED):
                                       the page holds blocks the profiler sampled, so no
                                       heap matches it and every free of its blocks takes
                                       the slow path; read it through mv_page_owner */
   struct mv_page *next, *prev;     /* the owner's bin queue or full list */
+  /* The fast paths touch the cache line above, and in_full. */
   struct mv_page *xnext;           /* link on a heap's xthread_pages stack */
   uintptr_t start;           /* first data byte */
   uint32_t capacity;

@@ -442,7 +442,7 @@ static void classify(const mv_arena_t *a, bool *sparse, bool *small_pages) {
   for (unsigned s = 0; s < MV_SLICES; s++) {
     const mv_page_t *pg = a->slice_page[s];
     if (pg != &a->pages[s]) continue; /* each page once, at its first slice */
-    if (pg->kind == MV_PAGE_SMALL) used += (uint64_t)pg->used * pg->block_size;
+    if (pg->kind == MV_PAGE_SMALL) used += (uint64_t)mv_page_in_use(pg) * pg->block_size;
     else if (pg->kind == MV_PAGE_LARGE) used += pg->huge_size;
   }
   *sparse = used < MV_ARENA_SIZE / 2;

@@ -100,6 +100,45 @@ TEST(Heap, AFreeIntoAnExitedThreadsPageTakesThePageOver) {
   for (int i = 2; i < n; i++) free(blocks[i]);
 }
 
+uint32_t ListLength(const mv_block_t *b) {
+  uint32_t n = 0;
+  for (; b; b = mv_ptr_decode(b->next_enc)) n++;
+  return n;
+}
+
+// A page's counts say what its lists hold without walking them: local_count is
+// local_free's length, capacity - taken is what free holds, and
+// mv_page_in_use counts the blocks in use and those other threads freed.
+TEST(Heap, PageCountsAgreeWithItsLists) {
+  std::thread([] {
+    const size_t size = 2816;  // a class no other test uses
+    std::vector<void *> mine;
+    for (int i = 0; i < 12; i++) mine.push_back(malloc(size));
+    mv_page_t *page = mv_page_of(mine[0]);
+    for (void *p : mine) ASSERT_EQ(mv_page_of(p), page);
+    auto agree = [&](uint32_t in_use, const char *when) {
+      EXPECT_EQ(page->local_count, ListLength(page->local_free)) << when;
+      EXPECT_EQ(page->capacity - page->taken, ListLength(page->free) + ListLength(page->sample_rest))
+          << when;
+      EXPECT_EQ(mv_page_in_use(page), in_use) << when;
+    };
+    agree(12, "after the mallocs");
+    for (int i = 0; i < 4; i++) free(mine[i]);  // the owner's: local_free
+    agree(8, "after the owner's frees");
+    std::thread([&] {
+      for (int i = 4; i < 7; i++) free(mine[i]);  // another thread's: xthread_free
+    }).join();
+    agree(8, "after another thread's frees (they count until collected)");
+    while (page->free) mine.push_back(malloc(size));  // the carved blocks run out
+    uint32_t in_use = mv_page_in_use(page);
+    mine.push_back(malloc(size));  // collects the owner's and the other thread's frees
+    ASSERT_EQ(mv_page_of(mine.back()), page);
+    EXPECT_EQ(page->local_free, nullptr);
+    agree(in_use - 3 + 1, "after the page collected its frees");
+    for (size_t i = 7; i < mine.size(); i++) free(mine[i]);
+  }).join();
+}
+
 // A page's free blocks serve before the front page carves new ones: carving
 // first would touch fresh memory while freed blocks wait, and each size class
 // would hold the pages of its own peak (bench/wl_churn: 0.6 MiB more).
