@@ -93,16 +93,23 @@ void mv_page_emptied(mv_page_t *page) MV_NOINLINE; /* owner: none in use now, or
 
 /* ---- fast paths ---- */
 
+/* Hands out b, the head of page's free list. Its link is cleared, so that a
+ * block freed without having been written does not look freed (each such free
+ * would walk the page's lists to tell), and the program never reads an encoded
+ * link. */
+static inline mv_block_t *mv_pop(mv_page_t *page, mv_block_t *b) {
+  page->free = mv_ptr_decode(b->next_enc);
+  b->next_enc = 0;
+  page->taken++;
+  return b;
+}
+
 static inline void *mv_malloc(size_t size) {
   if (MV_LIKELY(size <= mv_malloc_fast_max)) {
     mv_heap_t *heap = mv_tls_heap;
     mv_page_t *page = heap->direct[mv_bin_of(size)];
     mv_block_t *b = page->free;
-    if (MV_LIKELY(b != NULL)) {
-      page->free = mv_ptr_decode(b->next_enc);
-      page->taken++;
-      return b;
-    }
+    if (MV_LIKELY(b != NULL)) return mv_pop(page, b);
   }
   return mv_malloc_slow(size);
 }

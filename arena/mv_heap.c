@@ -724,15 +724,13 @@ static void *small_alloc(mv_heap_t *h, size_t size) {
       return NULL;
     }
   }
-  mv_block_t *b = page->free;
-  page->free = mv_ptr_decode(b->next_enc);
+  mv_block_t *b = mv_pop(page, page->free);
   if (MV_UNLIKELY(mv_options.check) && page->free) {
     uintptr_t off = (uintptr_t)page->free - page->start;
     if (off >= (uintptr_t)page->capacity * page->block_size || off % page->block_size != 0)
       mv_fatal("malloc: heap corruption: the free block %p has a damaged link (written after "
                "it was freed, or past the end of the block before it)", (void *)b);
   }
-  page->taken++;
   return b;
 }
 
@@ -778,10 +776,7 @@ static mv_block_t *long_block(mv_heap_t *h, unsigned bin) {
     errno = ENOMEM;
     return NULL;
   }
-  mv_block_t *b = page->free;
-  page->free = mv_ptr_decode(b->next_enc);
-  page->taken++;
-  return b;
+  return mv_pop(page, page->free);
 }
 
 /* A routed allocation (MOVALLOC_PROFILE_LONGLIVED): pages of the heap's long
@@ -860,11 +855,7 @@ static MV_NOINLINE MV_ALLOC_ENTRY void *malloc_refill(size_t size) {
     prof_install(page);
   }
   mv_block_t *b = page->free;
-  if (b) {
-    page->free = mv_ptr_decode(b->next_enc);
-    page->taken++;
-    return b;
-  }
+  if (b) return mv_pop(page, b);
   page->free = page->sample_rest;
   page->sample_rest = NULL;
   prof_install(page);
@@ -881,11 +872,7 @@ static MV_NOINLINE MV_ALLOC_ENTRY void *malloc_hooked(size_t size, uintptr_t ra)
   if (size <= 1024) {
     mv_page_t *page = mv_tls_heap->direct[mv_bin_of(size)];
     mv_block_t *b = page->free;
-    if (MV_LIKELY(b != NULL)) { /* the fast path's pop, counted when installed */
-      page->free = mv_ptr_decode(b->next_enc);
-      page->taken++;
-      return b;
-    }
+    if (MV_LIKELY(b != NULL)) return mv_pop(page, b); /* the fast path's, counted when installed */
     if (mv_prof_rate) return malloc_refill(size);
   }
   if (size > MV_SMALL_MAX) return malloc_slow(size); /* alloc_big counts it */
