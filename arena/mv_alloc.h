@@ -89,7 +89,8 @@ static inline mv_arena_t *mv_arena_of(uintptr_t addr) {
 /* ---- slow paths ---- */
 void *mv_malloc_slow(size_t size) MV_NOINLINE;
 void mv_free_slow(void *p) MV_NOINLINE;
-void mv_page_emptied(mv_page_t *page) MV_NOINLINE; /* owner: none in use now, or a full page got a free */
+/* The owner's: none of the page's blocks is in use now, or a full page got a free. */
+void mv_page_emptied(mv_page_t *page) MV_NOINLINE;
 
 /* ---- fast paths ---- */
 

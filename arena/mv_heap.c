@@ -487,7 +487,8 @@ static void heap_collect(mv_heap_t *h, bool keep_one) {
       for (mv_page_t *page = q->first, *next; page; page = next) {
         next = page->next;
         page_collect(page);
-        if (mv_page_in_use(page) == 0 && !(keep_one && q->first == page && !next)) page_retire(h, page);
+        bool kept = keep_one && q->first == page && !next;
+        if (mv_page_in_use(page) == 0 && !kept) page_retire(h, page);
       }
     }
   }

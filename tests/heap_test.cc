@@ -136,8 +136,8 @@ TEST(Heap, PageCountsAgreeWithItsLists) {
     for (void *p : mine) ASSERT_EQ(mv_page_of(p), page);
     auto agree = [&](uint32_t in_use, const char *when) {
       EXPECT_EQ(page->local_count, ListLength(page->local_free)) << when;
-      EXPECT_EQ(page->capacity - page->taken, ListLength(page->free) + ListLength(page->sample_rest))
-          << when;
+      uint32_t on_free = ListLength(page->free) + ListLength(page->sample_rest);
+      EXPECT_EQ(page->capacity - page->taken, on_free) << when;
       EXPECT_EQ(mv_page_in_use(page), in_use) << when;
     };
     agree(12, "after the mallocs");
@@ -355,8 +355,8 @@ TEST(Heap, SignalsDuringAllocationDoNotCorrupt) {
   std::vector<void *> blocks;
   // At least 200,000 allocations, and on until 100 signals have landed among them.
   auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-  for (int i = 0; i < 200000 || (handler_allocs < 100 && std::chrono::steady_clock::now() < give_up);
-       i++) {
+  auto more = [&] { return handler_allocs < 100 && std::chrono::steady_clock::now() < give_up; };
+  for (int i = 0; i < 200000 || more(); i++) {
     blocks.push_back(malloc(i % 500 + 1));
     if (blocks.size() > 1000) {
       for (void *p : blocks) free(p);
