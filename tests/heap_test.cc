@@ -157,6 +157,32 @@ TEST(Heap, PageCountsAgreeWithItsLists) {
   }).join();
 }
 
+// The counts travel with a page that changes hands: a page of an exited
+// thread, taken over by another thread's free, still says what its lists hold.
+TEST(Heap, AClaimedPageKeepsItsCounts) {
+  free(malloc(48));  // this thread has a heap: a claim needs somewhere to go
+  const size_t size = 2560;  // a class no other test uses
+  std::vector<void *> theirs;
+  std::thread([&] {
+    for (int i = 0; i < 12; i++) theirs.push_back(malloc(size));
+    for (int i = 0; i < 4; i++) free(theirs[i]);  // its owner's frees
+  }).join();
+  mv_page_t *page = mv_page_of(theirs[4]);
+  for (int i = 5; i < 12; i++) ASSERT_EQ(mv_page_of(theirs[i]), page);
+  free(theirs[4]);  // takes the page over
+  ASSERT_EQ(mv_page_owner(page), mv_heap_get());
+  auto agree = [&](uint32_t in_use, const char *when) {
+    EXPECT_EQ(page->local_count, ListLength(page->local_free)) << when;
+    uint32_t on_free = ListLength(page->free) + ListLength(page->sample_rest);
+    EXPECT_EQ(page->capacity - page->taken, on_free) << when;
+    EXPECT_EQ(mv_page_in_use(page), in_use) << when;
+  };
+  agree(7, "after the claim");
+  for (int i = 5; i < 12; i++) free(theirs[i]);
+  ASSERT_EQ(mv_page_owner(page), mv_heap_get()) << "kept: its class's only page here";
+  agree(0, "after the new owner freed the rest");
+}
+
 // A page's free blocks serve before the front page carves new ones: carving
 // first would touch fresh memory while freed blocks wait, and each size class
 // would hold the pages of its own peak (bench/wl_churn: 0.6 MiB more).
