@@ -124,6 +124,15 @@ uint32_t ListLength(const mv_block_t *b) {
   return n;
 }
 
+// The page's counts against its lists, and the blocks in use (or freed by
+// other threads and not yet collected) that the test expects.
+void ExpectCountsAgree(const mv_page_t *page, uint32_t in_use, const char *when) {
+  EXPECT_EQ(page->local_count, ListLength(page->local_free)) << when;
+  uint32_t on_free = ListLength(page->free) + ListLength(page->sample_rest);
+  EXPECT_EQ(page->capacity - page->taken, on_free) << when;
+  EXPECT_EQ(mv_page_in_use(page), in_use) << when;
+}
+
 // A page's counts say what its lists hold without walking them: local_count is
 // local_free's length, capacity - taken is what free holds, and
 // mv_page_in_use counts the blocks in use and those other threads freed.
@@ -134,25 +143,19 @@ TEST(Heap, PageCountsAgreeWithItsLists) {
     for (int i = 0; i < 12; i++) mine.push_back(malloc(size));
     mv_page_t *page = mv_page_of(mine[0]);
     for (void *p : mine) ASSERT_EQ(mv_page_of(p), page);
-    auto agree = [&](uint32_t in_use, const char *when) {
-      EXPECT_EQ(page->local_count, ListLength(page->local_free)) << when;
-      uint32_t on_free = ListLength(page->free) + ListLength(page->sample_rest);
-      EXPECT_EQ(page->capacity - page->taken, on_free) << when;
-      EXPECT_EQ(mv_page_in_use(page), in_use) << when;
-    };
-    agree(12, "after the mallocs");
+    ExpectCountsAgree(page, 12, "after the mallocs");
     for (int i = 0; i < 4; i++) free(mine[i]);  // the owner's: local_free
-    agree(8, "after the owner's frees");
+    ExpectCountsAgree(page, 8, "after the owner's frees");
     std::thread([&] {
       for (int i = 4; i < 7; i++) free(mine[i]);  // another thread's: xthread_free
     }).join();
-    agree(8, "after another thread's frees (they count until collected)");
+    ExpectCountsAgree(page, 8, "after another thread's frees (they count until collected)");
     while (page->free) mine.push_back(malloc(size));  // the carved blocks run out
     uint32_t in_use = mv_page_in_use(page);
     mine.push_back(malloc(size));  // collects the owner's and the other thread's frees
     ASSERT_EQ(mv_page_of(mine.back()), page);
     EXPECT_EQ(page->local_free, nullptr);
-    agree(in_use - 3 + 1, "after the page collected its frees");
+    ExpectCountsAgree(page, in_use - 3 + 1, "after the page collected its frees");
     for (size_t i = 7; i < mine.size(); i++) free(mine[i]);
   }).join();
 }
@@ -171,16 +174,10 @@ TEST(Heap, AClaimedPageKeepsItsCounts) {
   for (int i = 5; i < 12; i++) ASSERT_EQ(mv_page_of(theirs[i]), page);
   free(theirs[4]);  // takes the page over
   ASSERT_EQ(mv_page_owner(page), mv_heap_get());
-  auto agree = [&](uint32_t in_use, const char *when) {
-    EXPECT_EQ(page->local_count, ListLength(page->local_free)) << when;
-    uint32_t on_free = ListLength(page->free) + ListLength(page->sample_rest);
-    EXPECT_EQ(page->capacity - page->taken, on_free) << when;
-    EXPECT_EQ(mv_page_in_use(page), in_use) << when;
-  };
-  agree(7, "after the claim");
+  ExpectCountsAgree(page, 7, "after the claim");
   for (int i = 5; i < 12; i++) free(theirs[i]);
   ASSERT_EQ(mv_page_owner(page), mv_heap_get()) << "kept: its class's only page here";
-  agree(0, "after the new owner freed the rest");
+  ExpectCountsAgree(page, 0, "after the new owner freed the rest");
 }
 
 // A page's free blocks serve before the front page carves new ones: carving
