@@ -164,6 +164,9 @@ mv_heap_t *mv_heap_get(void);      /* the calling thread's heap, acquiring one i
 void mv_heap_thread_exit(void);    /* abandons the calling thread's heap */
 void mv_heap_fork_child(void);     /* heaps of threads that vanished in fork() are dead */
 void mv_heap_collect_all(void);    /* returns empty pages of every abandoned heap */
+/* Live block bytes of the small and large pages that start in arena a: a racy
+ * but safe walk of its descriptor (huge objects not counted). */
+uint64_t mv_arena_pages_in_use(const mv_arena_t *a);
 
 /* ---- arenas (mv_arena.c) ---- */
 int mv_arena_init(void);           /* reserves the heap; 0 or -errno */

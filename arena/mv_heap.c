@@ -186,10 +186,10 @@ static void page_collect(mv_page_t *page) {
   mv_block_t *head =
       (mv_block_t *)atomic_exchange_explicit(&page->xthread_free, 0, memory_order_acquire);
   if (!head) return;
-  uint32_t n = 1;
+  uint32_t n = 1, in_use = mv_page_in_use(page);
   mv_block_t *tail = head;
   for (mv_block_t *next; (next = mv_ptr_decode(tail->next_enc)) != NULL; tail = next)
-    if (++n > mv_page_in_use(page))
+    if (++n > in_use)
       mv_fatal("heap corruption: page %p has more free blocks than it handed out "
                "(a double free from another thread?)", (void *)page->start);
   tail->next_enc = mv_ptr_encode(page->free);
@@ -1055,19 +1055,26 @@ MV_ALLOC_ENTRY void *mv_realloc(void *p, size_t size) {
 
 /* ---- statistics ---- */
 
+uint64_t mv_arena_pages_in_use(const mv_arena_t *a) {
+  uint64_t total = 0;
+  for (unsigned s = 0; s < MV_SLICES; s++) {
+    const mv_page_t *page = a->slice_page[s];
+    if (page != &a->pages[s]) continue; /* each page once, at its first slice */
+    if (page->kind == MV_PAGE_SMALL) total += (uint64_t)mv_page_in_use(page) * page->block_size;
+    else if (page->kind == MV_PAGE_LARGE) total += page->huge_size;
+  }
+  return total;
+}
+
 uint64_t mv_heap_bytes_in_use(void) {
   uint64_t total = 0;
   uint32_t n = mv_arena_frontier();
   for (uint32_t i = 0; i < n; i++) {
     mv_arena_t *a = &mv_arenas[i];
     if (atomic_load_explicit(&a->state, memory_order_relaxed) == MV_ARENA_FREE) continue;
-    for (unsigned s = 0; s < MV_SLICES; s++) {
-      mv_page_t *page = a->slice_page[s];
-      if (page != &a->pages[s]) continue; /* count each page at its first slice */
-      if (page->kind == MV_PAGE_SMALL) total += (uint64_t)mv_page_in_use(page) * page->block_size;
-      else if (page->kind == MV_PAGE_LARGE || page->kind == MV_PAGE_HUGE)
-        total += page->huge_size;
-    }
+    total += mv_arena_pages_in_use(a);
+    const mv_page_t *first = &a->pages[0]; /* a huge object, at its span's first slice */
+    if (a->slice_page[0] == first && first->kind == MV_PAGE_HUGE) total += first->huge_size;
   }
   return total;
 }

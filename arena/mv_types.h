@@ -91,7 +91,7 @@ typedef struct mv_page {
   uint32_t block_size;
   mv_block_t *local_free;    /* the owner's frees; become `free` when it runs out */
   uint32_t local_count;
-  _Atomic(uintptr_t) xthread_free; /* other threads' frees (plain next pointers) */
+  _Atomic(uintptr_t) xthread_free; /* other threads' frees (encoded links, as on free) */
   _Atomic(struct mv_heap *) heap;  /* owner; NULL for LARGE/HUGE. Bit 0 set (MV_HEAP_SAMPLED):
                                       the page holds blocks the profiler sampled, so no
                                       heap matches it and every free of its blocks takes

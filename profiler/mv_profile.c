@@ -438,14 +438,7 @@ static void classify(const mv_arena_t *a, bool *sparse, bool *small_pages) {
     *sparse = false;
     return;
   }
-  uint64_t used = 0;
-  for (unsigned s = 0; s < MV_SLICES; s++) {
-    const mv_page_t *pg = a->slice_page[s];
-    if (pg != &a->pages[s]) continue; /* each page once, at its first slice */
-    if (pg->kind == MV_PAGE_SMALL) used += (uint64_t)mv_page_in_use(pg) * pg->block_size;
-    else if (pg->kind == MV_PAGE_LARGE) used += pg->huge_size;
-  }
-  *sparse = used < MV_ARENA_SIZE / 2;
+  *sparse = mv_arena_pages_in_use(a) < MV_ARENA_SIZE / 2;
 }
 
 /* A snapshot of every site, taken under the lock so that symbolizing (dladdr

@@ -126,14 +126,7 @@ static uint32_t arena_in_use(uint32_t i) {
     if (page->kind != MV_PAGE_HUGE || end <= start) return 0;
     return (uint32_t)(end - start < MV_ARENA_SIZE ? end - start : MV_ARENA_SIZE);
   }
-  uint64_t total = 0;
-  for (unsigned s = 0; s < MV_SLICES; s++) {
-    mv_page_t *page = a->slice_page[s];
-    if (page != &a->pages[s]) continue; /* each page at its first slice */
-    if (page->kind == MV_PAGE_SMALL) total += (uint64_t)mv_page_in_use(page) * page->block_size;
-    else if (page->kind == MV_PAGE_LARGE) total += page->huge_size;
-  }
-  return (uint32_t)total;
+  return (uint32_t)mv_arena_pages_in_use(a);
 }
 
 void mv_channel_publish(void) {
