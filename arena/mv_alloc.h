@@ -122,6 +122,13 @@ static inline bool mv_looks_freed(const mv_block_t *b) {
   return next == 0 || ((next ^ (uintptr_t)b) >> MV_ARENA_SHIFT) == 0;
 }
 
+/* Might b be free already, so that its free must be checked the slow way? A
+ * block set aside for a 4 KiB page given back (mv_heap.c, page_purge_sparse)
+ * reads as zeros: in a page with such blocks, a zero link is suspect too. */
+static inline bool mv_free_suspect(const mv_page_t *page, const mv_block_t *b) {
+  return mv_looks_freed(b) || (MV_UNLIKELY(page->purged != 0) && b->next_enc == 0);
+}
+
 /* The owner's free of b: onto its page's own list. True when the page must be
  * looked at, because it emptied or had been set aside as full (then
  * mv_page_emptied, or for a heap not the thread's, page_emptied_in). */
@@ -142,7 +149,7 @@ static inline void mv_free(void *p) {
         mv_arenas[off >> MV_ARENA_SHIFT].slice_page[(off >> MV_SLICE_SHIFT) & (MV_SLICES - 1)];
     mv_block_t *b = (mv_block_t *)p;
     if (MV_LIKELY(atomic_load_explicit(&page->heap, memory_order_relaxed) == mv_tls_heap &&
-                  !mv_looks_freed(b))) {
+                  !mv_free_suspect(page, b))) {
       if (mv_push_local(page, b)) mv_page_emptied(page);
       return;
     }
@@ -164,6 +171,12 @@ mv_heap_t *mv_heap_get(void);      /* the calling thread's heap, acquiring one i
 void mv_heap_thread_exit(void);    /* abandons the calling thread's heap */
 void mv_heap_fork_child(void);     /* heaps of threads that vanished in fork() are dead */
 void mv_heap_collect_all(void);    /* returns empty pages of every abandoned heap */
+/* Sparse pages (MOVALLOC_PURGE_SPARSE) give their wholly free 4 KiB pages back:
+ * mv_heap_purge_sparse now, the calling thread's and abandoned heaps'
+ * (malloc_trim; returns the bytes); mv_heap_request_sweep at each thread's next
+ * slow call (the compactor's purge rule). */
+size_t mv_heap_purge_sparse(void);
+void mv_heap_request_sweep(void);
 /* Live block bytes of the small and large pages that start in arena a: a racy
  * but safe walk of its descriptor (huge objects not counted). */
 uint64_t mv_arena_pages_in_use(const mv_arena_t *a);

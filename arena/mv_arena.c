@@ -45,7 +45,7 @@ static uint64_t cached_at[MV_CACHE_MAX]; /* when each went into the cache */
 static uint32_t cache_len;
 static uint64_t last_decay_ns;
 static uint64_t released_total;
-static uint64_t purged_total;     /* bytes, by mv_arena_purge */
+static uint64_t purged_total;     /* bytes, by mv_arena_purge and mv_arena_purge_os_pages */
 static uint64_t huge_live;
 
 static const uint32_t all_slices = 0xffffffffu;
@@ -634,6 +634,30 @@ size_t mv_arena_purge(void) {
     mv_unlock(&mv_arena_lock);
   }
   return bytes;
+}
+
+/* Under the lock, like mv_arena_purge, so that no isolation starts meanwhile:
+ * the engine never sees memory vanish under an arena it is moving. */
+uint16_t mv_arena_purge_os_pages(const mv_page_t *page, uint16_t os_pages) {
+  uint16_t done = 0;
+  mv_arena_t *a = mv_arena_of(page->start);
+  mv_lock(&mv_arena_lock);
+  if (atomic_load(&a->state) == MV_ARENA_ACTIVE) {
+    while (os_pages) {
+      unsigned first = (unsigned)__builtin_ctz(os_pages);
+      unsigned n = (unsigned)__builtin_ctz(~(uint32_t)(os_pages >> first));
+      uint16_t run = (uint16_t)(((1u << n) - 1) << first);
+      os_pages &= (uint16_t)~run;
+      if (mv_os_madvise((void *)(page->start + ((uintptr_t)first << MV_OS_PAGE_SHIFT)),
+                        (size_t)n << MV_OS_PAGE_SHIFT, MADV_DONTNEED) != 0)
+        continue;
+      done |= run;
+      a->thp = false;
+      purged_total += (size_t)n << MV_OS_PAGE_SHIFT;
+    }
+  }
+  mv_unlock(&mv_arena_lock);
+  return done;
 }
 
 /* ---- isolation support for the engine ---- */

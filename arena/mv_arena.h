@@ -20,7 +20,9 @@ struct mv_arena_counts {
   uint64_t released;     /* releases so far */
   uint64_t huge_objects;
   uint64_t thp;          /* active arenas known to sit on a huge page */
-  uint64_t purged_bytes; /* free slices returned inside arenas (MOVALLOC_PURGE) so far */
+  uint64_t purged_bytes; /* free memory returned inside arenas so far: free slices
+                            (MOVALLOC_PURGE) and sparse pages' 4 KiB pages
+                            (MOVALLOC_PURGE_SPARSE) */
 };
 
 void mv_arena_counts(struct mv_arena_counts *out);
@@ -34,6 +36,11 @@ size_t mv_arena_reserved_bytes(void);
  * be zero (breaking their huge pages); returns the bytes released. Only the
  * purge rule (MOVALLOC_PURGE) calls it. */
 size_t mv_arena_purge(void);
+/* MADV_DONTNEED of the 4 KiB pages of a one-slice small page whose bits are set
+ * in os_pages (MOVALLOC_PURGE_SPARSE), while its arena is ACTIVE; returns the
+ * bits done. The caller owns the page and keeps every block overlapping them
+ * off its lists. */
+uint16_t mv_arena_purge_os_pages(const mv_page_t *page, uint16_t os_pages);
 uint32_t mv_arena_frontier(void);
 
 /* fork() child, mv_arena_lock reinitialised: the arenas another thread was

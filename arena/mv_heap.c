@@ -214,7 +214,223 @@ static void page_extend(mv_page_t *page) {
 
 /* The blocks on free and sample_rest. */
 static inline uint32_t blocks_not_handed_out(const mv_page_t *page) {
-  return page->capacity - page->taken;
+  return page->capacity - page->taken - page->aside;
+}
+
+static bool arena_serving(const mv_page_t *page) {
+  return atomic_load_explicit(&mv_arena_of(page->start)->state, memory_order_relaxed) ==
+         MV_ARENA_ACTIVE;
+}
+
+/* ---- sparse pages (MOVALLOC_PURGE_SPARSE) ----
+ * A page that its class's frees left mostly empty keeps its memory: its holes
+ * fit only blocks of its own size, which a program that moved on to other
+ * sizes no longer asks for (bench/wl_fragment). When the purge rule says so
+ * (sweep_due), such a page gives its wholly free 4 KiB pages back to the
+ * kernel. The blocks
+ * overlapping them leave the free lists (their links would read as zeros) and
+ * come back when the page runs out (page_regrow). One-slice pages only: bins
+ * up to 8 KiB, a uint16_t of 4 KiB pages each. */
+
+#define MV_SWEEP_MIN 16 /* slices of new pages between sweeps, at least */
+static _Atomic uint32_t sweep_requests; /* mv_heap_request_sweep calls so far */
+/* u blocks in use at random places leave 16 * (15/16)^u of a slice's 4 KiB
+ * pages free, whatever the block size: one page for u = 44, none to speak of
+ * beyond. A page with more is not worth walking its free lists for. */
+#define MV_SPARSE_MAX_IN_USE 48
+
+static inline bool marked(const uint64_t *marks, uint32_t i) {
+  return marks[i / 64] >> (i % 64) & 1;
+}
+
+/* Does block i overlap a 4 KiB page whose bit is set in os_pages? */
+static inline bool block_overlaps(const mv_page_t *page, uint32_t i, uint16_t os_pages) {
+  size_t from = (size_t)i * page->block_size;
+  unsigned g0 = (unsigned)(from >> MV_OS_PAGE_SHIFT);
+  unsigned g1 = (unsigned)((from + page->block_size - 1) >> MV_OS_PAGE_SHIFT);
+  return (os_pages & (((2u << (g1 - g0)) - 1) << g0)) != 0;
+}
+
+/* The carved blocks overlapping 4 KiB page g: [*first, *last]; false if none. */
+static bool os_page_blocks(const mv_page_t *page, unsigned g, uint32_t *first, uint32_t *last) {
+  size_t from = (size_t)g << MV_OS_PAGE_SHIFT;
+  *first = (uint32_t)(from / page->block_size);
+  *last = (uint32_t)((from + MV_OS_PAGE_SIZE - 1) / page->block_size);
+  if (*last >= page->capacity) *last = page->capacity - 1;
+  return *first < page->capacity;
+}
+
+#define MV_SWEEP_BATCH 8 /* pages whose free lists are walked side by side */
+#define MV_MARK_WORDS (MV_SLICE_SIZE / MV_ALIGN / 64) /* a bit per block of a slice */
+
+/* Marks the free blocks (free and local_free) of n pages, walking their 2n
+ * lists side by side: a walk is a chain of cache misses, and this way the
+ * misses of different lists overlap. bad[i]: page i's list leaves its carved
+ * blocks or is longer than they are (corrupt: then the page is left alone). */
+static void mark_free_blocks(mv_page_t *const *pages, unsigned n,
+                             uint64_t (*marks)[MV_MARK_WORDS], bool *bad) {
+  const mv_block_t *at[2 * MV_SWEEP_BATCH];
+  uint32_t seen[MV_SWEEP_BATCH] = {0};
+  unsigned live = 2 * n;
+  for (unsigned i = 0; i < n; i++) {
+    memset(marks[i], 0, sizeof marks[i]);
+    bad[i] = false;
+    at[2 * i] = pages[i]->free;
+    at[2 * i + 1] = pages[i]->local_free;
+  }
+  while (live) {
+    live = 0;
+    for (unsigned w = 0; w < 2 * n; w++) {
+      const mv_block_t *b = at[w];
+      if (!b) continue;
+      const mv_page_t *page = pages[w / 2];
+      uintptr_t off = (uintptr_t)b - page->start;
+      if (off >= (uintptr_t)page->capacity * page->block_size || ++seen[w / 2] > page->capacity) {
+        bad[w / 2] = true;
+        at[w] = NULL;
+        continue;
+      }
+      uint32_t i = (uint32_t)(off / page->block_size);
+      marks[w / 2][i / 64] |= (uint64_t)1 << (i % 64);
+      at[w] = mv_ptr_decode(b->next_enc);
+      live += at[w] != NULL;
+    }
+  }
+}
+
+/* Puts 4 KiB page g's blocks back on the free list, the ones that overlap no
+ * other page still given back (each goes back with the last of its pages). */
+static void page_unpurge(mv_page_t *page, unsigned g) {
+  page->purged &= (uint16_t)~(1u << g);
+  uint32_t first, last;
+  if (!os_page_blocks(page, g, &first, &last)) return;
+  for (uint32_t i = last + 1; i-- > first;) {
+    if (block_overlaps(page, i, page->purged)) continue;
+    mv_block_t *b = (mv_block_t *)(page->start + (uintptr_t)i * page->block_size);
+    b->next_enc = mv_ptr_encode(page->free);
+    page->free = b;
+    page->aside--;
+  }
+}
+
+/* Gives back the 4 KiB pages of a one-slice page of the caller's that hold free
+ * blocks only (marks: its free blocks); returns how many. The free list is
+ * rebuilt without the blocks overlapping them before the madvise, so no link
+ * is lost; a page the kernel refused comes back at once. */
+static unsigned page_purge_sparse(mv_page_t *page, const uint64_t *marks) {
+  uint16_t want = 0;
+  for (unsigned g = 0; g < MV_SLICE_OS_PAGES; g++) {
+    uint32_t first, last;
+    if (!os_page_blocks(page, g, &first, &last)) break;
+    if (page->purged >> g & 1) continue;
+    bool all_free = true;
+    for (uint32_t i = first; i <= last && all_free; i++)
+      all_free = marked(marks, i) || block_overlaps(page, i, page->purged);
+    if (all_free) want |= (uint16_t)(1u << g);
+  }
+  if (!want) return 0;
+  uint16_t purged = page->purged | want;
+  mv_block_t *head = NULL;
+  uint32_t aside = 0;
+  for (uint32_t i = page->capacity; i-- > 0;) {
+    if (block_overlaps(page, i, purged)) {
+      aside++;
+    } else if (marked(marks, i)) {
+      mv_block_t *b = (mv_block_t *)(page->start + (uintptr_t)i * page->block_size);
+      b->next_enc = mv_ptr_encode(head);
+      head = b;
+    }
+  }
+  page->free = head;
+  page->local_free = NULL;
+  page->taken -= page->local_count;
+  page->local_count = 0;
+  page->purged = purged;
+  page->aside = (uint16_t)aside;
+  uint16_t done = mv_arena_purge_os_pages(page, want), refused = want & (uint16_t)~done;
+  while (refused) {
+    unsigned g = (unsigned)__builtin_ctz(refused);
+    refused &= (uint16_t)(refused - 1);
+    page_unpurge(page, g);
+  }
+  return (unsigned)__builtin_popcount(done);
+}
+
+/* Returns the 4 KiB pages given back. */
+static size_t purge_batch(mv_page_t *const *pages, unsigned n) {
+  uint64_t marks[MV_SWEEP_BATCH][MV_MARK_WORDS];
+  bool bad[MV_SWEEP_BATCH];
+  size_t done = 0;
+  mark_free_blocks(pages, n, marks, bad);
+  for (unsigned i = 0; i < n; i++)
+    if (!bad[i]) done += page_purge_sparse(pages[i], marks[i]);
+  return done;
+}
+
+/* Purges heap h's sparse one-slice pages (the caller owns h); returns the 4 KiB
+ * pages given back. every_page: also those looked at before with no fewer
+ * blocks in use since (otherwise skipped: they had nothing to give). */
+static size_t heap_sweep_sparse(mv_heap_t *h, bool every_page) {
+  size_t done = 0;
+  h->sweeps_seen = atomic_load_explicit(&sweep_requests, memory_order_relaxed);
+  uint64_t limit = (uint64_t)mv_options.purge_sparse * MV_SLICE_SIZE / 100;
+  mv_page_t *batch[MV_SWEEP_BATCH];
+  unsigned n = 0;
+  uint32_t pages = 0;
+  unsigned classes = mv_lifetime_on ? MV_LIFECLASSES : 1;
+  for (unsigned c = 0; c < classes; c++) {
+    for (unsigned bin = 1; bin < MV_BINS && mv_bin_slices(bin) == 1; bin++) {
+      for (mv_page_t *page = bin_queue(h, bin, c)->first; page; page = page->next) {
+        pages++;
+        uint32_t in_use = mv_page_in_use(page);
+        if ((every_page || in_use < page->purge_seen) && in_use <= MV_SPARSE_MAX_IN_USE &&
+            (uint64_t)in_use * page->block_size <= limit &&
+            atomic_load_explicit(&page->heap, memory_order_relaxed) == h &&
+            !page->sample_rest && arena_serving(page))
+          batch[n++] = page;
+        page->purge_seen = in_use;
+        if (n == MV_SWEEP_BATCH) {
+          done += purge_batch(batch, n);
+          n = 0;
+        }
+      }
+    }
+  }
+  if (n) done += purge_batch(batch, n);
+  h->grown = 0;
+  h->sweep_after = pages / 16 > MV_SWEEP_MIN ? pages / 16 : MV_SWEEP_MIN;
+  return done;
+}
+
+/* Due when the purge rule fired since the heap's last sweep (by default: memory
+ * pressure), or, under MOVALLOC_PURGE=always, when the heap has taken new pages
+ * for a sixteenth of those it holds: a heap that holds still is never swept,
+ * and a growing one's sweeps cost a bounded share of its growth. */
+static inline bool sweep_due(const mv_heap_t *h) {
+  return mv_options.purge_sparse &&
+         (h->sweeps_seen != atomic_load_explicit(&sweep_requests, memory_order_relaxed) ||
+          (mv_options.purge == MV_PURGE_ALWAYS && h->grown >= h->sweep_after));
+}
+
+void mv_heap_request_sweep(void) { atomic_fetch_add(&sweep_requests, 1); }
+
+size_t mv_heap_purge_sparse(void) {
+  if (!mv_options.purge_sparse || mv_options.purge == MV_PURGE_NEVER) return 0;
+  size_t done = 0;
+  mv_lock(&mv_heaps_lock); /* the owner of abandoned heaps */
+  for (mv_heap_t *h = abandoned; h; h = h->next_abandoned) done += heap_sweep_sparse(h, true);
+  mv_unlock(&mv_heaps_lock);
+  mv_heap_t *mine = mv_tls_heap;
+  if (mine != &mv_heap_empty) done += heap_sweep_sparse(mine, true);
+  return done << MV_OS_PAGE_SHIFT;
+}
+
+/* Blocks for a page whose lists ran dry: those set aside first (they take no
+ * more of the slice than it had), else newly carved ones. page_extend never
+ * carves into a page given back, whose aside blocks would be listed twice. */
+static void page_regrow(mv_page_t *page) {
+  while (!page->free && page->purged) page_unpurge(page, (unsigned)__builtin_ctz(page->purged));
+  if (!page->free && page->capacity < page->reserved) page_extend(page);
 }
 
 static inline __attribute__((always_inline)) void page_release(mv_heap_t *h, mv_page_t *page) {
@@ -330,8 +546,11 @@ static mv_page_t *page_fresh(mv_heap_t *h, unsigned bin, unsigned lifeclass) {
   bool zeroed;
   mv_page_t *page = mv_arena_alloc_class(mv_bin_slices(bin), &zeroed, lifeclass);
   if (!page) return NULL;
+  h->grown += page->slice_count;
   page->kind = MV_PAGE_SMALL;
   page->sample_rest = NULL;
+  page->purged = page->aside = 0;
+  page->purge_seen = UINT32_MAX;
   page->bin = (uint8_t)bin;
   page->block_size = (uint32_t)mv_bin_size(bin);
   page->reserved = (uint32_t)(((size_t)page->slice_count << MV_SLICE_SHIFT) / page->block_size);
@@ -339,11 +558,6 @@ static mv_page_t *page_fresh(mv_heap_t *h, unsigned bin, unsigned lifeclass) {
   queue_push_front(bin_queue(h, bin, lifeclass), page);
   mv_channel_poke(); /* the heap grew: the inspection channel may publish */
   return page;
-}
-
-static bool arena_serving(const mv_page_t *page) {
-  return atomic_load_explicit(&mv_arena_of(page->start)->state, memory_order_relaxed) ==
-         MV_ARENA_ACTIVE;
 }
 
 static void heap_collect(mv_heap_t *h, bool keep_one);
@@ -373,25 +587,26 @@ static inline __attribute__((always_inline)) mv_page_t *heap_page_for(mv_heap_t 
                                                                       unsigned bin,
                                                                       unsigned lifeclass) {
   if (++h->slow_calls % MV_HOUSEKEEPING_EVERY == 0) heap_rescan_some_full(h);
+  if (MV_UNLIKELY(sweep_due(h))) heap_sweep_sparse(h, false);
   heap_drain_notified(h);
   mv_page_queue_t *q = bin_queue(h, bin, lifeclass);
-  /* A page with freed blocks before a page with blocks still to carve:
-   * carving touches new memory while freed blocks wait, and each size class
+  /* A page with freed blocks before a page with blocks set aside or still to
+   * carve: those touch new memory while freed blocks wait, and each size class
    * would keep the memory of its own peak. */
-  mv_page_t *page = q->first, *uncarved = NULL;
+  mv_page_t *page = q->first, *regrow = NULL;
   while (page) {
     mv_page_t *next = page->next;
     if (arena_serving(page)) { /* an isolated arena hands out nothing new */
       page_collect(page);
       if (page->free) break;
-      if (page->capacity == page->reserved) page_to_full(h, page);
-      else if (!uncarved) uncarved = page;
+      if (page->capacity == page->reserved && !page->purged) page_to_full(h, page);
+      else if (!regrow) regrow = page;
     }
     page = next;
   }
-  if (!page && uncarved) {
-    page = uncarved;
-    page_extend(page);
+  if (!page && regrow) {
+    page = regrow;
+    page_regrow(page);
   }
   if (!page) {
     collect_one_abandoned(); /* their empty pages may serve instead of fresh ones */
@@ -561,6 +776,17 @@ static bool block_is_free(const mv_page_t *page, const mv_block_t *b) {
          block_on_list(page, (const mv_block_t *)atomic_load(&page->xthread_free), b);
 }
 
+/* Is b a freed block of page? Those set aside for a 4 KiB page given back
+ * (page_purge_sparse) read as zeros, so mv_looks_freed misses them; the page's
+ * bits tell (mv_free_suspect sends their frees here). */
+static bool block_freed(const mv_page_t *page, const mv_block_t *b) {
+  uint16_t purged = __atomic_load_n(&page->purged, __ATOMIC_RELAXED);
+  if (purged && block_overlaps(page, (uint32_t)(((uintptr_t)b - page->start) / page->block_size),
+                               purged))
+    return true;
+  return mv_looks_freed(b) && block_is_free(page, b);
+}
+
 /* Another thread's free into a page whose heap was abandoned (its thread
  * exited): the freeing thread takes the page over, so the block serves its own
  * next mallocs at once instead of waiting in the page until some new thread
@@ -606,7 +832,7 @@ static inline __attribute__((always_inline)) void free_small(mv_page_t *page, mv
     if (MV_UNLIKELY(tagged & MV_HEAP_SAMPLED)) {
       mv_prof_free(b, page);
       if (tagged == ((uintptr_t)mv_tls_heap | MV_HEAP_SAMPLED) &&
-          ((uintptr_t)b & mv_free_fast_mask) == 0 && !mv_looks_freed(b)) {
+          ((uintptr_t)b & mv_free_fast_mask) == 0 && !mv_free_suspect(page, b)) {
         /* The owner's free: what the fast path would do were the page
          * untagged, no more (what it leaves unchecked is unchecked with
          * profiling off too). Otherwise the tag fails the owner test below,
@@ -623,7 +849,7 @@ static inline __attribute__((always_inline)) void free_small(mv_page_t *page, mv
   }
   /* The owner's free; a page of an exited thread's heap becomes this thread's. */
   if (atomic_load_explicit(&page->heap, memory_order_relaxed) == mv_tls_heap || page_claim(page)) {
-    if (mv_looks_freed(b) && block_is_free(page, b)) {
+    if (block_freed(page, b)) {
       report_misuse("free", b, "double free", true);
       return;
     }
@@ -631,7 +857,7 @@ static inline __attribute__((always_inline)) void free_small(mv_page_t *page, mv
     if (mv_push_local(page, b)) mv_page_emptied(page);
     return;
   }
-  if (mv_looks_freed(b) && block_is_free(page, b)) {
+  if (block_freed(page, b)) {
     report_misuse("free", b, "double free", true);
     return;
   }

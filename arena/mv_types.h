@@ -17,6 +17,7 @@
 #define MV_TYPES_H
 
 #include "arena/mv_atomic.h"
+#include <assert.h> /* static_assert, in C as in C++ */
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -27,6 +28,9 @@
 #define MV_SLICE_SHIFT 16
 #define MV_SLICE_SIZE ((size_t)1 << MV_SLICE_SHIFT)
 #define MV_SLICES (MV_ARENA_SIZE / MV_SLICE_SIZE) /* 32: one bit each in a uint32_t */
+#define MV_OS_PAGE_SHIFT 12
+#define MV_OS_PAGE_SIZE ((size_t)1 << MV_OS_PAGE_SHIFT)
+#define MV_SLICE_OS_PAGES (MV_SLICE_SIZE / MV_OS_PAGE_SIZE) /* 16: one bit each in a uint16_t */
 
 #define MV_ALIGN 16                       /* every block is 16-byte aligned */
 #define MV_SMALL_MAX ((size_t)64 << 10)   /* largest size-class block */
@@ -74,8 +78,8 @@ enum mv_lifeclass {
  *   taken = blocks popped off free and not back on it: in use, or waiting in
  *   local_free or xthread_free; local_count = the length of local_free. So the
  *   blocks in use or waiting in xthread_free are taken - local_count
- *   (mv_page_in_use), and free and sample_rest hold capacity - taken: counted,
- *   never walked. The owner's free adds to local_count, not to taken, so that it
+ *   (mv_page_in_use), and free and sample_rest hold capacity - taken - aside:
+ *   counted, never walked. The owner's free adds to local_count, not to taken, so that it
  *   costs what a decrement of an in-use count would;
  *   capacity = blocks carved so far <= reserved; blocks in free, local_free and
  *   xthread_free are distinct and each lies in [start, start + reserved * block_size);
@@ -83,6 +87,10 @@ enum mv_lifeclass {
  *   (lock-free push, owner takes it whole with an exchange).
  *   none in use and the page is not its bin's only page => the owner retires it.
  *   in_full: the page sits in the owner's full list, not its bin queue.
+ *   purged bit g set (one-slice pages only) => 4 KiB page g was given back to the
+ *   kernel (MOVALLOC_PURGE_SPARSE) while every block overlapping it was free; those
+ *   blocks are on no list, the `aside` of them, and come back to `free` when the
+ *   page runs out of blocks (mv_heap.c, page_unpurge).
  *   notify: the page is on some heap's xthread_pages stack (at most one).
  */
 typedef struct mv_page {
@@ -91,6 +99,9 @@ typedef struct mv_page {
   uint32_t block_size;
   mv_block_t *local_free;    /* the owner's frees; become `free` when it runs out */
   uint32_t local_count;
+  uint16_t purged;           /* SMALL: 4 KiB pages given back, a bit each (the owner
+                                writes it; frees read it: mv_free_suspect) */
+  uint16_t aside;            /* SMALL: free blocks overlapping them (owner only) */
   _Atomic(uintptr_t) xthread_free; /* other threads' frees (encoded links, as on free) */
   _Atomic(struct mv_heap *) heap;  /* owner; NULL for LARGE/HUGE. Bit 0 set (MV_HEAP_SAMPLED):
                                       the page holds blocks the profiler sampled, so no
@@ -112,6 +123,7 @@ typedef struct mv_page {
   size_t huge_size;          /* HUGE/LARGE: usable bytes */
   uint8_t lifeclass;         /* SMALL, LARGE: enum mv_lifeclass, that of its arena;
                                 SMALL: which of the owner's queue sets holds it */
+  uint32_t purge_seen;       /* SMALL: blocks in use when last looked at for purging */
   _Atomic(uintptr_t) sampled_block; /* profile lock: 0 when sampled is 0; the sampled
                                 block while it is the page's only one since sampled was
                                 0; MV_SAMPLED_MANY otherwise (mv_profile.h) */
@@ -119,6 +131,7 @@ typedef struct mv_page {
                                 from `free` because the first of them is to be sampled
                                 (mv_heap.c, prof_install); only a bin's direct page */
 } __attribute__((aligned(64))) mv_page_t; /* no two pages share a cache line */
+static_assert(sizeof(mv_page_t) == 128, "a page descriptor is two cache lines");
 
 /* Arena states. Transitions are atomic (mv_arena_set_state asserts each one):
  *   FREE -> ACTIVE               handed out (arena lock)
@@ -192,6 +205,9 @@ typedef struct mv_heap {
   struct mv_heap *next_heap;          /* all heaps (mv_heaps list) */
   struct mv_heap *next_abandoned;
   uint64_t slow_calls;                /* paces housekeeping */
+  uint32_t grown;                     /* slices of new pages since the last sparse sweep */
+  uint32_t sweep_after;               /* ... and how many start the next one */
+  uint32_t sweeps_seen;               /* sweep requests (mv_heap.c) as of the last one */
 } mv_heap_t;
 
 #endif /* MV_TYPES_H */

@@ -111,7 +111,10 @@ static void *compactor_main(void *unused) {
     last = now;
     uint64_t cpu0 = mv_os_thread_cpu_ns();
     mv_arena_decay();
-    if (mv_policy_should_purge(mv_options.purge, pressure_now)) mv_arena_purge();
+    if (mv_policy_should_purge(mv_options.purge, pressure_now)) {
+      mv_arena_purge();
+      mv_heap_request_sweep(); /* sparse pages: only their owners may touch their lists */
+    }
     int moved = 0;
     if (can_move) {
       int allowed = mv_options.compact_stress ? max_moves

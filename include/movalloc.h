@@ -63,7 +63,8 @@ struct movalloc_stats {
   uint64_t compactor_thread_ns;  /* the thread's CPU time: moves, scans, decay, purges */
   uint64_t compactor_scan_ns;    /* of which rounds that moved nothing: the cost of looking */
   uint64_t compactor_wall_ns;    /* since it started: migrated / this = migrations per second */
-  uint64_t purged_bytes;         /* free slices returned inside arenas (MOVALLOC_PURGE) */
+  uint64_t purged_bytes;         /* free memory returned inside arenas: free slices
+                                   (MOVALLOC_PURGE), sparse pages (MOVALLOC_PURGE_SPARSE) */
 
   uint64_t realloc_moved_bytes;  /* huge objects' realloc growth done by moving pages,
                                     not copying them (the move backend's UFFDIO_MOVE) */

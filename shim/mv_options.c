@@ -35,10 +35,14 @@ const struct mv_option mv_option_table[] = {
      "an arena moves onto a huge page only with at least this percent of its 4 KiB pages "
      "resident (so a huge page adds at most the rest to RSS)"},
     {"MOVALLOC_PURGE", MV_OPT_ENUM, "never|pressure|always", 0, 0, 1, FIELD(purge),
-     "return free slices inside arenas to the kernel (breaks their huge pages): never, "
-     "under memory pressure or on malloc_trim, or every compactor round"},
+     "return free slices inside arenas, and sparse pages' free 4 KiB pages, to the kernel "
+     "(breaks their huge pages): never, under memory pressure or on malloc_trim, or every "
+     "compactor round (and sparse pages as heaps grow)"},
     {"MOVALLOC_PURGE_FREE_PCT", MV_OPT_UINT, NULL, 1, 99, 5, FIELD(purge_free_pct),
      "memory pressure: MemAvailable below this percent of MemTotal"},
+    {"MOVALLOC_PURGE_SPARSE", MV_OPT_UINT, NULL, 0, 100, 25, FIELD(purge_sparse),
+     "pages with at most this percent of their bytes in use give their wholly free 4 KiB "
+     "pages back to the kernel when MOVALLOC_PURGE says (breaks huge pages); 0: never"},
     {"MOVALLOC_COMPACT_STRESS", MV_OPT_BOOL, NULL, 0, 1, 0, FIELD(compact_stress),
      "move every arena as often as possible (a torture mode for tests)"},
     {"MOVALLOC_THP", MV_OPT_ENUM, "compact|fault|never|auto", 0, 0, 3, FIELD(thp),

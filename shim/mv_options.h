@@ -43,6 +43,7 @@ struct mv_options {
   unsigned compact_density; /* MOVALLOC_COMPACT_DENSITY: min % of 4 KiB pages resident to move */
   enum mv_purge_mode purge; /* MOVALLOC_PURGE */
   unsigned purge_free_pct; /* MOVALLOC_PURGE_FREE_PCT: pressure below this % available */
+  unsigned purge_sparse;  /* MOVALLOC_PURGE_SPARSE: % in use at most, for 4 KiB purges; 0 off */
   bool compact_stress;    /* MOVALLOC_COMPACT_STRESS: move everything, constantly (tests) */
   enum mv_thp_mode thp;   /* MOVALLOC_THP */
   size_t reserve_gib;     /* MOVALLOC_RESERVE_GIB: virtual reservation for the heap */

@@ -82,8 +82,9 @@ MV_EXPORT size_t malloc_usable_size(void *p) { return mv_usable_size(p); }
 
 MV_EXPORT int malloc_trim(size_t pad) {
   mv_heap_collect_all();
+  size_t purged = mv_heap_purge_sparse();
   /* An explicit request: free slices inside arenas go too, unless MOVALLOC_PURGE=never. */
-  size_t purged = mv_options.purge != MV_PURGE_NEVER ? mv_arena_purge() : 0;
+  purged += mv_options.purge != MV_PURGE_NEVER ? mv_arena_purge() : 0;
   return mv_arena_trim() > 0 || purged > 0;
 }
 

@@ -1,5 +1,6 @@
-// Thread heaps: threads, cross-thread frees, thread exit, fork (also from a
-// signal handler that interrupted an allocation), dlopen/dlclose, signals.
+// Thread heaps: threads, cross-thread frees, page counts, sparse pages' purge,
+// thread exit, fork (also from a signal handler that interrupted an
+// allocation), dlopen/dlclose, signals.
 #include <dlfcn.h>
 #include <malloc.h>
 #include <gtest/gtest.h>
@@ -7,10 +8,12 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/time.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <string>
@@ -19,8 +22,10 @@
 
 extern "C" {
 #include "arena/mv_alloc.h"
+#include "arena/mv_heap.h"
 #include "arena/mv_prim.h"
 #include "include/movalloc.h"
+#include "shim/mv_options.h"
 }
 
 namespace {
@@ -129,12 +134,12 @@ uint32_t ListLength(const mv_block_t *b) {
 void ExpectCountsAgree(const mv_page_t *page, uint32_t in_use, const char *when) {
   EXPECT_EQ(page->local_count, ListLength(page->local_free)) << when;
   uint32_t on_free = ListLength(page->free) + ListLength(page->sample_rest);
-  EXPECT_EQ(page->capacity - page->taken, on_free) << when;
+  EXPECT_EQ(page->capacity - page->taken - page->aside, on_free) << when;
   EXPECT_EQ(mv_page_in_use(page), in_use) << when;
 }
 
 // A page's counts say what its lists hold without walking them: local_count is
-// local_free's length, capacity - taken is what free holds, and
+// local_free's length, capacity - taken - aside is what free holds, and
 // mv_page_in_use counts the blocks in use and those other threads freed.
 TEST(Heap, PageCountsAgreeWithItsLists) {
   std::thread([] {
@@ -202,6 +207,193 @@ TEST(Heap, AFreedBlockIsReusedBeforeNewBlocksAreCarved) {
     EXPECT_EQ(second->capacity, carved);
     free(next);
     for (void *p : mine) free(p);
+  }).join();
+}
+
+// ---- sparse pages (MOVALLOC_PURGE_SPARSE, default 25%) ----
+
+// Fills one page of a class (sizes here: blocks of 1536 B, 42 to a 64 KiB page,
+// most of them across two 4 KiB pages), stamps every block, and frees all but
+// the first and the last: 4 KiB pages 1..14 hold freed blocks only.
+struct SparsePage {
+  size_t size;
+  std::vector<void *> blocks;
+  mv_page_t *page;
+
+  explicit SparsePage(size_t size_) : size(size_) {
+    blocks.push_back(malloc(size));
+    page = mv_page_of(blocks[0]);
+    while (blocks.size() < page->reserved) blocks.push_back(malloc(size));
+    for (size_t i = 0; i < blocks.size(); i++) {
+      EXPECT_EQ(mv_page_of(blocks[i]), page);
+      memset(blocks[i], (int)(i + 1), size);
+    }
+    for (size_t i = 1; i + 1 < blocks.size(); i++) free(blocks[i]);
+  }
+  bool Resident(unsigned os_page) const {
+    unsigned char v = 0;
+    EXPECT_EQ(mincore((void *)(page->start + ((uintptr_t)os_page << 12)), 4096, &v), 0);
+    return v & 1;
+  }
+  void ExpectSurvivorsIntact() const {
+    for (size_t i : {(size_t)0, blocks.size() - 1})
+      for (size_t j = 0; j < size; j++)
+        ASSERT_EQ(((unsigned char *)blocks[i])[j], (unsigned char)(i + 1)) << i << " " << j;
+  }
+  // Mallocs until the page has handed out every block again: each comes back
+  // once, none from a 4 KiB page still given back.
+  void ExpectEveryBlockComesBack() {
+    std::vector<void *> again;
+    while (mv_page_in_use(page) < page->reserved) {
+      void *p = malloc(size);
+      if (mv_page_of(p) == page) again.push_back(p);
+      else free(p);
+      ASSERT_LT(again.size(), page->reserved);
+    }
+    std::sort(again.begin(), again.end());
+    EXPECT_EQ(std::unique(again.begin(), again.end()), again.end()) << "a block handed out twice";
+    EXPECT_EQ(again.size(), page->reserved - 2u);
+    EXPECT_EQ(page->purged, 0u);
+    EXPECT_EQ(page->aside, 0u);
+    for (void *p : again) memset(p, 0x5a, size);
+    ExpectSurvivorsIntact();
+    for (void *p : again) free(p);
+  }
+  // The 4 KiB pages overlapped by freed blocks only (with 1536-byte blocks,
+  // pages 1..14), and how many blocks overlap them (blocks 2..39).
+  uint16_t WhollyFree() const {
+    uint16_t mask = 0;
+    for (unsigned g = 0; g < 16; g++) {
+      size_t first = g * 4096 / page->block_size, last = (g * 4096 + 4095) / page->block_size;
+      if (first > 0 && last < page->reserved - 1u) mask |= (uint16_t)(1u << g);
+    }
+    return mask;
+  }
+  uint32_t BlocksOn(uint16_t mask) const {
+    uint32_t n = 0;
+    for (uint32_t i = 0; i < page->reserved; i++) {
+      size_t g0 = (size_t)i * page->block_size / 4096;
+      size_t g1 = ((size_t)i * page->block_size + page->block_size - 1) / 4096;
+      bool on = false;
+      for (size_t g = g0; g <= g1; g++) on |= (mask >> g) & 1;
+      n += on;
+    }
+    return n;
+  }
+  // Trims until the wholly free pages are given back: a move of the arena by
+  // the compactor at that moment refuses the madvise, those pages come back at
+  // once, and the next trim tries again.
+  void Trim() const {
+    for (int i = 0; i < 20 && page->purged != WhollyFree(); i++) malloc_trim(0);
+  }
+  ~SparsePage() {
+    free(blocks[0]);
+    free(blocks.back());
+  }
+};
+
+// malloc_trim gives back the 4 KiB pages that hold only freed blocks of a page
+// mostly free; the blocks on them are set aside, the rest stay free, the
+// survivors keep every byte, and every block serves again afterwards.
+TEST(Heap, ASparsePageGivesBackItsWhollyFreeOsPages) {
+  std::thread([] {
+    SparsePage sp(1536);  // a class no other test uses
+    uint16_t wholly_free = sp.WhollyFree();
+    ASSERT_NE(wholly_free, 0);
+    sp.Trim();
+    ASSERT_EQ(sp.page->purged, wholly_free);
+    EXPECT_EQ(sp.page->aside, sp.BlocksOn(wholly_free));
+    for (unsigned g = 0; g < 16; g++)
+      EXPECT_EQ(sp.Resident(g), !((wholly_free >> g) & 1)) << "4 KiB page " << g;
+    ExpectCountsAgree(sp.page, 2, "after the purge");
+    sp.ExpectSurvivorsIntact();
+    sp.ExpectEveryBlockComesBack();
+  }).join();
+}
+
+// A block set aside reads as zeros, which no freed block's link does: the page
+// says which they are, so a second free of one is caught, by another thread
+// or by the owner (whose zero-link frees in such a page go the checked way),
+// and changes nothing.
+TEST(Heap, ASecondFreeOfABlockSetAsideIsCaught) {
+  if (mv_options.check) GTEST_SKIP() << "MOVALLOC_CHECK=1 aborts on it (misuse tests)";
+  std::thread([] {
+    SparsePage sp(1664);  // a class no other test uses
+    sp.Trim();
+    ASSERT_EQ(sp.page->purged, sp.WhollyFree());
+    uint64_t invalid, doubles, doubles_after;
+    mv_heap_misuse_counts(&invalid, &doubles);
+    std::thread([&] { free(sp.blocks[sp.blocks.size() / 2]); }).join();
+    mv_heap_misuse_counts(&invalid, &doubles_after);
+    EXPECT_EQ(doubles_after, doubles + 1) << "another thread's";
+    EXPECT_EQ(atomic_load(&sp.page->xthread_free), 0u);
+    free(sp.blocks[sp.blocks.size() / 2 + 1]);
+    mv_heap_misuse_counts(&invalid, &doubles_after);
+    EXPECT_EQ(doubles_after, doubles + 2) << "the owner's";
+    ExpectCountsAgree(sp.page, 2, "after the second frees");
+    sp.ExpectEveryBlockComesBack();
+  }).join();
+}
+
+uintptr_t refused_page;
+int RefusingMadvise(void *addr, size_t len, int advice) {
+  if (((uintptr_t)addr & ~(uintptr_t)0xffff) == refused_page) {
+    errno = EAGAIN;
+    return -1;
+  }
+  return mv_prim_real.madvise(addr, len, advice);
+}
+
+// 4 KiB pages the kernel refuses to take back stay in use: their blocks go
+// back on the free list at once.
+TEST(Heap, OsPagesTheKernelRefusesStayInUse) {
+  std::thread([] {
+    SparsePage sp(1408);  // a class no other test uses
+    struct mv_prim fake = mv_prim_real;
+    fake.madvise = RefusingMadvise;
+    refused_page = sp.page->start;
+    mv_prim_set(&fake);
+    malloc_trim(0);
+    mv_prim_reset();
+    EXPECT_EQ(sp.page->purged, 0u);
+    EXPECT_EQ(sp.page->aside, 0u);
+    ExpectCountsAgree(sp.page, 2, "after the refusal");
+    sp.ExpectEveryBlockComesBack();
+  }).join();
+}
+
+// Under MOVALLOC_PURGE=always, a heap that takes new pages sweeps its sparse
+// ones, without malloc_trim.
+TEST(Heap, UnderPurgeAlwaysAGrowingHeapGivesBackItsSparsePages) {
+  auto purge = mv_options.purge;
+  mv_options.purge = MV_PURGE_ALWAYS;
+  std::thread([] {
+    SparsePage sp(1920);  // a class no other test uses
+    std::vector<void *> growth;
+    for (int i = 0; i < 2048 && sp.page->purged == 0; i++) growth.push_back(malloc(3712));
+    EXPECT_EQ(sp.page->purged, sp.WhollyFree()) << "4 MiB of new pages and no sweep";
+    for (void *p : growth) free(p);
+    sp.ExpectSurvivorsIntact();
+    sp.ExpectEveryBlockComesBack();
+  }).join();
+  mv_options.purge = purge;
+}
+
+// By default a heap sweeps when the purge rule fires (memory pressure): the
+// compactor asks, and each thread sweeps at its next slow call.
+TEST(Heap, ASweepRequestReachesTheThreadAtItsNextSlowCall) {
+  ASSERT_EQ(mv_options.purge, MV_PURGE_PRESSURE);
+  std::thread([] {
+    SparsePage sp(1792);  // a class no other test uses
+    free(malloc(3712));
+    std::vector<void *> blocks;
+    for (int i = 0; i < 64; i++) blocks.push_back(malloc(3712));  // slow calls, no request
+    EXPECT_EQ(sp.page->purged, 0) << "a sweep nobody asked for";
+    mv_heap_request_sweep();
+    for (int i = 0; i < 64; i++) blocks.push_back(malloc(3712));  // a page used up: slow
+    EXPECT_EQ(sp.page->purged, sp.WhollyFree()) << "the request was not heard";
+    for (void *p : blocks) free(p);
+    sp.ExpectEveryBlockComesBack();
   }).join();
 }
 
