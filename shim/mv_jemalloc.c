@@ -11,6 +11,7 @@
 #include "arena/mv_arena.h"
 #include "arena/mv_heap.h"
 #include "include/movalloc.h"
+#include "shim/mv_options.h"
 #include "shim/mv_stats.h"
 
 static _Atomic uint64_t epoch = 1;
@@ -86,6 +87,9 @@ MV_EXPORT int mallctl(const char *name, void *oldp, size_t *oldlenp, void *newp,
 MV_EXPORT size_t nallocx(size_t size, int flags) {
   size_t align = (flags & 63) ? (size_t)1 << (flags & 63) : 0;
   if (size > PTRDIFF_MAX) return 0;
+  /* What malloc_usable_size will say: under MOVALLOC_CHECK the size asked for
+   * (beyond it is canary, which a program writing up to nallocx would hit). */
+  if (MV_UNLIKELY(mv_options.check)) return size ? size : 1;
   if (align > MV_ALIGN && align <= MV_SLICE_SIZE) {
     size_t rounded = ((size ? size : 1) + align - 1) & ~(align - 1);
     return mv_good_size(rounded);

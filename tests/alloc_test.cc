@@ -244,9 +244,12 @@ TEST(Alloc, CachedArenasDecay) {
 // A huge object that cannot use the cached arenas (no run of them is long
 // enough) faults in fresh ones, and as many cached arenas go back to the
 // kernel: the heap grows by the object, not by the object beside idle arenas.
+// Huge objects of whole arenas, less room for MOVALLOC_CHECK's canary.
+constexpr size_t kArena = (size_t)2 << 20, kCanaryRoom = 64;
+
 TEST(Alloc, HugeObjectOnFreshArenasSendsIdleCachedOnesBack) {
   malloc_trim(0);
-  const size_t hole_len = (size_t)8 << 20, fence_len = (size_t)4 << 20;
+  const size_t hole_len = 4 * kArena - kCanaryRoom, fence_len = 2 * kArena - kCanaryRoom;
   // A hole of 4 arenas with a live fence right after it, so that the 10-arena
   // object below cannot take the hole's arenas.
   std::vector<void *> misses;
@@ -254,7 +257,7 @@ TEST(Alloc, HugeObjectOnFreshArenasSendsIdleCachedOnesBack) {
   for (int i = 0; i < 64; i++) {
     hole = Opaque(malloc(hole_len));
     fence = Opaque(malloc(fence_len));
-    if ((char *)fence == (char *)hole + hole_len) break;
+    if ((char *)fence == (char *)hole + 4 * kArena) break;
     misses.push_back(hole);
     misses.push_back(fence);
     hole = fence = nullptr;
@@ -280,7 +283,7 @@ TEST(Alloc, HugeObjectOnFreshArenasSendsIdleCachedOnesBack) {
 // back to the kernel, even when those come first: nothing to fault in, and no
 // cached arena sent back in exchange.
 TEST(Alloc, HugeObjectTakesTheRunOfCachedArenas) {
-  const size_t len = (size_t)8 << 20, fence_len = (size_t)4 << 20;  // 4 and 2 arenas
+  const size_t len = 4 * kArena - kCanaryRoom, fence_len = 2 * kArena - kCanaryRoom;
   malloc_trim(0);
   void *low = Opaque(malloc(len));
   void *fence1 = Opaque(malloc(fence_len));
@@ -337,12 +340,15 @@ TEST(Alloc, JemallocCompatibility) {
   EXPECT_EQ(mallctl("no.such.name", nullptr, nullptr, nullptr, 0), ENOENT);
   EXPECT_EQ(mallctl("arena.4096.purge", nullptr, nullptr, nullptr, 0), 0);
   free(p);
-  EXPECT_EQ(nallocx(1, 0), 16u);
-  EXPECT_EQ(nallocx(100, 0), 112u);
+  // The size class malloc would give; under MOVALLOC_CHECK the size asked for,
+  // as malloc_usable_size says there (beyond it is canary).
+  bool check = mv_options.check;
+  EXPECT_EQ(nallocx(1, 0), check ? 1u : 16u);
+  EXPECT_EQ(nallocx(100, 0), check ? 100u : 112u);
   void *q = malloc(100);
   EXPECT_EQ(nallocx(100, 0), malloc_usable_size(q));
   free(q);
-  EXPECT_EQ(nallocx(100, 12) % 4096, 0u);  // MALLOCX_LG_ALIGN(12)
+  EXPECT_EQ(nallocx(100, 12), check ? 100u : 4096u);  // MALLOCX_LG_ALIGN(12)
   std::string out;
   malloc_stats_print([](void *o, const char *s) { *(std::string *)o += s; }, &out, nullptr);
   EXPECT_NE(out.find("in use"), std::string::npos);
