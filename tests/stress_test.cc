@@ -1,7 +1,9 @@
 // Several threads allocate random sizes, fill each block with a pattern derived
 // from its address, pass blocks between threads (live ones, and ones that have
-// exited), and verify every byte before freeing.
+// exited), and verify every byte before freeing; also while sparse pages give
+// their free 4 KiB pages back.
 #include <gtest/gtest.h>
+#include <malloc.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -9,6 +11,12 @@
 #include <atomic>
 #include <thread>
 #include <vector>
+
+extern "C" {
+#include "arena/mv_alloc.h"
+#include "include/movalloc.h"
+#include "shim/mv_options.h"
+}
 
 namespace {
 
@@ -143,6 +151,56 @@ TEST(Stress, ShortLivedThreadsFreeTheBlocksOfThreadsThatExited) {
   RetireMailbox(&mailbox, &tally);
   EXPECT_EQ(tally.bad.load(), 0u);
   EXPECT_GT(tally.verified.load(), (size_t)rounds * threads * ops / 2);
+}
+
+// Sparse pages given back under load: each thread runs rounds of sizes that
+// shift (as bench/wl_fragment), keeps one block in 16 for later rounds through
+// the shared mailbox (so other threads free it), frees the rest in random
+// order and verifies every byte. Sweeps come from the heaps' growth
+// (MOVALLOC_PURGE=always), from requests and from malloc_trim, with every page
+// of blocks up to 8 KiB counting as sparse.
+TEST(Stress, SparsePagesGoBackWhileThreadsVerifyEveryByte) {
+  auto purge = mv_options.purge;
+  unsigned sparse = mv_options.purge_sparse;
+  mv_options.purge = MV_PURGE_ALWAYS;
+  mv_options.purge_sparse = 100;
+  struct movalloc_stats s0, s1;
+  movalloc_stats_get(&s0);
+  const int threads = 4, rounds = 24, per_round = 4000;
+  std::vector<std::atomic<Block *>> mailbox(4096);
+  Tally tally;
+  std::vector<std::thread> ts;
+  for (int t = 0; t < threads; t++)
+    ts.emplace_back([&, t] {
+      uint64_t x = 0x9e3779b97f4a7c15ull * (t + 1);
+      std::vector<Block *> round;
+      for (int r = 0; r < rounds; r++) {
+        size_t lo = (size_t)16 << (r % 4), hi = (size_t)512 << (r % 4);
+        for (int i = 0; i < per_round; i++) {
+          Block *b = new Block;
+          b->size = lo + Next(&x) % (hi - lo);
+          b->p = (unsigned char *)malloc(b->size);
+          ASSERT_NE(b->p, nullptr);
+          Fill(*b);
+          if (Next(&x) % 16 != 0) round.push_back(b);
+          else if (Block *old = mailbox[Next(&x) % mailbox.size()].exchange(b))
+            Retire(old, &tally);
+        }
+        for (size_t i = round.size(); i > 1; i--) std::swap(round[i - 1], round[Next(&x) % i]);
+        for (Block *b : round) Retire(b, &tally);
+        round.clear();
+        if (r % 6 == 5) mv_heap_request_sweep();
+        if (r % 8 == 7) malloc_trim(0);
+      }
+    });
+  for (auto &t : ts) t.join();
+  RetireMailbox(&mailbox, &tally);
+  movalloc_stats_get(&s1);
+  mv_options.purge = purge;
+  mv_options.purge_sparse = sparse;
+  EXPECT_EQ(tally.bad.load(), 0u);
+  EXPECT_EQ(tally.verified.load(), (size_t)threads * rounds * per_round);
+  EXPECT_GT(s1.purged_bytes, s0.purged_bytes) << "nothing given back: nothing tested";
 }
 
 }  // namespace
