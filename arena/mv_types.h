@@ -166,6 +166,8 @@ typedef struct mv_arena {
   bool committed;
   bool release_pending;
   bool thp;                   /* known to sit on a transparent huge page */
+  bool small_tail;            /* MADV_NOHUGEPAGE: the last arena of a huge object, too
+                                 little of it used for a huge page (mv_arena.c) */
   uint8_t lifeclass;          /* enum mv_lifeclass of every page in it (set when taken
                                  FREE -> ACTIVE); its bucket list is that class's */
   uint8_t free_count;         /* popcount(free_mask) */

@@ -8,6 +8,9 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <fstream>
+#include <sstream>
+#include <string>
 #include <vector>
 
 extern "C" {
@@ -304,6 +307,49 @@ TEST(Alloc, HugeObjectTakesTheRunOfCachedArenas) {
   free(again);
   free(fence1);
   free(fence2);
+}
+
+// The kernel's word on the mapping at addr: /proc/self/smaps' THPeligible.
+int ThpEligible(const void *addr) {
+  std::ifstream smaps("/proc/self/smaps");
+  std::string line;
+  bool inside = false;
+  while (std::getline(smaps, line)) {
+    uintptr_t from, to;
+    if (sscanf(line.c_str(), "%lx-%lx ", &from, &to) == 2)
+      inside = from <= (uintptr_t)addr && (uintptr_t)addr < to;
+    else if (inside && line.rfind("THPeligible:", 0) == 0)
+      return atoi(line.c_str() + 12);
+  }
+  return -1;
+}
+
+// Where huge pages come at fault time, a huge object's last arena takes small
+// pages while the object uses less than half of it, and huge pages again when
+// the object fills it, shrinks off it or is freed.
+TEST(Alloc, AHugeObjectsLastArenaTakesSmallPagesWhileMostlyUnused) {
+  auto thp = mv_options.thp;
+  mv_options.thp = MV_THP_FAULT;  // fault-time huge pages for every arena
+  const size_t full = 3 * kArena - 1024, sparse = 2 * kArena + 65536;  // 3 arenas each
+  char *p = (char *)Opaque(malloc(full));
+  ASSERT_NE(p, nullptr);
+  mv_arena_t *last = mv_arena_of((uintptr_t)p + 2 * kArena), *mid = last - 1;
+  EXPECT_FALSE(last->small_tail) << "a last arena nearly full";
+  int first_arena = ThpEligible(p);
+  ASSERT_EQ(realloc(p, sparse), p);  // in place: the same three arenas
+  EXPECT_TRUE(last->small_tail);
+  EXPECT_EQ(ThpEligible(p + 2 * kArena), 0);
+  EXPECT_EQ(ThpEligible(p), first_arena) << "the other arenas' mapping changed";
+  ASSERT_EQ(realloc(p, full), p);
+  EXPECT_FALSE(last->small_tail) << "filled again";
+  EXPECT_EQ(ThpEligible(p + 2 * kArena), 1);
+  ASSERT_EQ(realloc(p, kArena + 4096), p);  // two arenas: the third goes
+  EXPECT_TRUE(mid->small_tail);
+  EXPECT_FALSE(last->small_tail);
+  free(p);
+  EXPECT_FALSE(mid->small_tail) << "freed with small pages";
+  EXPECT_EQ(ThpEligible(p + kArena), 1);
+  mv_options.thp = thp;
 }
 
 TEST(Alloc, CxxOperators) {
