@@ -299,6 +299,17 @@ static inline uint32_t run_mask(unsigned first, unsigned n) {
   return (n >= 32 ? all_slices : ((1u << n) - 1)) << first;
 }
 
+/* Takes the lowest run of set bits off *mask; returns it, its first bit in
+ * *first and its length in *n. */
+static uint32_t take_run(uint32_t *mask, unsigned *first, unsigned *n) {
+  *first = (unsigned)__builtin_ctz(*mask);
+  uint32_t rest = ~(*mask >> *first); /* its lowest set bit ends the run */
+  *n = rest ? (unsigned)__builtin_ctz(rest) : 32 - *first;
+  uint32_t run = run_mask(*first, *n);
+  *mask &= ~run;
+  return run;
+}
+
 static void page_reset(mv_page_t *page) {
   /* notify and xnext stay: the page may still be on a heap's xthread stack. */
   page->free = NULL;
@@ -654,11 +665,8 @@ size_t mv_arena_purge(void) {
     if (atomic_load(&a->state) == MV_ARENA_ACTIVE && !a->huge && a->committed) {
       uintptr_t base = mv_heap_base + ((uintptr_t)i << MV_ARENA_SHIFT);
       while (dirty) {
-        unsigned first = (unsigned)__builtin_ctz(dirty);
-        uint32_t rest = ~(dirty >> first); /* its lowest set bit ends the run */
-        unsigned n = rest ? (unsigned)__builtin_ctz(rest) : MV_SLICES;
-        uint32_t run = run_mask(first, n);
-        dirty &= ~run;
+        unsigned first, n;
+        uint32_t run = take_run(&dirty, &first, &n);
         if (mv_os_madvise((void *)(base + ((uintptr_t)first << MV_SLICE_SHIFT)),
                           (size_t)n << MV_SLICE_SHIFT, MADV_DONTNEED) != 0)
           continue;
@@ -676,15 +684,13 @@ size_t mv_arena_purge(void) {
 /* Under the lock, like mv_arena_purge, so that no isolation starts meanwhile:
  * the engine never sees memory vanish under an arena it is moving. */
 uint16_t mv_arena_purge_os_pages(const mv_page_t *page, uint16_t os_pages) {
-  uint16_t done = 0;
+  uint32_t done = 0, left = os_pages;
   mv_arena_t *a = mv_arena_of(page->start);
   mv_lock(&mv_arena_lock);
   if (atomic_load(&a->state) == MV_ARENA_ACTIVE) {
-    while (os_pages) {
-      unsigned first = (unsigned)__builtin_ctz(os_pages);
-      unsigned n = (unsigned)__builtin_ctz(~(uint32_t)(os_pages >> first));
-      uint16_t run = (uint16_t)(((1u << n) - 1) << first);
-      os_pages &= (uint16_t)~run;
+    while (left) {
+      unsigned first, n;
+      uint32_t run = take_run(&left, &first, &n);
       if (mv_os_madvise((void *)(page->start + ((uintptr_t)first << MV_OS_PAGE_SHIFT)),
                         (size_t)n << MV_OS_PAGE_SHIFT, MADV_DONTNEED) != 0)
         continue;
@@ -694,7 +700,7 @@ uint16_t mv_arena_purge_os_pages(const mv_page_t *page, uint16_t os_pages) {
     }
   }
   mv_unlock(&mv_arena_lock);
-  return done;
+  return (uint16_t)done;
 }
 
 /* ---- isolation support for the engine ---- */
