@@ -17,7 +17,7 @@ extern _Atomic(size_t) mv_heap_limit;    /* bytes of arenas with descriptors: fr
 extern mv_arena_t *mv_arenas;           /* descriptors, indexed like the arenas */
 extern uintptr_t mv_keys[2];            /* free-list encoding secret */
 extern uintptr_t mv_free_fast_mask;     /* 15; ~0 under MOVALLOC_CHECK (all frees slow) */
-/* 1024; 0 under MOVALLOC_PROFILE_LONGLIVED (all mallocs slow, where they are
+/* MV_DIRECT_MAX; 0 under MOVALLOC_PROFILE_LONGLIVED (all mallocs slow, where they are
  * routed). Hidden, so the fast path compares against it directly, like a
  * constant. */
 extern size_t mv_malloc_fast_max __attribute__((visibility("hidden")));
@@ -108,7 +108,7 @@ static inline mv_block_t *mv_pop(mv_page_t *page, mv_block_t *b) {
 static inline void *mv_malloc(size_t size) {
   if (MV_LIKELY(size <= mv_malloc_fast_max)) {
     mv_heap_t *heap = mv_tls_heap;
-    mv_page_t *page = heap->direct[mv_bin_of(size)];
+    mv_page_t *page = heap->direct[mv_direct_slot(size)];
     mv_block_t *b = page->free;
     if (MV_LIKELY(b != NULL)) return mv_pop(page, b);
   }

@@ -26,11 +26,11 @@
 
 mv_page_t mv_page_none = {.kind = MV_PAGE_NONE};
 mv_page_t mv_page_empty = {.kind = MV_PAGE_NONE};
-mv_heap_t mv_heap_empty = {.direct = {[0 ... MV_BINS - 1] = &mv_page_empty}};
+mv_heap_t mv_heap_empty = {.direct = {[0 ... MV_DIRECT_SLOTS - 1] = &mv_page_empty}};
 __thread mv_heap_t *mv_tls_heap __attribute__((tls_model("initial-exec"))) = &mv_heap_empty;
 uintptr_t mv_keys[2];
 uintptr_t mv_free_fast_mask = MV_ALIGN - 1;
-size_t mv_malloc_fast_max = 1024;
+size_t mv_malloc_fast_max = MV_DIRECT_MAX;
 bool mv_malloc_hooked;
 __thread bool mv_malloc_apart __attribute__((tls_model("initial-exec")));
 
@@ -53,7 +53,7 @@ static _Atomic uint64_t invalid_frees, double_frees;
  * lock acts as its owner, a sample's free too (sample_free). */
 mv_lock_t mv_samples_lock = MV_LOCK_INIT;
 static mv_heap_t samples_heap = { /* mv_samples_lock; owned, so never adopted */
-    .direct = {[0 ... MV_BINS - 1] = &mv_page_empty},
+    .direct = {[0 ... MV_DIRECT_SLOTS - 1] = &mv_page_empty},
     .owned = 1,
 };
 
@@ -152,10 +152,14 @@ static void queue_push_back(mv_page_queue_t *q, mv_page_t *page) {
   q->last = page;
 }
 
-/* Under CHECK direct[] stays empty, so every malloc takes the slow path. */
+/* Points the direct slots of bin's sizes at its serving page. Under CHECK
+ * direct[] stays empty, so every malloc takes the slow path. */
 static inline void update_direct(mv_heap_t *h, unsigned bin) {
+  size_t size = mv_bin_size(bin);
+  if (size > MV_DIRECT_MAX) return;
   mv_page_t *first = h->queues[MV_LIFE_SHORT][bin].first;
-  h->direct[bin] = first && !mv_options.check ? first : &mv_page_empty;
+  mv_page_t *page = first && !mv_options.check ? first : &mv_page_empty;
+  for (size_t s = mv_bin_first_slot(bin); s <= mv_direct_slot(size); s++) h->direct[s] = page;
 }
 
 /* The owner's queue for a page's bin and lifetime class. */
@@ -449,7 +453,7 @@ static inline __attribute__((always_inline)) void page_release(mv_heap_t *h, mv_
  * countdown. A copy of page_retire of its own, so that the unprofiled one
  * keeps its registers. */
 static MV_NOINLINE void page_retire_profiled(mv_heap_t *h, mv_page_t *page) {
-  if (page->lifeclass == MV_LIFE_SHORT && page->block_size <= 1024)
+  if (page->lifeclass == MV_LIFE_SHORT && page->block_size <= MV_DIRECT_MAX)
     mv_prof_left += (int64_t)page->block_size * blocks_not_handed_out(page);
   page_release(h, page);
 }
@@ -477,9 +481,11 @@ static void page_to_full(mv_heap_t *h, mv_page_t *page) {
   }
 }
 
+/* A free that still reads in_full as set notifies for nothing, which
+ * heap_drain_notified ignores: no ordering is needed here, unlike page_to_full. */
 static void page_unfull(mv_heap_t *h, mv_page_t *page) {
   queue_remove(&h->full, page);
-  atomic_store(&page->in_full, 0);
+  atomic_store_explicit(&page->in_full, 0, memory_order_relaxed);
   queue_push_back(page_queue(h, page), page);
   update_direct_for(h, page);
 }
@@ -660,7 +666,7 @@ static mv_heap_t *heap_new_locked(void) {
   mv_heap_t *h = (mv_heap_t *)heap_chunk;
   heap_chunk += (sizeof(mv_heap_t) + 63) & ~(size_t)63;
   heap_chunk_left -= (sizeof(mv_heap_t) + 63) & ~(size_t)63;
-  for (unsigned b = 0; b < MV_BINS; b++) h->direct[b] = &mv_page_empty;
+  for (unsigned s = 0; s < MV_DIRECT_SLOTS; s++) h->direct[s] = &mv_page_empty;
   h->next_heap = all_heaps;
   all_heaps = h;
   atomic_fetch_add(&heap_count, 1);
@@ -943,8 +949,8 @@ static MV_ALLOC_ENTRY void *alloc_big(size_t size, size_t align, bool *zeroed,
 /* A block of the size class of size (<= MV_SMALL_MAX) from h. */
 static void *small_alloc(mv_heap_t *h, size_t size) {
   unsigned bin = mv_bin_of(size);
-  mv_page_t *page = h->direct[bin];
-  if (!page->free) {
+  mv_page_t *page = bin_queue(h, bin, MV_LIFE_SHORT)->first;
+  if (!page || !page->free) {
     page = heap_page_for(h, bin, MV_LIFE_SHORT);
     if (!page) {
       errno = ENOMEM;
@@ -1061,7 +1067,7 @@ static MV_NOINLINE MV_ALLOC_ENTRY void *sample_apart(mv_heap_t *h, size_t size, 
   return mv_prof_sample(b, size, unit, serving ? serving->start : (uintptr_t)b);
 }
 
-/* MOVALLOC_PROFILE, size <= 1024, the direct page's list is used up: install
+/* MOVALLOC_PROFILE, size <= MV_DIRECT_MAX, the direct page's list is used up: install
  * the next one (prof_install), or sample: the countdown ran out at the
  * held-back block, which stays for a later allocation (counted with the rest
  * of the list), and this allocation is sampled apart. */
@@ -1072,7 +1078,7 @@ static MV_NOINLINE MV_ALLOC_ENTRY void *malloc_refill(size_t size) {
     return NULL;
   }
   unsigned bin = mv_bin_of(size);
-  mv_page_t *page = h->direct[bin];
+  mv_page_t *page = h->direct[mv_direct_slot(size)];
   if (!page->free && !page->sample_rest) {
     page = heap_page_for(h, bin, MV_LIFE_SHORT);
     if (!page) {
@@ -1096,8 +1102,8 @@ static MV_NOINLINE MV_ALLOC_ENTRY void *malloc_refill(size_t size) {
 static MV_NOINLINE MV_ALLOC_ENTRY void *malloc_hooked(size_t size, uintptr_t ra) {
   if (mv_malloc_apart || (mv_lifetime_on && mv_lifetime_class(ra) == MV_LIFE_LONG))
     return malloc_long(size);
-  if (size <= 1024) {
-    mv_page_t *page = mv_tls_heap->direct[mv_bin_of(size)];
+  if (size <= MV_DIRECT_MAX) {
+    mv_page_t *page = mv_tls_heap->direct[mv_direct_slot(size)];
     mv_block_t *b = page->free;
     if (MV_LIKELY(b != NULL)) return mv_pop(page, b); /* the fast path's, counted when installed */
     if (mv_prof_rate) return malloc_refill(size);
@@ -1125,8 +1131,8 @@ MV_ALLOC_ENTRY void *mv_malloc_slow(size_t size) {
   if (MV_UNLIKELY(mv_malloc_hooked)) {
     if (mv_lifetime_on || mv_malloc_apart)
       return malloc_hooked(size, (uintptr_t)__builtin_return_address(0));
-    /* Profiling alone: up to 1024 the fast path's list ran out; above, count it. */
-    if (size <= 1024) return malloc_refill(size);
+    /* Profiling alone: up to MV_DIRECT_MAX the fast path's list ran out; above, count it. */
+    if (size <= MV_DIRECT_MAX) return malloc_refill(size);
     if (size > MV_SMALL_MAX) return malloc_slow(size); /* alloc_big counts it */
     return malloc_counted(size);
   }

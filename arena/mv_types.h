@@ -36,6 +36,8 @@
 #define MV_SMALL_MAX ((size_t)64 << 10)   /* largest size-class block */
 #define MV_LARGE_MAX ((size_t)1 << 20)    /* largest object inside one arena */
 #define MV_BINS 81                        /* bins 1..80 are size classes; 0 unused */
+#define MV_DIRECT_MAX 1024                /* largest size malloc's fast path serves */
+#define MV_DIRECT_SLOTS (MV_DIRECT_MAX / 16 + 1) /* mv_heap_t.direct (mv_sizeclass.h) */
 #define MV_PAGE_MAX_SLICES 8              /* a small page spans at most 512 KiB */
 
 #define MV_LIKELY(x) __builtin_expect(!!(x), 1)
@@ -101,14 +103,14 @@ typedef struct mv_page {
   uint32_t local_count;
   uint16_t purged;           /* SMALL: 4 KiB pages given back, a bit each (the owner
                                 writes it; frees read it: mv_free_suspect) */
-  uint16_t aside;            /* SMALL: free blocks overlapping them (owner only) */
+  _Atomic(uint8_t) in_full;
   _Atomic(uintptr_t) xthread_free; /* other threads' frees (encoded links, as on free) */
   _Atomic(struct mv_heap *) heap;  /* owner; NULL for LARGE/HUGE. Bit 0 set (MV_HEAP_SAMPLED):
                                       the page holds blocks the profiler sampled, so no
                                       heap matches it and every free of its blocks takes
                                       the slow path; read it through mv_page_owner */
   struct mv_page *next, *prev;     /* the owner's bin queue or full list */
-  /* The fast paths touch the cache line above, and in_full. */
+  /* The fast paths touch the cache line above only. */
   struct mv_page *xnext;           /* link on a heap's xthread_pages stack */
   uintptr_t start;           /* first data byte */
   uint32_t capacity;
@@ -116,13 +118,13 @@ typedef struct mv_page {
   _Atomic(uint8_t) notify;
   uint8_t kind;              /* enum mv_page_kind */
   uint8_t bin;
-  _Atomic(uint8_t) in_full;
   uint16_t slice_count;      /* slices this page covers (SMALL, LARGE) */
   _Atomic(uint16_t) sampled; /* live blocks in the profiler's table (mv_profile.h);
                                 SMALL: != 0 <=> heap has MV_HEAP_SAMPLED (profile lock) */
   size_t huge_size;          /* HUGE/LARGE: usable bytes */
   uint8_t lifeclass;         /* SMALL, LARGE: enum mv_lifeclass, that of its arena;
                                 SMALL: which of the owner's queue sets holds it */
+  uint16_t aside;            /* SMALL: free blocks overlapping purged pages (owner only) */
   uint32_t purge_seen;       /* SMALL: blocks in use when last looked at for purging */
   _Atomic(uintptr_t) sampled_block; /* profile lock: 0 when sampled is 0; the sampled
                                 block while it is the page's only one since sampled was
@@ -192,13 +194,14 @@ typedef struct mv_page_queue {
 /* A thread heap. Heaps are never freed: a thread that exits abandons its heap,
  * and the next new thread adopts it (so a cross-thread free may always write to
  * a page's heap, even a dead thread's).
- * Invariants: direct[b] == queues[MV_LIFE_SHORT][b].first, or &mv_page_empty
- * when that is NULL or under MOVALLOC_CHECK (so that every malloc takes the
- * slow path, which arms the block's canary); queues[c] holds pages of lifetime
+ * Invariants: direct[s] == queues[MV_LIFE_SHORT][b].first for the bin b that
+ * serves the sizes of slot s (mv_direct_slot), or &mv_page_empty when that is
+ * NULL or under MOVALLOC_CHECK (so that every malloc takes the slow path, which
+ * arms the block's canary); queues[c] holds pages of lifetime
  * class c (MV_LIFE_LONG: routed allocations, always through the slow path);
  * only the owning thread (owned == 1) touches anything but xthread_pages. */
 typedef struct mv_heap {
-  mv_page_t *direct[MV_BINS];         /* the fast path's page per bin */
+  mv_page_t *direct[MV_DIRECT_SLOTS]; /* the fast path's page per 16 bytes of size */
   mv_page_queue_t queues[MV_LIFECLASSES][MV_BINS];
   mv_page_queue_t full;               /* pages with no free block when last looked */
   _Atomic(mv_page_t *) xthread_pages; /* full pages that got a cross-thread free */

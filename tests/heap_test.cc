@@ -24,6 +24,7 @@ extern "C" {
 #include "arena/mv_alloc.h"
 #include "arena/mv_heap.h"
 #include "arena/mv_prim.h"
+#include "arena/mv_sizeclass.h"
 #include "include/movalloc.h"
 #include "shim/mv_options.h"
 }
@@ -162,6 +163,36 @@ TEST(Heap, PageCountsAgreeWithItsLists) {
     EXPECT_EQ(page->local_free, nullptr);
     ExpectCountsAgree(page, in_use - 3 + 1, "after the page collected its frees");
     for (size_t i = 7; i < mine.size(); i++) free(mine[i]);
+  }).join();
+}
+
+// malloc's fast path reads a size's page from the heap's direct slot for it:
+// through pages filling, going full, emptying and being retired, every slot
+// must hold the serving page of the bin of its sizes, so that no size is
+// served from another bin's page.
+TEST(Heap, EveryDirectSlotHoldsItsBinsServingPage) {
+  std::thread([] {
+    mv_heap_t *h = mv_heap_get();
+    auto expect_slots_agree = [h](const char *when) {
+      for (size_t s = 0; s < MV_DIRECT_SLOTS; s++) {
+        unsigned bin = mv_bin_of(s * 16);
+        mv_page_t *first = h->queues[MV_LIFE_SHORT][bin].first;
+        ASSERT_EQ(h->direct[s], first ? first : &mv_page_empty) << "slot " << s << " " << when;
+      }
+    };
+    expect_slots_agree("before any malloc");
+    std::vector<void *> mine;
+    for (int round = 0; round < 300; round++)
+      for (size_t size = 0; size <= MV_DIRECT_MAX; size += 8) {
+        void *p = malloc(size);
+        ASSERT_EQ(mv_page_of(p)->block_size, mv_bin_size(mv_bin_of(size))) << size;
+        mine.push_back(p);
+      }
+    expect_slots_agree("after pages filled up");
+    for (size_t i = 0; i < mine.size(); i += 2) free(mine[i]);
+    expect_slots_agree("after every other block was freed");
+    for (size_t i = 1; i < mine.size(); i += 2) free(mine[i]);
+    expect_slots_agree("after every block was freed");
   }).join();
 }
 

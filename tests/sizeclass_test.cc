@@ -1,6 +1,8 @@
-// Size classes: coverage, monotonicity, the waste bound, and the alignment
-// property that aligned allocation relies on.
+// Size classes: coverage, monotonicity, the waste bound, the alignment
+// property that aligned allocation relies on, and the fast path's direct slots.
 #include <gtest/gtest.h>
+
+#include <vector>
 
 extern "C" {
 #include "arena/mv_sizeclass.h"
@@ -45,4 +47,19 @@ TEST(SizeClass, PagesHoldAtLeastEightBlocks) {
     EXPECT_GE(page / mv_bin_size(bin), 8u) << bin;
     EXPECT_LE(mv_bin_slices(bin), (unsigned)MV_PAGE_MAX_SLICES);
   }
+}
+
+// malloc's fast path finds a size's page through its direct slot: each slot up
+// to MV_DIRECT_MAX must belong to exactly one bin, the one mv_bin_of gives for
+// every size in it.
+TEST(SizeClass, EveryDirectSlotBelongsToTheBinOfItsSizes) {
+  std::vector<unsigned> owner(MV_DIRECT_SLOTS, 0);
+  for (unsigned bin = 1; mv_bin_size(bin) <= MV_DIRECT_MAX; bin++)
+    for (size_t s = mv_bin_first_slot(bin); s <= mv_direct_slot(mv_bin_size(bin)); s++) {
+      ASSERT_LT(s, (size_t)MV_DIRECT_SLOTS);
+      ASSERT_EQ(owner[s], 0u) << "slot " << s << " in bins " << owner[s] << " and " << bin;
+      owner[s] = bin;
+    }
+  for (size_t size = 0; size <= MV_DIRECT_MAX; size++)
+    ASSERT_EQ(owner[mv_direct_slot(size)], mv_bin_of(size)) << size;
 }
