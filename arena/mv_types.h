@@ -104,14 +104,15 @@ typedef struct mv_page {
   uint16_t purged;           /* SMALL: 4 KiB pages given back, a bit each (the owner
                                 writes it; frees read it: mv_free_suspect) */
   _Atomic(uint8_t) in_full;
-  _Atomic(uintptr_t) xthread_free; /* other threads' frees (encoded links, as on free) */
   _Atomic(struct mv_heap *) heap;  /* owner; NULL for LARGE/HUGE. Bit 0 set (MV_HEAP_SAMPLED):
                                       the page holds blocks the profiler sampled, so no
                                       heap matches it and every free of its blocks takes
                                       the slow path; read it through mv_page_owner */
   struct mv_page *next, *prev;     /* the owner's bin queue or full list */
-  /* The fast paths touch the cache line above only. */
   struct mv_page *xnext;           /* link on a heap's xthread_pages stack */
+  /* The fast paths touch the cache line above only. Other threads' frees write
+   * the one below, so that they do not take the owner's line away from it. */
+  _Atomic(uintptr_t) xthread_free; /* other threads' frees (encoded links, as on free) */
   uintptr_t start;           /* first data byte */
   uint32_t capacity;
   uint32_t reserved;
