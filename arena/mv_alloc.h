@@ -56,6 +56,28 @@ static inline uintptr_t mv_ptr_encode(const void *p) { return (uintptr_t)p; }
 static inline mv_block_t *mv_ptr_decode(uintptr_t e) { return (mv_block_t *)e; }
 #endif
 
+/* ---- other threads' frees (mv_page.xthread_free) ----
+ * A page's xthread_free is one word, so that a free pushes with one
+ * compare-and-swap: the first block's offset from the heap base, and above it
+ * how many blocks the list holds (0: empty). The owner takes the list whole,
+ * and with the count it needs no walk to put it on an empty free list: each
+ * link would be a miss, the blocks being in the cache of the core that freed
+ * them (bench/wl_xthread; mv_heap.c, page_collect). */
+#define MV_XFREE_COUNT_SHIFT 48
+static_assert(MV_SLICE_SIZE / MV_ALIGN < (1u << (64 - MV_XFREE_COUNT_SHIFT)),
+              "the count holds every block of a page");
+
+static inline uintptr_t mv_xfree_word(const mv_block_t *head, uint32_t n) {
+  return ((uintptr_t)head - mv_heap_base) | ((uintptr_t)n << MV_XFREE_COUNT_SHIFT);
+}
+static inline uint32_t mv_xfree_count(uintptr_t word) {
+  return (uint32_t)(word >> MV_XFREE_COUNT_SHIFT);
+}
+static inline mv_block_t *mv_xfree_head(uintptr_t word) {
+  uintptr_t off = word & (((uintptr_t)1 << MV_XFREE_COUNT_SHIFT) - 1);
+  return word ? (mv_block_t *)(mv_heap_base + off) : NULL;
+}
+
 /* ---- lookup ---- */
 
 #define MV_HEAP_SAMPLED ((uintptr_t)1) /* tag on mv_page.heap (mv_types.h) */

@@ -178,27 +178,38 @@ static inline void update_direct_for(mv_heap_t *h, const mv_page_t *page) {
 
 /* ---- pages ---- */
 
-/* Moves the owner's and other threads' frees onto page->free. */
+static_assert(((uint64_t)MV_RESERVE_GIB_MAX << 30) <= ((uint64_t)1 << MV_XFREE_COUNT_SHIFT),
+              "every heap offset fits below xthread_free's count");
+
+static MV_COLD void xfree_corrupt(const mv_page_t *page) {
+  mv_fatal("heap corruption: page %p got more frees from other threads than it handed out "
+           "blocks (a double free from another thread?)", (void *)page->start);
+}
+
+/* Moves other threads' frees, and the owner's if that leaves free empty, onto
+ * page->free. */
 static void page_collect(mv_page_t *page) {
+  if (atomic_load_explicit(&page->xthread_free, memory_order_relaxed)) {
+    uintptr_t word = atomic_exchange_explicit(&page->xthread_free, 0, memory_order_acquire);
+    mv_block_t *head = mv_xfree_head(word);
+    uint32_t n = mv_xfree_count(word);
+    if (n > mv_page_in_use(page)) xfree_corrupt(page);
+    if (page->free) { /* rare on the way to a malloc: only there the list is walked */
+      mv_block_t *tail = head;
+      for (uint32_t i = 1; i < n; i++)
+        if (!(tail = mv_ptr_decode(tail->next_enc))) xfree_corrupt(page);
+      if (tail->next_enc != mv_ptr_encode(NULL)) xfree_corrupt(page);
+      tail->next_enc = mv_ptr_encode(page->free);
+    }
+    page->free = head;
+    page->taken -= n;
+  }
   if (!page->free && page->local_free) {
     page->free = page->local_free;
     page->local_free = NULL;
     page->taken -= page->local_count;
     page->local_count = 0;
   }
-  if (!atomic_load_explicit(&page->xthread_free, memory_order_relaxed)) return;
-  mv_block_t *head =
-      (mv_block_t *)atomic_exchange_explicit(&page->xthread_free, 0, memory_order_acquire);
-  if (!head) return;
-  uint32_t n = 1, in_use = mv_page_in_use(page);
-  mv_block_t *tail = head;
-  for (mv_block_t *next; (next = mv_ptr_decode(tail->next_enc)) != NULL; tail = next)
-    if (++n > in_use)
-      mv_fatal("heap corruption: page %p has more free blocks than it handed out "
-               "(a double free from another thread?)", (void *)page->start);
-  tail->next_enc = mv_ptr_encode(page->free);
-  page->free = head;
-  page->taken -= n;
 }
 
 /* Carves the next blocks of a page onto its free list. */
@@ -779,7 +790,7 @@ static bool block_is_free(const mv_page_t *page, const mv_block_t *b) {
   return block_on_list(page, __atomic_load_n(&page->free, __ATOMIC_RELAXED), b) ||
          block_on_list(page, __atomic_load_n(&page->local_free, __ATOMIC_RELAXED), b) ||
          block_on_list(page, __atomic_load_n(&page->sample_rest, __ATOMIC_RELAXED), b) ||
-         block_on_list(page, (const mv_block_t *)atomic_load(&page->xthread_free), b);
+         block_on_list(page, mv_xfree_head(atomic_load(&page->xthread_free)), b);
 }
 
 /* Is b a freed block of page? Those set aside for a 4 KiB page given back
@@ -869,9 +880,10 @@ static inline __attribute__((always_inline)) void free_small(mv_page_t *page, mv
   }
   if (MV_UNLIKELY(mv_options.check)) canary_verify("free", b, page->block_size);
   if (profiling && sample_free(page, b)) return;
-  uintptr_t head = atomic_load_explicit(&page->xthread_free, memory_order_relaxed);
-  do b->next_enc = mv_ptr_encode((void *)head);
-  while (!atomic_compare_exchange_weak(&page->xthread_free, &head, (uintptr_t)b));
+  uintptr_t word = atomic_load_explicit(&page->xthread_free, memory_order_relaxed);
+  do b->next_enc = mv_ptr_encode(mv_xfree_head(word));
+  while (!atomic_compare_exchange_weak(&page->xthread_free, &word,
+                                       mv_xfree_word(b, mv_xfree_count(word) + 1)));
   if (atomic_load(&page->in_full)) page_notify(page);
 }
 

@@ -112,7 +112,8 @@ typedef struct mv_page {
   struct mv_page *xnext;           /* link on a heap's xthread_pages stack */
   /* The fast paths touch the cache line above only. Other threads' frees write
    * the one below, so that they do not take the owner's line away from it. */
-  _Atomic(uintptr_t) xthread_free; /* other threads' frees (encoded links, as on free) */
+  _Atomic(uintptr_t) xthread_free; /* other threads' frees (encoded links, as on free),
+                                      with their count: mv_alloc.h, mv_xfree_word */
   uintptr_t start;           /* first data byte */
   uint32_t capacity;
   uint32_t reserved;

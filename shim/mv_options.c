@@ -48,7 +48,7 @@ const struct mv_option mv_option_table[] = {
     {"MOVALLOC_THP", MV_OPT_ENUM, "compact|fault|never|auto", 0, 0, 3, FIELD(thp),
      "where huge pages come from: the compactor, also page faults, nowhere, or page faults "
      "once the heap passes 32 MiB and the compactor for the rest"},
-    {"MOVALLOC_RESERVE_GIB", MV_OPT_UINT, NULL, 1, 65536, 1024, FIELD(reserve_gib),
+    {"MOVALLOC_RESERVE_GIB", MV_OPT_UINT, NULL, 1, MV_RESERVE_GIB_MAX, 1024, FIELD(reserve_gib),
      "virtual address space reserved for the heap, in GiB"},
     {"MOVALLOC_TRACE", MV_OPT_PATH, NULL, 0, 0, 0, FIELD(trace),
      "append a CSV line per migration to this file (mode 0600, its owner's only)"},

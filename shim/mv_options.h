@@ -28,6 +28,7 @@ enum mv_purge_mode {
  * RSS and spare the compactor most moves. */
 #define MV_THP_AUTO_FROM 16u
 
+#define MV_RESERVE_GIB_MAX 65536u /* MOVALLOC_RESERVE_GIB: heap offsets stay below 2^46 */
 #define MV_PROF_DEFAULT_RATE ((uint64_t)2 << 20) /* MOVALLOC_PROFILE=on: tcmalloc's 2 MiB */
 
 struct mv_options {

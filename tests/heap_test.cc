@@ -158,10 +158,17 @@ TEST(Heap, PageCountsAgreeWithItsLists) {
     ExpectCountsAgree(page, 8, "after another thread's frees (they count until collected)");
     while (page->free) mine.push_back(malloc(size));  // the carved blocks run out
     uint32_t in_use = mv_page_in_use(page);
-    mine.push_back(malloc(size));  // collects the owner's and the other thread's frees
+    mine.push_back(malloc(size));  // collects the other thread's frees
+    ASSERT_EQ(mv_page_of(mine.back()), page);
+    EXPECT_EQ(atomic_load(&page->xthread_free), 0u);
+    EXPECT_EQ(page->local_count, 4u) << "the owner's frees wait until the others' run out";
+    ExpectCountsAgree(page, in_use - 3 + 1, "after the page collected the other thread's frees");
+    for (int i = 0; i < 2; i++) mine.push_back(malloc(size));
+    EXPECT_EQ(page->free, nullptr);
+    mine.push_back(malloc(size));  // collects the owner's frees
     ASSERT_EQ(mv_page_of(mine.back()), page);
     EXPECT_EQ(page->local_free, nullptr);
-    ExpectCountsAgree(page, in_use - 3 + 1, "after the page collected its frees");
+    ExpectCountsAgree(page, in_use + 1, "after the page collected the owner's frees");
     for (size_t i = 7; i < mine.size(); i++) free(mine[i]);
   }).join();
 }
@@ -194,6 +201,50 @@ TEST(Heap, EveryDirectSlotHoldsItsBinsServingPage) {
     for (size_t i = 1; i < mine.size(); i += 2) free(mine[i]);
     expect_slots_agree("after every block was freed");
   }).join();
+}
+
+// Other threads' frees come with their count, so that the owner takes them
+// without walking them onto an empty free list. Onto a page with free blocks
+// left (here at malloc_trim), it walks them; either way the counts agree.
+TEST(Heap, OtherThreadsFreesAreTakenWithTheirCount) {
+  std::thread([] {
+    const size_t size = 1152;  // a class no other test uses
+    std::vector<void *> mine;
+    for (int i = 0; i < 6; i++) mine.push_back(malloc(size));
+    mv_page_t *page = mv_page_of(mine[0]);
+    ASSERT_NE(page->free, nullptr) << "the page has carved blocks left";
+    std::thread([&] {
+      for (int i = 0; i < 3; i++) free(mine[i]);
+    }).join();
+    uintptr_t word = atomic_load(&page->xthread_free);
+    EXPECT_EQ(mv_xfree_count(word), 3u);
+    EXPECT_EQ(mv_xfree_head(word), mine[2]) << "the last freed heads the list";
+    malloc_trim(0);  // collects this thread's pages: onto free, past its blocks
+    EXPECT_EQ(atomic_load(&page->xthread_free), 0u);
+    ExpectCountsAgree(page, 3, "after the other thread's frees were taken");
+    for (int i = 3; i < 6; i++) free(mine[i]);
+  }).join();
+}
+
+// More frees from other threads than the page has blocks in use is a double
+// free that got past the checks at free: the owner stops rather than hand the
+// same block out twice.
+void ForgeOtherThreadsFreesAndCollect() {
+  const size_t size = 1280;  // a class no other test uses
+  void *a = malloc(size), *b = malloc(size);
+  mv_page_t *page = mv_page_of(a);
+  std::thread([&] { free(a); }).join();
+  uintptr_t word = atomic_load(&page->xthread_free);
+  atomic_store(&page->xthread_free, mv_xfree_word(mv_xfree_head(word), 5));
+  std::vector<void *> mine{b};
+  while (page->free) mine.push_back(malloc(size));
+  mine.push_back(malloc(size));  // collects the forged list
+  for (void *p : mine) free(p);
+}
+
+TEST(HeapDeathTest, MoreFreesFromOtherThreadsThanBlocksInUseAreCaught) {
+  EXPECT_DEATH(ForgeOtherThreadsFreesAndCollect(),
+               "got more frees from other threads than it handed out");
 }
 
 // The counts travel with a page that changes hands: a page of an exited
