@@ -26,6 +26,7 @@ _Atomic(size_t) mv_heap_limit;
 mv_arena_t *mv_arenas;
 
 mv_lock_t mv_arena_lock = MV_LOCK_INIT;
+_Atomic(uint32_t) mv_arenas_isolated; /* mv_arena_lock for writes */
 
 #define MV_COMMIT_STEP 16u /* arenas committed (mprotect) at a time */
 #define MV_BUCKET_SCAN 8   /* arenas tried per bucket before looking further */
@@ -709,7 +710,10 @@ bool mv_arena_isolate(mv_arena_t *a) {
   mv_lock(&mv_arena_lock);
   uint8_t expected = MV_ARENA_ACTIVE;
   bool ok = atomic_compare_exchange_strong(&a->state, &expected, MV_ARENA_ISOLATED);
-  if (ok) bucket_remove(a);
+  if (ok) {
+    bucket_remove(a);
+    atomic_fetch_add(&mv_arenas_isolated, 1);
+  }
   mv_unlock(&mv_arena_lock);
   return ok;
 }
@@ -726,6 +730,7 @@ void mv_arena_unisolate(mv_arena_t *a, bool moved) {
   uint8_t from = moved ? MV_ARENA_MIGRATING : MV_ARENA_ISOLATED;
   if (!atomic_compare_exchange_strong(&a->state, &from, MV_ARENA_ACTIVE))
     mv_arena_state_violation(a, MV_ARENA_ACTIVE);
+  atomic_fetch_sub(&mv_arenas_isolated, 1);
   if (moved) a->thp = true;
   mv_arena_t *release = NULL;
   if (a->release_pending) {

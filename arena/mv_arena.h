@@ -55,6 +55,10 @@ void mv_arena_fork_child(void);
  * (moved = true, from MIGRATING) or a putback (from ISOLATED); an arena that
  * emptied meanwhile is freed then. */
 bool mv_arena_isolate(mv_arena_t *a);
+/* Arenas isolated or migrating now. While 0, every arena holding pages is
+ * ACTIVE: the heaps' slow paths then skip loading each page's arena state (two
+ * cache misses a page on the way to a malloc). */
+extern _Atomic(uint32_t) mv_arenas_isolated;
 void mv_arena_set_migrating(mv_arena_t *a, bool migrating);
 void mv_arena_unisolate(mv_arena_t *a, bool moved);
 void mv_arena_state_violation(const mv_arena_t *a, int to) __attribute__((noreturn, cold));

@@ -232,9 +232,12 @@ static inline uint32_t blocks_not_handed_out(const mv_page_t *page) {
   return page->capacity - page->taken - page->aside;
 }
 
+/* Racy, as the state is: an isolation that starts just after finds the page
+ * handing out blocks, which the engine copes with; this only spares it writes. */
 static bool arena_serving(const mv_page_t *page) {
-  return atomic_load_explicit(&mv_arena_of(page->start)->state, memory_order_relaxed) ==
-         MV_ARENA_ACTIVE;
+  return atomic_load_explicit(&mv_arenas_isolated, memory_order_relaxed) == 0 ||
+         atomic_load_explicit(&mv_arena_of(page->start)->state, memory_order_relaxed) ==
+             MV_ARENA_ACTIVE;
 }
 
 /* ---- sparse pages (MOVALLOC_PURGE_SPARSE) ----

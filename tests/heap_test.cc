@@ -22,6 +22,7 @@
 
 extern "C" {
 #include "arena/mv_alloc.h"
+#include "arena/mv_arena.h"
 #include "arena/mv_heap.h"
 #include "arena/mv_prim.h"
 #include "arena/mv_sizeclass.h"
@@ -248,6 +249,30 @@ void ForgeOtherThreadsFreesAndCollect() {
 TEST(HeapDeathTest, MoreFreesFromOtherThreadsThanBlocksInUseAreCaught) {
   EXPECT_DEATH(ForgeOtherThreadsFreesAndCollect(),
                "got more frees from other threads than it handed out");
+}
+
+// A page in an isolated arena (the engine is moving it) hands out nothing new
+// once its free list runs out: its freed blocks wait, and a page elsewhere
+// serves. Back to ACTIVE, it serves again.
+TEST(Heap, APageInAnIsolatedArenaWaitsUntilPutback) {
+  std::thread([] {
+    const size_t size = 2304;  // a class no other test uses
+    std::vector<void *> mine{malloc(size)};
+    mv_page_t *page = mv_page_of(mine[0]);
+    while (page->free) mine.push_back(malloc(size));
+    free(mine.back());  // the page's one free block: on its local_free
+    mine.pop_back();
+    mv_arena_t *arena = mv_arena_of(page->start);
+    ASSERT_TRUE(mv_arena_isolate(arena));
+    void *elsewhere = malloc(size);
+    EXPECT_NE(mv_page_of(elsewhere), page) << "an isolated arena's page handed out a block";
+    mv_arena_unisolate(arena, false);
+    free(elsewhere);  // its page empties and goes: the isolated one serves again
+    void *again = malloc(size);
+    EXPECT_EQ(mv_page_of(again), page);
+    mine.push_back(again);
+    for (void *p : mine) free(p);
+  }).join();
 }
 
 // The counts travel with a page that changes hands: a page of an exited
