@@ -33,11 +33,17 @@
 /* One allocation site. Invariants (mv_prof_lock): hash == 0 <=> unused slot;
  * live_samples == samples - freed samples; live_bytes == sum of the weights of
  * its objects in the object table. */
+/* An object's weight in allocations is fractional (a 16 KiB block sampled at
+ * one per 64 KiB stands for 4.52): kept in 1/256ths, since rounding each
+ * sample's to a whole number biased the sums (by +11% there). */
+#define OBJ_UNIT 256u
+
 typedef struct site {
   uint64_t hash;
   uint32_t depth;
   uint64_t samples, live_samples;
-  uint64_t alloc_bytes, allocs;      /* estimates: sums of sample weights */
+  uint64_t alloc_bytes, allocs;      /* estimates: sums of sample weights (objects
+                                        in OBJ_UNITs) */
   uint64_t live_bytes, live_objects; /* same, over samples not freed */
   uint64_t lifetime[LIFE];
   uintptr_t frames[DEPTH];           /* return addresses, innermost first */
@@ -49,7 +55,8 @@ typedef struct object {
   uintptr_t addr;
   uint32_t site;
   uint32_t arena;          /* index of the arena its unsampled neighbours go to */
-  uint64_t bytes, objects; /* its weight: the bytes and allocations it stands for */
+  uint64_t bytes, objects; /* its weight: the bytes and allocations (OBJ_UNITs) it
+                              stands for */
   uint64_t born_ns;
 } object_t;
 
@@ -365,7 +372,7 @@ MV_ALLOC_ENTRY void *mv_prof_sample(void *p, size_t size, size_t unit, uintptr_t
   } else {
     site_t *st = &sites[si];
     object_t o = {(uintptr_t)p, si, (uint32_t)((near - mv_heap_base) >> MV_ARENA_SHIFT),
-                  (uint64_t)weight, (uint64_t)(weight / s + 0.5), now};
+                  (uint64_t)weight, (uint64_t)(weight / s * OBJ_UNIT + 0.5), now};
     st->samples++;
     st->live_samples++;
     st->alloc_bytes += o.bytes;
@@ -485,9 +492,9 @@ static snap_t *snap_take(void) {
     struct movalloc_profile_site *o = &sn->site[sn->count];
     index[i] = (uint32_t)sn->count++;
     o->live_bytes = st->live_bytes;
-    o->live_objects = st->live_objects;
+    o->live_objects = (st->live_objects + OBJ_UNIT / 2) / OBJ_UNIT;
     o->alloc_bytes = st->alloc_bytes;
-    o->allocs = st->allocs;
+    o->allocs = (st->allocs + OBJ_UNIT / 2) / OBJ_UNIT;
     o->samples = st->samples;
     o->live_samples = st->live_samples;
     memcpy(o->lifetime, st->lifetime, sizeof o->lifetime);
