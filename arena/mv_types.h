@@ -86,7 +86,8 @@ enum mv_lifeclass {
  *   capacity = blocks carved so far <= reserved; blocks in free, local_free and
  *   xthread_free are distinct and each lies in [start, start + reserved * block_size);
  *   free and local_free are touched only by the owner; xthread_free by anyone
- *   (lock-free push, owner takes it whole with an exchange).
+ *   (lock-free push, owner takes it whole with an exchange; its word holds the
+ *   list's length too, which the owner subtracts from taken).
  *   none in use and the page is not its bin's only page => the owner retires it.
  *   in_full: the page sits in the owner's full list, not its bin queue.
  *   purged bit g set (one-slice pages only) => 4 KiB page g was given back to the
