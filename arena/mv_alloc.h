@@ -73,9 +73,24 @@ static inline uintptr_t mv_xfree_word(const mv_block_t *head, uint32_t n) {
 static inline uint32_t mv_xfree_count(uintptr_t word) {
   return (uint32_t)(word >> MV_XFREE_COUNT_SHIFT);
 }
+
+/* Instead of a list, the word may hold a mark, with the count of blocks the
+ * page carved: every one of them came back from other threads while the
+ * owner stayed away, and a freeing thread gives the page's memory back to the
+ * kernel (mv_heap.c, page_reclaim). A mark is no block's offset: those are
+ * multiples of MV_ALIGN. */
+enum mv_xfree_mark {
+  MV_XFREE_RECLAIMING = 1, /* being given back: the owner leaves the page alone */
+  MV_XFREE_RECLAIMED = 2,  /* given back: the owner forgets its lists and carves anew */
+};
+static inline bool mv_xfree_is_mark(uintptr_t word) { return (word & (MV_ALIGN - 1)) != 0; }
+static inline uintptr_t mv_xfree_mark_word(enum mv_xfree_mark mark, uint32_t n) {
+  return (uintptr_t)mark | ((uintptr_t)n << MV_XFREE_COUNT_SHIFT);
+}
+
 static inline mv_block_t *mv_xfree_head(uintptr_t word) {
   uintptr_t off = word & (((uintptr_t)1 << MV_XFREE_COUNT_SHIFT) - 1);
-  return word ? (mv_block_t *)(mv_heap_base + off) : NULL;
+  return word && !mv_xfree_is_mark(word) ? (mv_block_t *)(mv_heap_base + off) : NULL;
 }
 
 /* ---- lookup ---- */

@@ -704,6 +704,22 @@ uint16_t mv_arena_purge_os_pages(const mv_page_t *page, uint16_t os_pages) {
   return (uint16_t)done;
 }
 
+/* The same, for a whole page. */
+bool mv_arena_purge_page(const mv_page_t *page) {
+  size_t len = (size_t)page->slice_count << MV_SLICE_SHIFT;
+  mv_arena_t *a = mv_arena_of(page->start);
+  bool done = false;
+  mv_lock(&mv_arena_lock);
+  if (atomic_load(&a->state) == MV_ARENA_ACTIVE &&
+      mv_os_madvise((void *)page->start, len, MADV_DONTNEED) == 0) {
+    done = true;
+    a->thp = false;
+    purged_total += len;
+  }
+  mv_unlock(&mv_arena_lock);
+  return done;
+}
+
 /* ---- isolation support for the engine ---- */
 
 bool mv_arena_isolate(mv_arena_t *a) {

@@ -186,11 +186,33 @@ static MV_COLD void xfree_corrupt(const mv_page_t *page) {
            "blocks (a double free from another thread?)", (void *)page->start);
 }
 
+/* A page whose memory another thread gave back (page_reclaim) starts over:
+ * nothing carved, nothing taken. While it is still being given back, the
+ * owner leaves it alone. */
+static MV_NOINLINE void page_take_reclaimed(mv_page_t *page, uintptr_t word) {
+  if (word != mv_xfree_mark_word(MV_XFREE_RECLAIMED, page->reserved)) return;
+  if (!atomic_compare_exchange_strong(&page->xthread_free, &word, 0))
+    return; /* a double free got onto it: the next collect reports it */
+  if (page->taken != page->capacity || page->local_free || page->sample_rest) xfree_corrupt(page);
+  page->free = NULL;
+  page->taken = page->capacity = 0;
+  page->purge_seen = UINT32_MAX;
+}
+
 /* Moves other threads' frees, and the owner's if that leaves free empty, onto
- * page->free. */
+ * page->free. The list is taken with a compare-and-swap, not an exchange, so
+ * that a mark (page_reclaim) stays. */
 static void page_collect(mv_page_t *page) {
-  if (atomic_load_explicit(&page->xthread_free, memory_order_relaxed)) {
-    uintptr_t word = atomic_exchange_explicit(&page->xthread_free, 0, memory_order_acquire);
+  uintptr_t word = atomic_load_explicit(&page->xthread_free, memory_order_relaxed);
+  while (word && !mv_xfree_is_mark(word) &&
+         !atomic_compare_exchange_weak_explicit(&page->xthread_free, &word, 0,
+                                                memory_order_acquire, memory_order_relaxed)) {
+  }
+  if (MV_UNLIKELY(mv_xfree_is_mark(word))) {
+    page_take_reclaimed(page, word);
+    return;
+  }
+  if (word) {
     mv_block_t *head = mv_xfree_head(word);
     uint32_t n = mv_xfree_count(word);
     if (n > mv_page_in_use(page)) xfree_corrupt(page);
@@ -517,11 +539,14 @@ static void page_notify(mv_page_t *page) {
   do page->xnext = head;
   while (!atomic_compare_exchange_weak_explicit(&h->xthread_pages, &head, page,
                                                 memory_order_release, memory_order_relaxed));
+  if (atomic_fetch_add_explicit(&h->notified, 1, memory_order_relaxed) == 0)
+    atomic_store_explicit(&h->notified_since_ns, mv_os_now_ns(), memory_order_relaxed);
 }
 
 static void heap_drain_notified(mv_heap_t *h) {
   if (!atomic_load_explicit(&h->xthread_pages, memory_order_relaxed)) return;
   mv_page_t *page = atomic_exchange_explicit(&h->xthread_pages, NULL, memory_order_acquire);
+  atomic_store_explicit(&h->notified, 0, memory_order_relaxed);
   while (page) {
     mv_page_t *next = page->xnext;
     atomic_store(&page->notify, 0);
@@ -797,9 +822,12 @@ static bool block_is_free(const mv_page_t *page, const mv_block_t *b) {
 }
 
 /* Is b a freed block of page? Those set aside for a 4 KiB page given back
- * (page_purge_sparse) read as zeros, so mv_looks_freed misses them; the page's
- * bits tell (mv_free_suspect sends their frees here). */
+ * (page_purge_sparse), and those of a page given back whole (page_reclaim),
+ * read as zeros, so mv_looks_freed misses them; the page's bits, or its mark,
+ * tell (mv_free_suspect sends the former's frees here). */
 static bool block_freed(const mv_page_t *page, const mv_block_t *b) {
+  if (mv_xfree_is_mark(atomic_load_explicit(&page->xthread_free, memory_order_relaxed)))
+    return true; /* every block is free: the page was given back (page_reclaim) */
   uint16_t purged = __atomic_load_n(&page->purged, __ATOMIC_RELAXED);
   if (purged && block_overlaps(page, (uint32_t)(((uintptr_t)b - page->start) / page->block_size),
                                purged))
@@ -838,6 +866,38 @@ static MV_NOINLINE bool page_claim(mv_page_t *page) {
     update_direct_for(h, page);
   }
   return claim;
+}
+
+/* Between two slow calls of a running producer, its consumers free into many
+ * of its full pages (bench/wl_xthread: up to 14 at once), hence the count; the
+ * time spares a thread that merely waited for a core. One that waited longer
+ * carves the page anew, at a few page faults. */
+static bool owner_away(mv_heap_t *h) {
+  return atomic_load_explicit(&h->notified, memory_order_relaxed) >= MV_AWAY_NOTIFIED &&
+         mv_os_now_ns() - atomic_load_explicit(&h->notified_since_ns, memory_order_relaxed) >=
+             MV_AWAY_NS;
+}
+
+/* Every block of a wholly carved page came back from other threads (word, the
+ * list ending with this thread's push, counts them all), and the owner is away
+ * (owner_away). A thread that made the data others consume and then blocks
+ * (bench/wl_larson's main thread) would keep that memory for as long as it
+ * blocks: only the owner may move a page, but no block of this one is in use,
+ * so this thread gives the memory back. The mark keeps the owner off the page
+ * meanwhile (the owner takes lists with a compare-and-swap that fails on it),
+ * and no other thread frees into it (that would be a double free, which
+ * block_freed catches). The owner starts the page over when it looks again
+ * (page_take_reclaimed). Not under MOVALLOC_PURGE=never. */
+static MV_NOINLINE bool page_reclaim(mv_page_t *page, uintptr_t word) {
+  mv_heap_t *h = mv_page_owner(page);
+  if (!h || mv_options.purge == MV_PURGE_NEVER || !owner_away(h)) return false;
+  uintptr_t reclaiming = mv_xfree_mark_word(MV_XFREE_RECLAIMING, page->reserved);
+  if (!atomic_compare_exchange_strong(&page->xthread_free, &word, reclaiming)) return false;
+  mv_arena_purge_page(page);
+  atomic_compare_exchange_strong(&page->xthread_free, &reclaiming,
+                                 mv_xfree_mark_word(MV_XFREE_RECLAIMED, page->reserved));
+  page_notify(page);
+  return true;
 }
 
 /* profiling: MOVALLOC_PROFILE is on, a constant in each copy (free_block).
@@ -883,10 +943,14 @@ static inline __attribute__((always_inline)) void free_small(mv_page_t *page, mv
   }
   if (MV_UNLIKELY(mv_options.check)) canary_verify("free", b, page->block_size);
   if (profiling && sample_free(page, b)) return;
-  uintptr_t word = atomic_load_explicit(&page->xthread_free, memory_order_relaxed);
-  do b->next_enc = mv_ptr_encode(mv_xfree_head(word));
-  while (!atomic_compare_exchange_weak(&page->xthread_free, &word,
-                                       mv_xfree_word(b, mv_xfree_count(word) + 1)));
+  uintptr_t word = atomic_load_explicit(&page->xthread_free, memory_order_relaxed), mine;
+  uint32_t n;
+  do {
+    n = mv_xfree_count(word) + 1;
+    b->next_enc = mv_ptr_encode(mv_xfree_head(word));
+    mine = mv_xfree_word(b, n);
+  } while (!atomic_compare_exchange_weak(&page->xthread_free, &word, mine));
+  if (MV_UNLIKELY(n == page->reserved) && page_reclaim(page, mine)) return;
   if (atomic_load(&page->in_full)) page_notify(page);
 }
 

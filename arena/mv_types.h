@@ -86,8 +86,11 @@ enum mv_lifeclass {
  *   capacity = blocks carved so far <= reserved; blocks in free, local_free and
  *   xthread_free are distinct and each lies in [start, start + reserved * block_size);
  *   free and local_free are touched only by the owner; xthread_free by anyone
- *   (lock-free push, owner takes it whole with an exchange; its word holds the
- *   list's length too, which the owner subtracts from taken).
+ *   (lock-free push, owner takes it whole; its word holds the list's length too,
+ *   which the owner subtracts from taken). It holds a mark instead (mv_alloc.h)
+ *   only when its count is capacity == reserved: every block came back that way,
+ *   and the page's memory is being or was given back; the owner then leaves the
+ *   page alone, or starts it over with nothing carved.
  *   none in use and the page is not its bin's only page => the owner retires it.
  *   in_full: the page sits in the owner's full list, not its bin queue.
  *   purged bit g set (one-slice pages only) => 4 KiB page g was given back to the
@@ -208,6 +211,8 @@ typedef struct mv_heap {
   mv_page_queue_t queues[MV_LIFECLASSES][MV_BINS];
   mv_page_queue_t full;               /* pages with no free block when last looked */
   _Atomic(mv_page_t *) xthread_pages; /* full pages that got a cross-thread free */
+  _Atomic(uint32_t) notified;         /* pages pushed there since the owner last took them */
+  _Atomic(uint64_t) notified_since_ns; /* when the first of those was (mv_heap.c, owner_away) */
   _Atomic(uint8_t) owned;
   bool dead;                          /* its thread vanished in fork(): never adopted */
   struct mv_heap *next_heap;          /* all heaps (mv_heaps list) */

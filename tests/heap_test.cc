@@ -16,6 +16,8 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <functional>
+#include <future>
 #include <string>
 #include <thread>
 #include <vector>
@@ -273,6 +275,175 @@ TEST(Heap, APageInAnIsolatedArenaWaitsUntilPutback) {
     mine.push_back(again);
     for (void *p : mine) free(p);
   }).join();
+}
+
+// A thread that fills pages of one size class, all but the last of which go
+// full, then waits (away) until come_back(), when it runs `back` on itself.
+class AwayOwner {
+ public:
+  AwayOwner(size_t size, unsigned full_pages, std::function<void(AwayOwner &)> back)
+      : size_(size), thread_([this, full_pages, back] {
+          while (pages.size() < full_pages + 1) {
+            void *p = malloc(size_);
+            memset(p, 0x5a, size_);
+            mv_page_t *page = mv_page_of(p);
+            if (pages.empty() || pages.back() != page) {
+              pages.push_back(page);
+              blocks.emplace_back();
+            }
+            blocks.back().push_back(p);
+          }
+          filled_.set_value();
+          back_.get_future().wait();
+          back(*this);
+        }) {
+    filled_.get_future().wait();
+  }
+  ~AwayOwner() {
+    if (thread_.joinable()) ComeBack();
+  }
+  void ComeBack() {
+    back_.set_value();
+    thread_.join();
+  }
+  // The other threads' part: frees of the first block of each full page (its
+  // owner hears of each), then, after `pause`, of all their other blocks.
+  void FreeFullPages(std::chrono::nanoseconds pause) {
+    for (size_t i = 0; i + 1 < pages.size(); i++) free(blocks[i][0]);
+    std::this_thread::sleep_for(pause);
+    for (size_t i = 0; i + 1 < pages.size(); i++)
+      for (size_t k = 1; k < blocks[i].size(); k++) free(blocks[i][k]);
+  }
+  bool Resident(const mv_page_t *page) const {
+    size_t len = (size_t)page->slice_count << MV_SLICE_SHIFT, resident = 0;
+    std::vector<unsigned char> v(len / 4096);
+    EXPECT_EQ(mincore((void *)page->start, len, v.data()), 0);
+    for (unsigned char c : v) resident += c & 1;
+    EXPECT_TRUE(resident == 0 || resident == v.size()) << resident << " of " << v.size();
+    return resident != 0;
+  }
+
+  size_t size_;
+  std::vector<mv_page_t *> pages;          // in the order filled; the last is not full
+  std::vector<std::vector<void *>> blocks;  // each page's
+
+ private:
+  std::promise<void> filled_, back_;
+  std::thread thread_;
+};
+
+uint64_t Purged() {
+  struct movalloc_stats s;
+  movalloc_stats_get(&s);
+  return s.purged_bytes;
+}
+
+// Other threads free every block of the full pages of an owner that is away
+// (it blocks): the frees that empty them give their memory back, which the
+// owner would otherwise keep for as long as it is away. Back, the owner
+// carves those pages anew, without a page more.
+TEST(Heap, AnAwayOwnersPagesThatOthersEmptyGoBackToTheKernel) {
+  if (mv_options.purge == MV_PURGE_NEVER) GTEST_SKIP() << "MOVALLOC_PURGE=never keeps them";
+  const size_t size = 3584;  // a class no other test uses
+  uint64_t purged_before = Purged();
+  AwayOwner owner(size, MV_AWAY_NOTIFIED + 1, [](AwayOwner &o) {
+    std::vector<void *> again;
+    for (size_t i = 0; i + 1 < o.pages.size(); i++)
+      for (size_t k = 0; k < o.blocks[i].size(); k++) again.push_back(malloc(o.size_));
+    for (size_t n = 0; n < again.size(); n++) memset(again[n], (int)(n % 251), o.size_);
+    std::vector<uint32_t> in_use(o.pages.size(), 0);
+    for (void *p : again) {
+      auto at = std::find(o.pages.begin(), o.pages.end(), mv_page_of(p));
+      ASSERT_NE(at, o.pages.end()) << "a block outside the pages given back";
+      in_use[at - o.pages.begin()]++;
+    }
+    in_use.back() += (uint32_t)o.blocks.back().size();
+    for (size_t i = 0; i < o.pages.size(); i++) {
+      EXPECT_EQ(atomic_load(&o.pages[i]->xthread_free), 0u) << "page " << i;
+      ExpectCountsAgree(o.pages[i], in_use[i], "carved anew");
+    }
+    for (size_t n = 0; n < again.size(); n++)
+      for (size_t k = 0; k < o.size_; k++)
+        ASSERT_EQ(((unsigned char *)again[n])[k], n % 251) << "block " << n << " byte " << k;
+    for (void *p : again) free(p);
+    for (void *p : o.blocks.back()) free(p);
+  });
+  size_t bytes = 0;
+  for (size_t i = 0; i + 1 < owner.pages.size(); i++) {
+    const mv_page_t *page = owner.pages[i];
+    ASSERT_TRUE(atomic_load(&page->in_full)) << "page " << i;
+    ASSERT_EQ(owner.blocks[i].size(), page->reserved) << "page " << i << " is wholly carved";
+    ASSERT_TRUE(owner.Resident(page));
+    bytes += (size_t)page->slice_count << MV_SLICE_SHIFT;
+  }
+  owner.FreeFullPages(std::chrono::nanoseconds(2 * MV_AWAY_NS));
+  // The first MV_AWAY_NOTIFIED frees told the owner of its pages; the one
+  // after the pause that empties a page finds the owner away.
+  for (size_t i = 0; i + 1 < owner.pages.size(); i++) {
+    const mv_page_t *page = owner.pages[i];
+    EXPECT_EQ(atomic_load(&page->xthread_free),
+              mv_xfree_mark_word(MV_XFREE_RECLAIMED, page->reserved))
+        << "page " << i;
+    EXPECT_FALSE(owner.Resident(page)) << "page " << i;
+  }
+  EXPECT_GE(Purged() - purged_before, bytes);
+  owner.ComeBack();
+}
+
+// A second free of a block whose page went back is caught at free (the page's
+// mark says every block is free), and changes nothing: the owner, back,
+// carves the page anew as if it had not happened.
+TEST(Heap, ASecondFreeIntoAPageGivenBackIsCaught) {
+  if (mv_options.check) GTEST_SKIP() << "MOVALLOC_CHECK=1 aborts on it (misuse tests)";
+  if (mv_options.purge == MV_PURGE_NEVER) GTEST_SKIP() << "MOVALLOC_PURGE=never keeps them";
+  AwayOwner owner(6144, MV_AWAY_NOTIFIED + 1, [](AwayOwner &o) {  // a class no other test uses
+    std::vector<void *> again;
+    for (size_t i = 0; i < o.blocks[0].size(); i++) again.push_back(malloc(o.size_));
+    for (void *p : again) memset(p, 0x33, o.size_);
+    for (void *p : again) free(p);
+    for (void *p : o.blocks.back()) free(p);
+  });
+  owner.FreeFullPages(std::chrono::nanoseconds(2 * MV_AWAY_NS));
+  const mv_page_t *page = owner.pages[0];
+  uintptr_t mark = mv_xfree_mark_word(MV_XFREE_RECLAIMED, page->reserved);
+  ASSERT_EQ(atomic_load(&page->xthread_free), mark);
+  uint64_t invalid, doubles, doubles_after;
+  mv_heap_misuse_counts(&invalid, &doubles);
+  free(owner.blocks[0][0]);
+  mv_heap_misuse_counts(&invalid, &doubles_after);
+  EXPECT_EQ(doubles_after, doubles + 1);
+  EXPECT_EQ(atomic_load(&page->xthread_free), mark);
+  owner.ComeBack();
+}
+
+// An owner that looks at the pages it was told about (at any slow call: here,
+// to a new page of another class) is not away: the frees that then empty
+// them, while it still runs, leave their memory alone.
+TEST(Heap, AnOwnerThatLooksAtItsPagesKeepsTheirMemory) {
+  const size_t size = 3072;  // a class no other test uses
+  std::promise<void> looked, freed;
+  AwayOwner owner(size, MV_AWAY_NOTIFIED + 1, [&](AwayOwner &o) {
+    std::vector<void *> other{malloc(4608)};  // a class no other test uses
+    while (mv_page_of(other.back()) == mv_page_of(other[0])) other.push_back(malloc(4608));
+    looked.set_value();
+    freed.get_future().wait();
+    for (void *p : other) free(p);
+    for (void *p : o.blocks.back()) free(p);
+  });
+  for (size_t i = 0; i + 1 < owner.pages.size(); i++) free(owner.blocks[i][0]);
+  std::this_thread::sleep_for(std::chrono::nanoseconds(2 * MV_AWAY_NS));
+  std::thread comes_back([&] { owner.ComeBack(); });
+  looked.get_future().wait();
+  for (size_t i = 0; i + 1 < owner.pages.size(); i++)
+    for (size_t k = 1; k < owner.blocks[i].size(); k++) free(owner.blocks[i][k]);
+  for (size_t i = 0; i + 1 < owner.pages.size(); i++) {
+    const mv_page_t *page = owner.pages[i];
+    EXPECT_EQ(mv_xfree_count(atomic_load(&page->xthread_free)), page->reserved) << "page " << i;
+    EXPECT_FALSE(mv_xfree_is_mark(atomic_load(&page->xthread_free))) << "page " << i;
+    EXPECT_TRUE(owner.Resident(page)) << "page " << i;
+  }
+  freed.set_value();
+  comes_back.join();
 }
 
 // The counts travel with a page that changes hands: a page of an exited
