@@ -577,6 +577,7 @@ struct SparsePage {
 // mostly free; the blocks on them are set aside, the rest stay free, the
 // survivors keep every byte, and every block serves again afterwards.
 TEST(Heap, ASparsePageGivesBackItsWhollyFreeOsPages) {
+  if (mv_options.purge == MV_PURGE_NEVER) GTEST_SKIP() << "MOVALLOC_PURGE=never keeps them";
   std::thread([] {
     SparsePage sp(1536);  // a class no other test uses
     uint16_t wholly_free = sp.WhollyFree();
@@ -598,6 +599,7 @@ TEST(Heap, ASparsePageGivesBackItsWhollyFreeOsPages) {
 // and changes nothing.
 TEST(Heap, ASecondFreeOfABlockSetAsideIsCaught) {
   if (mv_options.check) GTEST_SKIP() << "MOVALLOC_CHECK=1 aborts on it (misuse tests)";
+  if (mv_options.purge == MV_PURGE_NEVER) GTEST_SKIP() << "MOVALLOC_PURGE=never keeps them";
   std::thread([] {
     SparsePage sp(1664);  // a class no other test uses
     sp.Trim();
@@ -628,6 +630,7 @@ int RefusingMadvise(void *addr, size_t len, int advice) {
 // 4 KiB pages the kernel refuses to take back stay in use: their blocks go
 // back on the free list at once.
 TEST(Heap, OsPagesTheKernelRefusesStayInUse) {
+  if (mv_options.purge == MV_PURGE_NEVER) GTEST_SKIP() << "MOVALLOC_PURGE=never keeps them";
   std::thread([] {
     SparsePage sp(1408);  // a class no other test uses
     struct mv_prim fake = mv_prim_real;
