@@ -37,7 +37,8 @@ const struct mv_option mv_option_table[] = {
     {"MOVALLOC_PURGE", MV_OPT_ENUM, "never|pressure|always", 0, 0, 1, FIELD(purge),
      "return free slices inside arenas, and sparse pages' free 4 KiB pages, to the kernel "
      "(breaks their huge pages): never, under memory pressure or on malloc_trim, or every "
-     "compactor round (and sparse pages as heaps grow)"},
+     "compactor round (and sparse pages as heaps grow); but never, the pages of a thread "
+     "that is away once other threads freed all their blocks"},
     {"MOVALLOC_PURGE_FREE_PCT", MV_OPT_UINT, NULL, 1, 99, 5, FIELD(purge_free_pct),
      "memory pressure: MemAvailable below this percent of MemTotal"},
     {"MOVALLOC_PURGE_SPARSE", MV_OPT_UINT, NULL, 0, 100, 25, FIELD(purge_sparse),
