@@ -27,11 +27,21 @@ extern "C" {
 #include "include/movalloc.h"
 #include "profiler/mv_lifetime.h"
 #include "profiler/mv_profile.h"
+#include "shim/mv_options.h"
 }
 
 namespace {
 
 constexpr double kRate = 65536; // MOVALLOC_PROFILE in BUILD
+
+// Check mode arms a canary on the slow paths where the profiler hooks in, so
+// MOVALLOC_CHECK=1 turns profiling off (shim/mv_init.c): nothing here to test.
+class Profile : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (mv_options.check) GTEST_SKIP() << "MOVALLOC_CHECK=1 turns profiling off";
+  }
+};
 
 void *Opaque(void *p) {
   asm volatile("" : "+r"(p));
@@ -149,7 +159,7 @@ std::string RunExitChild(std::vector<std::string> env) {
 
 // The sampler's logarithm and 1 - e^-y, written out so that libm is not
 // mapped into every process, agree with libm's to 1e-14 relative.
-TEST(Profile, OwnMathAgreesWithLibm) {
+TEST_F(Profile, OwnMathAgreesWithLibm) {
   double worst_ln = 0, worst_exp = 0;
   for (double x = 0x1.0p-53; x < 1e300; x *= 1.0123) {
     double want = std::log(x);
@@ -168,7 +178,7 @@ TEST(Profile, OwnMathAgreesWithLibm) {
 // What the profiler allocates for itself (loading libunwind) goes to long-lived
 // arenas, apart from the program's blocks, so that profiling does not change
 // where the program's blocks land.
-TEST(Profile, OwnAllocationsGoApart) {
+TEST_F(Profile, OwnAllocationsGoApart) {
   size_t fast_max = mv_malloc_fast_max;
   mv_malloc_fast_max = 0;
   mv_malloc_apart = true;
@@ -187,14 +197,14 @@ TEST(Profile, OwnAllocationsGoApart) {
   free(program);
 }
 
-TEST(Profile, OnWithTheRateFromTheEnvironment) {
+TEST_F(Profile, OnWithTheRateFromTheEnvironment) {
   movalloc_profile_site one;
   EXPECT_GE(movalloc_profile_sites(&one, 1), 0); // -ENOSYS when off
 }
 
 // Samples are a Poisson process over allocated bytes: 64 MiB at one sample per
 // 64 KiB gives 1024 samples on average, standard deviation 32.
-TEST(Profile, SamplingRateWithinStatisticalBounds) {
+TEST_F(Profile, SamplingRateWithinStatisticalBounds) {
   uint64_t before = TotalSamples();
   const size_t size = 256, count = (64u << 20) / size;
   for (size_t i = 0; i < count; i++) free(profile_churn_site(size));
@@ -206,7 +216,7 @@ TEST(Profile, SamplingRateWithinStatisticalBounds) {
 // A known site holding 32 MiB dominates, with live bytes within sampling error;
 // freeing its objects takes its live bytes down to nothing, and every freed
 // sample lands in the lifetime histogram.
-TEST(Profile, KnownSiteDominatesThenFreesLeaveLiveBytes) {
+TEST_F(Profile, KnownSiteDominatesThenFreesLeaveLiveBytes) {
   const size_t size = 16 << 10, count = 2048; // 32 MiB
   std::vector<void *> held;
   for (size_t i = 0; i < count; i++) held.push_back(profile_hold_site(size));
@@ -248,7 +258,7 @@ TEST(Profile, KnownSiteDominatesThenFreesLeaveLiveBytes) {
 
 // A thread's first samples are unwound frame by frame, its later ones by
 // unw_backtrace: both give the same stack, so one call site is one site.
-TEST(Profile, SteppedAndCachedUnwindsAgree) {
+TEST_F(Profile, SteppedAndCachedUnwindsAgree) {
   std::vector<void *> held(4096); // 16 MiB: about 256 samples, 16 of them stepped
   std::thread([&held] {
     for (void *&p : held) p = profile_step_site(4096);
@@ -269,7 +279,7 @@ TEST(Profile, SteppedAndCachedUnwindsAgree) {
 
 // A stepped unwind blocks every signal while it runs and gives the thread its
 // own mask back; the program's sigprocmask calls (interposed) pass through.
-TEST(Profile, SamplesLeaveTheSignalMaskAsItWas) {
+TEST_F(Profile, SamplesLeaveTheSignalMaskAsItWas) {
   uint64_t samples_before = TotalSamples();
   std::thread([] {
     sigset_t usr1, before, after;
@@ -293,7 +303,7 @@ TEST(Profile, SamplesLeaveTheSignalMaskAsItWas) {
 
 // Sampled blocks come from pages of their own (the samples' heap): the pages
 // the fast path serves hold no sample, so their frees stay fast.
-TEST(Profile, SamplesLiveApartFromTheFastPathsPages) {
+TEST_F(Profile, SamplesLiveApartFromTheFastPathsPages) {
   std::vector<void *> held(65536); // 1 KiB blocks, 64 MiB: about 1000 samples
   for (void *&p : held) p = profile_pages_site(1024);
   auto live = [] {
@@ -326,7 +336,7 @@ TEST(Profile, SamplesLiveApartFromTheFastPathsPages) {
 // A page with one sample names it in its descriptor, so that the frees of its
 // other blocks skip the filter; one with more has them ask the filter. Either
 // way a free forgets its block's sample and no other.
-TEST(Profile, FreesForgetSamplesInPagesWithOneAndWithMany) {
+TEST_F(Profile, FreesForgetSamplesInPagesWithOneAndWithMany) {
   auto live = [](void *site) {
     auto sites = Sites();
     const movalloc_profile_site *s = SiteIn(sites, site);
@@ -372,7 +382,7 @@ TEST(Profile, FreesForgetSamplesInPagesWithOneAndWithMany) {
 // what that heap never handed out was counted on a countdown that is gone.
 // (It used to be credited to whichever thread collected the heap, after
 // walking the page's lists.)
-TEST(Profile, RetiringAnExitedThreadsPageLeavesTheCountdownAlone) {
+TEST_F(Profile, RetiringAnExitedThreadsPageLeavesTheCountdownAlone) {
   void *block = nullptr;
   std::thread([&] { block = malloc(1000); }).join(); // its page keeps carved blocks
   ASSERT_NE(block, nullptr);
@@ -391,7 +401,7 @@ TEST(Profile, RetiringAnExitedThreadsPageLeavesTheCountdownAlone) {
 
 // realloc moves a sampled block: the old one is freed (forgotten), the new one
 // may be sampled; nothing stays live once the last one is freed.
-TEST(Profile, ReallocAndCallocAreCountedAndForgotten) {
+TEST_F(Profile, ReallocAndCallocAreCountedAndForgotten) {
   std::vector<void *> held;
   for (int i = 0; i < 4096; i++) {
     void *p = profile_hold_site(512);
@@ -407,7 +417,7 @@ TEST(Profile, ReallocAndCallocAreCountedAndForgotten) {
   }
 }
 
-TEST(Profile, FoldedStacksFileParses) {
+TEST_F(Profile, FoldedStacksFileParses) {
   std::vector<void *> held;
   for (int i = 0; i < 1024; i++) held.push_back(profile_hold_site(16 << 10)); // 16 MiB
   char path[] = "/tmp/movalloc_profile_test_XXXXXX";
@@ -449,7 +459,7 @@ TEST(Profile, FoldedStacksFileParses) {
 // The profile's files are written like MOVALLOC_TRACE's: a symbolic link, or
 // a file open to others, is refused and left as it was; an old file of the
 // user's own is emptied first.
-TEST(Profile, DumpRefusesLinksAndFilesOpenToOthers) {
+TEST_F(Profile, DumpRefusesLinksAndFilesOpenToOthers) {
   char target[] = "/tmp/movalloc_profile_target_XXXXXX";
   int fd = mkstemp(target);
   ASSERT_GE(fd, 0);
@@ -475,7 +485,7 @@ TEST(Profile, DumpRefusesLinksAndFilesOpenToOthers) {
 
 // Threads allocate (sampled, with cross-thread frees) while the main thread
 // forks; children allocate too. A deadlock is a test timeout.
-TEST(Profile, ThreadsAndForkDoNotDeadlock) {
+TEST_F(Profile, ThreadsAndForkDoNotDeadlock) {
   std::atomic<bool> stop{false};
   std::vector<std::thread> threads;
   for (int t = 0; t < 3; t++) {
@@ -517,14 +527,14 @@ TEST(Profile, ThreadsAndForkDoNotDeadlock) {
 }
 
 // The child half of ReportAtExit: allocates and exits normally.
-TEST(Profile, ExitChild) {
+TEST_F(Profile, ExitChild) {
   if (!getenv("PROFILE_TEST_EXIT_CHILD")) GTEST_SKIP() << "run by ReportAtExit";
   static std::vector<void *> held;
   for (int i = 0; i < 1024; i++) held.push_back(profile_exit_site(8192)); // 8 MiB, kept
   for (int i = 0; i < 1024; i++) free(profile_churn_site(8192));         // 8 MiB, freed
 }
 
-TEST(Profile, ReportAtExitAndFoldedFile) {
+TEST_F(Profile, ReportAtExitAndFoldedFile) {
   char out[] = "/tmp/movalloc_profile_exit_XXXXXX";
   int fd = mkstemp(out);
   ASSERT_GE(fd, 0);
@@ -557,7 +567,7 @@ TEST(Profile, ReportAtExitAndFoldedFile) {
 // report naming its process) and nothing to stderr, which may be the
 // program's own output; a file open to others is refused with one line saying
 // why, and no report.
-TEST(Profile, ReportToAFileLeavesStderrAlone) {
+TEST_F(Profile, ReportToAFileLeavesStderrAlone) {
   char report[] = "/tmp/movalloc_profile_report_XXXXXX";
   int rfd = mkstemp(report);
   ASSERT_GE(rfd, 0);
@@ -588,7 +598,7 @@ TEST(Profile, ReportToAFileLeavesStderrAlone) {
 // libunwind makes a pipe at its first unwind and keeps it. The profiler's
 // unwinds have it made above the program's range of descriptors, where a
 // program listing its own never sees it; the program's pipe2 is glibc's.
-TEST(Profile, LibunwindsPipeStaysOutOfTheProgramsRange) {
+TEST_F(Profile, LibunwindsPipeStaysOutOfTheProgramsRange) {
   for (int i = 0; i < 4096; i++) free(profile_churn_site(1024)); // samples: libunwind is up
   ASSERT_GT(TotalSamples(), 0u);
   int high = 0;
@@ -616,12 +626,12 @@ TEST(Profile, LibunwindsPipeStaysOutOfTheProgramsRange) {
 }
 
 // The child half of RoutingSeparatesArenas, run with MOVALLOC_PROFILE_LONGLIVED.
-TEST(Profile, RouteChild) {
+TEST_F(Profile, RouteChild) {
   if (!getenv("PROFILE_TEST_ROUTE_CHILD")) GTEST_SKIP() << "run by RoutingSeparatesArenas";
   EXPECT_TRUE(SitesInSeparateArenas());
 }
 
-TEST(Profile, RoutingSeparatesArenas) {
+TEST_F(Profile, RoutingSeparatesArenas) {
   // Without routing, the two sites share arenas.
   EXPECT_FALSE(SitesInSeparateArenas());
 
