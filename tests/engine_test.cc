@@ -564,6 +564,7 @@ size_t HemmedInReallocs(int rounds, size_t *huge, std::string *why) {
 }
 
 TEST(Engine, ReallocMovesTheHugeObjectsItCannotGrowInPlace) {
+  if (mv_options.check) GTEST_SKIP() << "MOVALLOC_CHECK=1's realloc copies (check_realloc)";
   MoveBackend backend;
   if (!backend.ok()) GTEST_SKIP() << "no move backend on this kernel";
   malloc_trim(0);
