@@ -3,8 +3,13 @@
 
 #include "arena/mv_print.h"
 
+#include <elf.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <string.h>
+#include <sys/auxv.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/random.h>
@@ -36,9 +41,68 @@ struct mv_prim mv_prim = REAL_PRIMITIVES; /* tests swap entries */
 void mv_prim_set(const struct mv_prim *fake) { mv_prim = *fake; }
 void mv_prim_reset(void) { mv_prim = mv_prim_real; }
 
+/* ---- clocks, straight from the vDSO ----
+ * libc's clock_gettime is a thin wrapper around the vDSO's, but it sits in a
+ * stretch of libc's code that a program on glibc's malloc does not otherwise
+ * run: the first call maps that stretch (the kernel's fault-around, 64 KiB)
+ * into every process movalloc is preloaded into. The vDSO's own entry point,
+ * found in its symbol table, costs the same per call. */
+
+typedef int (*clock_fn)(clockid_t, struct timespec *);
+
+/* The vDSO's symbol `name`, or NULL (no vDSO, no DT_HASH to size its table). */
+static void *vdso_symbol(const char *name) {
+  const Elf64_Ehdr *eh = (const Elf64_Ehdr *)getauxval(AT_SYSINFO_EHDR);
+  if (!eh) return NULL;
+  const Elf64_Phdr *ph = (const Elf64_Phdr *)((const char *)eh + eh->e_phoff);
+  uintptr_t bias = 0;
+  const Elf64_Dyn *dyn = NULL;
+  bool loaded = false;
+  for (unsigned i = 0; i < eh->e_phnum; i++) {
+    if (ph[i].p_type == PT_LOAD && !loaded) {
+      bias = (uintptr_t)eh + ph[i].p_offset - ph[i].p_vaddr;
+      loaded = true;
+    } else if (ph[i].p_type == PT_DYNAMIC) {
+      dyn = (const Elf64_Dyn *)((const char *)eh + ph[i].p_offset);
+    }
+  }
+  if (!loaded || !dyn) return NULL;
+  const Elf64_Sym *syms = NULL;
+  const char *strs = NULL;
+  const Elf64_Word *hash = NULL;
+  for (; dyn->d_tag != DT_NULL; dyn++) {
+    if (dyn->d_tag == DT_SYMTAB) syms = (const Elf64_Sym *)(bias + dyn->d_un.d_ptr);
+    else if (dyn->d_tag == DT_STRTAB) strs = (const char *)(bias + dyn->d_un.d_ptr);
+    else if (dyn->d_tag == DT_HASH) hash = (const Elf64_Word *)(bias + dyn->d_un.d_ptr);
+  }
+  if (!syms || !strs || !hash) return NULL;
+  for (Elf64_Word i = 0; i < hash[1]; i++) { /* hash[1]: the number of symbols */
+    const Elf64_Sym *sym = &syms[i];
+    if (ELF64_ST_TYPE(sym->st_info) == STT_FUNC && sym->st_shndx != SHN_UNDEF &&
+        strcmp(strs + sym->st_name, name) == 0)
+      return (void *)(bias + sym->st_value);
+  }
+  return NULL;
+}
+
+static _Atomic(clock_fn) vdso_clock; /* NULL: not looked up yet */
+
+/* Racy but idempotent: threads that look it up at once find the same. */
+static clock_fn clock_entry(void) {
+  clock_fn f = atomic_load_explicit(&vdso_clock, memory_order_relaxed);
+  if (!f) {
+    f = (clock_fn)vdso_symbol("__vdso_clock_gettime");
+    if (!f) f = clock_gettime;
+    atomic_store_explicit(&vdso_clock, f, memory_order_relaxed);
+  }
+  return f;
+}
+
+bool mv_os_clock_from_vdso(void) { return clock_entry() != clock_gettime; }
+
 static uint64_t clock_ns(clockid_t id) {
   struct timespec ts;
-  clock_gettime(id, &ts);
+  clock_entry()(id, &ts);
   return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 

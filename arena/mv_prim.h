@@ -10,6 +10,7 @@
 #ifndef MV_PRIM_H
 #define MV_PRIM_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
@@ -58,6 +59,7 @@ static inline int mv_os_userfaultfd(int flags) { return mv_prim.userfaultfd(flag
 /* Small helpers that never fail in a way worth faking. */
 uint64_t mv_os_now_ns(void);        /* CLOCK_MONOTONIC */
 uint64_t mv_os_thread_cpu_ns(void); /* CLOCK_THREAD_CPUTIME_ID */
+bool mv_os_clock_from_vdso(void);   /* the two above call the vDSO, not libc */
 int mv_os_gettid(void);
 void mv_os_random(void *buf, size_t len); /* getrandom, with a fallback that never fails */
 /* Writes all of buf to fd, retrying on EINTR and short writes. */

@@ -4,6 +4,8 @@
 #include <gtest/gtest.h>
 #include <malloc.h>
 #include <string.h>
+#include <time.h>
+#include <sys/auxv.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -37,6 +39,28 @@ unsigned FullestFit(unsigned n) {
     if (FitsRun(a->free_mask, n) && a->free_count < best) best = a->free_count;
   }
   return best;
+}
+
+uint64_t LibcNs(clockid_t id) {
+  struct timespec ts;
+  clock_gettime(id, &ts);
+  return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+// The clocks come from the vDSO's own entry point, not libc's wrapper (code
+// that a program on glibc's malloc never runs: calling it would map 64 KiB of
+// libc into every process), and tell libc's time.
+TEST(Prim, ClocksComeFromTheVdsoAndTellLibcsTime) {
+  if (!getauxval(AT_SYSINFO_EHDR)) GTEST_SKIP() << "no vDSO here: libc's clock serves";
+  ASSERT_TRUE(mv_os_clock_from_vdso());
+  for (int i = 0; i < 1000; i++) {
+    uint64_t before = LibcNs(CLOCK_MONOTONIC), t = mv_os_now_ns();
+    EXPECT_LE(before, t);
+    EXPECT_LE(t, LibcNs(CLOCK_MONOTONIC));
+    before = LibcNs(CLOCK_THREAD_CPUTIME_ID), t = mv_os_thread_cpu_ns();
+    EXPECT_LE(before, t);
+    EXPECT_LE(t, LibcNs(CLOCK_THREAD_CPUTIME_ID));
+  }
 }
 
 TEST(Arena, SlicesComeFromTheFullestArenaWithRoom) {
