@@ -9,6 +9,9 @@
 #include <string.h>
 
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -200,6 +203,85 @@ TEST(Stress, SparsePagesGoBackWhileThreadsVerifyEveryByte) {
   mv_options.purge_sparse = sparse;
   EXPECT_EQ(tally.bad.load(), 0u);
   EXPECT_EQ(tally.verified.load(), (size_t)threads * rounds * per_round);
+  EXPECT_GT(s1.purged_bytes, s0.purged_bytes) << "nothing given back: nothing tested";
+}
+
+// Owners hand most of what they allocate to other threads and then stay away
+// (blocked) for a while, or come back at once: the pages the other threads
+// empty meanwhile go back to the kernel (arena/mv_heap.c, page_reclaim), while
+// owners that come back mid-way race with that, allocating into the same pages
+// and checking the blocks they kept. Every byte is checked before each free.
+TEST(Stress, AnAwayOwnersPagesGoBackWhileEveryByteIsVerified) {
+  if (mv_options.purge == MV_PURGE_NEVER) GTEST_SKIP() << "MOVALLOC_PURGE=never keeps them";
+  struct movalloc_stats s0, s1;
+  movalloc_stats_get(&s0);
+  const int owners = 2, freers = 2, rounds = 30, per_round = 6000;
+  std::mutex lock;
+  std::condition_variable more;
+  std::vector<std::vector<Block *>> handed;  // batches for the freers
+  int owners_left = owners;
+  Tally tally;
+  std::atomic<size_t> allocated{0};
+  std::vector<std::thread> ts;
+  for (int t = 0; t < freers; t++)
+    ts.emplace_back([&, t] {
+      uint64_t x = 0x243f6a8885a308d3ull * (t + 1);
+      for (;;) {
+        std::vector<Block *> batch;
+        {
+          std::unique_lock<std::mutex> g(lock);
+          more.wait(g, [&] { return !handed.empty() || owners_left == 0; });
+          if (handed.empty()) return;
+          batch = std::move(handed.back());
+          handed.pop_back();
+        }
+        for (size_t i = batch.size(); i > 1; i--) std::swap(batch[i - 1], batch[Next(&x) % i]);
+        for (size_t i = 0; i < batch.size(); i++) {
+          // Half, a pause past MV_AWAY_NS, the rest: an away owner's pages
+          // empty after it counts as away.
+          if (i == batch.size() / 2) std::this_thread::sleep_for(std::chrono::milliseconds(3));
+          Retire(batch[i], &tally);
+        }
+      }
+    });
+  for (int t = 0; t < owners; t++)
+    ts.emplace_back([&, t] {
+      uint64_t x = 0x9e3779b97f4a7c15ull * (t + 1);
+      std::vector<Block *> kept;  // in classes of their own: handed pages can empty
+      auto alloc = [&](size_t lo, size_t hi) {
+        Block *b = new Block;
+        b->size = lo + Next(&x) % (hi - lo);
+        b->p = (unsigned char *)malloc(b->size);
+        Fill(*b);
+        allocated++;
+        return b;
+      };
+      for (int r = 0; r < rounds; r++) {
+        std::vector<Block *> batch;
+        for (int i = 0; i < per_round; i++) batch.push_back(alloc(512, 1024));
+        for (int i = 0; i < 8; i++) kept.push_back(alloc(1100, 2000));
+        {
+          std::lock_guard<std::mutex> g(lock);
+          handed.push_back(std::move(batch));
+        }
+        more.notify_one();
+        // Away for 0-6 ms: long enough for the freers' pause, or back mid-way.
+        std::this_thread::sleep_for(std::chrono::microseconds(Next(&x) % 6000));
+        for (size_t i = 0; i < kept.size(); i++)
+          if (Next(&x) % 4 == 0) {
+            Retire(kept[i], &tally);
+            kept[i] = kept.back();
+            kept.pop_back();
+          }
+      }
+      for (Block *b : kept) Retire(b, &tally);
+      std::lock_guard<std::mutex> g(lock);
+      if (--owners_left == 0) more.notify_all();
+    });
+  for (auto &t : ts) t.join();
+  movalloc_stats_get(&s1);
+  EXPECT_EQ(tally.bad.load(), 0u);
+  EXPECT_EQ(tally.verified.load(), allocated.load());
   EXPECT_GT(s1.purged_bytes, s0.purged_bytes) << "nothing given back: nothing tested";
 }
 
