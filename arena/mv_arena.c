@@ -46,7 +46,8 @@ static uint64_t cached_at[MV_CACHE_MAX]; /* when each went into the cache */
 static uint32_t cache_len;
 static uint64_t last_decay_ns;
 static uint64_t released_total;
-static uint64_t purged_total;     /* bytes, by mv_arena_purge and mv_arena_purge_os_pages */
+static uint64_t purged_total;     /* bytes, by the three mv_arena_purge* */
+static uint64_t page_purged_total; /* bytes, by mv_arena_purge_page */
 static uint64_t huge_live;
 
 static const uint32_t all_slices = 0xffffffffu;
@@ -720,6 +721,7 @@ bool mv_arena_purge_page(const mv_page_t *page) {
     done = true;
     a->thp = false;
     purged_total += len;
+    page_purged_total += len;
   }
   mv_unlock(&mv_arena_lock);
   return done;
@@ -773,6 +775,7 @@ void mv_arena_counts(struct mv_arena_counts *out) {
   out->cached = cache_len;
   out->released = released_total;
   out->purged_bytes = purged_total;
+  out->page_purged_bytes = page_purged_total;
   out->huge_objects = huge_live;
   for (uint32_t i = 0; i < frontier; i++) {
     mv_arena_t *a = &mv_arenas[i];

@@ -21,8 +21,9 @@ struct mv_arena_counts {
   uint64_t huge_objects;
   uint64_t thp;          /* active arenas known to sit on a huge page */
   uint64_t purged_bytes; /* free memory returned inside arenas so far: free slices
-                            (MOVALLOC_PURGE) and sparse pages' 4 KiB pages
-                            (MOVALLOC_PURGE_SPARSE) */
+                            (MOVALLOC_PURGE), sparse pages' 4 KiB pages
+                            (MOVALLOC_PURGE_SPARSE), whole pages (mv_arena_purge_page) */
+  uint64_t page_purged_bytes; /* of which whole pages */
 };
 
 void mv_arena_counts(struct mv_arena_counts *out);

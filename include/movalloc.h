@@ -64,12 +64,16 @@ struct movalloc_stats {
   uint64_t compactor_scan_ns;    /* of which rounds that moved nothing: the cost of looking */
   uint64_t compactor_wall_ns;    /* since it started: migrated / this = migrations per second */
   uint64_t purged_bytes;         /* free memory returned inside arenas: free slices
-                                   (MOVALLOC_PURGE), sparse pages (MOVALLOC_PURGE_SPARSE) */
+                                   (MOVALLOC_PURGE), sparse pages (MOVALLOC_PURGE_SPARSE),
+                                   away threads' pages (below) */
 
   uint64_t realloc_moved_bytes;  /* huge objects' realloc growth done by moving pages,
                                     not copying them (the move backend's UFFDIO_MOVE) */
 
-  uint64_t reserved_for_growth[23]; /* zero; later counters take these slots */
+  uint64_t away_purged_bytes;    /* of purged_bytes: pages that other threads emptied while
+                                    the thread owning them was away (blocked) */
+
+  uint64_t reserved_for_growth[22]; /* zero; later counters take these slots */
 };
 
 /* Fills *out. Returns 0, or -EINVAL for a NULL pointer. Never allocates. */

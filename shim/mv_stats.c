@@ -34,6 +34,7 @@ void mv_stats_fill(struct movalloc_stats *out, bool engine) {
   out->huge_page_bytes = c.thp << MV_ARENA_SHIFT;
   out->coverage_ppm = c.active ? c.thp * 1000000 / c.active : 0;
   out->purged_bytes = c.purged_bytes;
+  out->away_purged_bytes = c.page_purged_bytes;
   mv_heap_misuse_counts(&out->invalid_frees, &out->double_frees);
   if (engine) mv_engine_stats(out);
   else mv_snprintf(out->backend_reason, sizeof out->backend_reason, "not chosen yet");
@@ -73,11 +74,11 @@ size_t mv_stats_format(char *buf, size_t cap, const char *title) {
                    (unsigned long long)s.arenas_cached, (unsigned long long)s.arenas_released);
   n += mv_snprintf(buf + n, cap - n,
                    "movalloc:   huge pages  %s (%llu.%llu%% of arenas in use); %s purged inside "
-                   "arenas\n",
+                   "arenas (%s of away threads' pages)\n",
                    human(s.huge_page_bytes, a, sizeof a),
                    (unsigned long long)(s.coverage_ppm / 10000),
                    (unsigned long long)(s.coverage_ppm / 1000 % 10),
-                   human(s.purged_bytes, b, sizeof b));
+                   human(s.purged_bytes, b, sizeof b), human(s.away_purged_bytes, c, sizeof c));
   uint64_t wall_s = s.compactor_wall_ns / 1000000000u;
   n += mv_snprintf(buf + n, cap - n,
                    "movalloc:   compactor   %llu rounds (%llu throttled by the CPU budget) in "

@@ -338,6 +338,12 @@ uint64_t Purged() {
   return s.purged_bytes;
 }
 
+uint64_t AwayPurged() {
+  struct movalloc_stats s;
+  movalloc_stats_get(&s);
+  return s.away_purged_bytes;
+}
+
 // Other threads free every block of the full pages of an owner that is away
 // (it blocks): the frees that empty them give their memory back, which the
 // owner would otherwise keep for as long as it is away. Back, the owner
@@ -345,7 +351,7 @@ uint64_t Purged() {
 TEST(Heap, AnAwayOwnersPagesThatOthersEmptyGoBackToTheKernel) {
   if (mv_options.purge == MV_PURGE_NEVER) GTEST_SKIP() << "MOVALLOC_PURGE=never keeps them";
   const size_t size = 3584;  // a class no other test uses
-  uint64_t purged_before = Purged();
+  uint64_t purged_before = Purged(), away_before = AwayPurged();
   AwayOwner owner(size, MV_AWAY_NOTIFIED + 1, [](AwayOwner &o) {
     std::vector<void *> again;
     for (size_t i = 0; i + 1 < o.pages.size(); i++)
@@ -387,6 +393,7 @@ TEST(Heap, AnAwayOwnersPagesThatOthersEmptyGoBackToTheKernel) {
     EXPECT_FALSE(owner.Resident(page)) << "page " << i;
   }
   EXPECT_GE(Purged() - purged_before, bytes);
+  EXPECT_GE(AwayPurged() - away_before, bytes);
   owner.ComeBack();
 }
 
@@ -421,6 +428,7 @@ TEST(Heap, ASecondFreeIntoAPageGivenBackIsCaught) {
 // them, while it still runs, leave their memory alone.
 TEST(Heap, AnOwnerThatLooksAtItsPagesKeepsTheirMemory) {
   const size_t size = 3072;  // a class no other test uses
+  uint64_t away_before = AwayPurged();
   std::promise<void> looked, freed;
   AwayOwner owner(size, MV_AWAY_NOTIFIED + 1, [&](AwayOwner &o) {
     std::vector<void *> other{malloc(4608)};  // a class no other test uses
@@ -442,6 +450,7 @@ TEST(Heap, AnOwnerThatLooksAtItsPagesKeepsTheirMemory) {
     EXPECT_FALSE(mv_xfree_is_mark(atomic_load(&page->xthread_free))) << "page " << i;
     EXPECT_TRUE(owner.Resident(page)) << "page " << i;
   }
+  EXPECT_EQ(AwayPurged(), away_before);
   freed.set_value();
   comes_back.join();
 }
