@@ -14,6 +14,8 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -187,6 +189,24 @@ static void count_stall(uint64_t ns) {
 #define MV_STAGING_GIVE_UP 4
 static unsigned staging_misses;
 
+/* From hold to release (or putback) the arena's writers wait, and under the
+ * move backend its pages may be missing: a signal handler that ran on the
+ * engine's thread then and touched the arena would wait for the engine, that
+ * is for itself. The compactor's thread blocks signals for good; a program's
+ * thread in movalloc_compact defers them (but those a fault raises) until the
+ * window closes. (tests/fuzz: libFuzzer's alarm handler read its own heap in
+ * an arena the move backend had emptied, and hung.) */
+static void defer_signals(sigset_t *saved) {
+  sigset_t all;
+  sigfillset(&all);
+  sigdelset(&all, SIGSEGV);
+  sigdelset(&all, SIGBUS);
+  sigdelset(&all, SIGILL);
+  sigdelset(&all, SIGFPE);
+  sigdelset(&all, SIGTRAP);
+  pthread_sigmask(SIG_BLOCK, &all, saved);
+}
+
 static enum outcome migrate_one(const struct mv_backend *b,
                                 const struct movalloc_movable_ops *ops, void *ctx,
                                 uintptr_t start) {
@@ -212,6 +232,8 @@ static enum outcome migrate_one(const struct mv_backend *b,
     return REFUSED;
   }
   uint64_t t0 = mv_os_now_ns(), stall = 0;
+  sigset_t saved;
+  defer_signals(&saved);
   int rc = b->hold(&m.move);
   if (rc == 0) {
     in_callback = true;
@@ -227,6 +249,7 @@ static enum outcome migrate_one(const struct mv_backend *b,
     ops->putback(ctx, (void *)start, MV_ARENA_SIZE);
     in_callback = false;
   }
+  pthread_sigmask(SIG_SETMASK, &saved, NULL);
   b->unstage(&m.move);
   enum outcome o = rc == 0 ? MOVED : rc == -EAGAIN ? RETRY : FAILED;
   atomic_fetch_add(o == MOVED ? &counters.migrated : o == RETRY ? &counters.retries : &counters.failed, 1);

@@ -184,6 +184,61 @@ TEST(Engine, RegionOwnerVetoesWhilePinnedAndAllowsLater) {
   EXPECT_EQ(movalloc_region_unregister(r.base), -ENOENT);
 }
 
+// A signal that comes to the thread running the engine (a program's
+// movalloc_compact) while an arena's writers are held is handled once they are
+// released: a handler that wrote the arena inside would wait for the engine,
+// that is for itself. The region's migrate callback raises it inside; a
+// watchdog ends the process if the handler hangs there.
+volatile sig_atomic_t handled_inside = -1;
+std::atomic<bool> inside{false};
+unsigned char *signal_target;
+
+void WritingHandler(int) {
+  handled_inside = inside.load();
+  signal_target[0] ^= 0xff;
+}
+
+int RaisingMigrate(void *ctx, struct movalloc_migration *m) {
+  ((Region *)ctx)->migrations++;
+  inside = true;
+  pthread_kill(pthread_self(), SIGUSR2);
+  int rc = movalloc_migration_move(m);
+  inside = false;
+  return rc;
+}
+
+const struct movalloc_movable_ops kRaisingOps = {RegionIsolate, RaisingMigrate, RegionPutback};
+
+TEST(Engine, ASignalInsideTheWindowIsHandledAfterIt) {
+  std::string why;
+  if (!HaveMovingBackend(&why)) GTEST_SKIP() << why;
+  struct sigaction sa = {}, old;
+  sa.sa_handler = WritingHandler;
+  ASSERT_EQ(sigaction(SIGUSR2, &sa, &old), 0);
+  Region r;
+  r.base = MapAligned(MV_ARENA_SIZE);
+  signal_target = r.base;
+  ASSERT_EQ(movalloc_region_register(r.base, MV_ARENA_SIZE, &kRaisingOps, &r), 0);
+  std::atomic<bool> done{false};
+  std::thread watchdog([&] {
+    for (int i = 0; i < 300 && !done; i++) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    if (!done) {
+      fprintf(stderr, "engine_test: the signal handler hangs inside the window\n");
+      _exit(1);
+    }
+  });
+  movalloc_compact(MOVALLOC_COMPACT_ALL);
+  done = true;
+  watchdog.join();
+  EXPECT_GE(r.migrations.load(), 1) << "the region never moved: nothing tested";
+  EXPECT_EQ(handled_inside, 0) << "-1: never handled; 1: handled inside the window";
+  EXPECT_EQ(r.base[0], (unsigned char)(Pattern((uintptr_t)r.base) ^ 0xff));
+  for (size_t i = 1; i < MV_ARENA_SIZE; i++)
+    ASSERT_EQ(r.base[i], Pattern((uintptr_t)r.base + i)) << i;
+  EXPECT_EQ(movalloc_region_unregister(r.base), 0);
+  sigaction(SIGUSR2, &old, nullptr);
+}
+
 TEST(Engine, RegionRegistrationIsValidated) {
   Region r;
   unsigned char *base = MapAligned(MV_ARENA_SIZE);
