@@ -332,16 +332,10 @@ class AwayOwner {
   std::thread thread_;
 };
 
-uint64_t Purged() {
+struct movalloc_stats Stats() {
   struct movalloc_stats s;
   movalloc_stats_get(&s);
-  return s.purged_bytes;
-}
-
-uint64_t AwayPurged() {
-  struct movalloc_stats s;
-  movalloc_stats_get(&s);
-  return s.away_purged_bytes;
+  return s;
 }
 
 // Other threads free every block of the full pages of an owner that is away
@@ -351,7 +345,7 @@ uint64_t AwayPurged() {
 TEST(Heap, AnAwayOwnersPagesThatOthersEmptyGoBackToTheKernel) {
   if (mv_options.purge == MV_PURGE_NEVER) GTEST_SKIP() << "MOVALLOC_PURGE=never keeps them";
   const size_t size = 3584;  // a class no other test uses
-  uint64_t purged_before = Purged(), away_before = AwayPurged();
+  struct movalloc_stats before = Stats();
   AwayOwner owner(size, MV_AWAY_NOTIFIED + 1, [](AwayOwner &o) {
     std::vector<void *> again;
     for (size_t i = 0; i + 1 < o.pages.size(); i++)
@@ -392,8 +386,8 @@ TEST(Heap, AnAwayOwnersPagesThatOthersEmptyGoBackToTheKernel) {
         << "page " << i;
     EXPECT_FALSE(owner.Resident(page)) << "page " << i;
   }
-  EXPECT_GE(Purged() - purged_before, bytes);
-  EXPECT_GE(AwayPurged() - away_before, bytes);
+  EXPECT_GE(Stats().purged_bytes - before.purged_bytes, bytes);
+  EXPECT_GE(Stats().away_purged_bytes - before.away_purged_bytes, bytes);
   owner.ComeBack();
 }
 
@@ -428,7 +422,7 @@ TEST(Heap, ASecondFreeIntoAPageGivenBackIsCaught) {
 // them, while it still runs, leave their memory alone.
 TEST(Heap, AnOwnerThatLooksAtItsPagesKeepsTheirMemory) {
   const size_t size = 3072;  // a class no other test uses
-  uint64_t away_before = AwayPurged();
+  uint64_t away_before = Stats().away_purged_bytes;
   std::promise<void> looked, freed;
   AwayOwner owner(size, MV_AWAY_NOTIFIED + 1, [&](AwayOwner &o) {
     std::vector<void *> other{malloc(4608)};  // a class no other test uses
@@ -450,7 +444,7 @@ TEST(Heap, AnOwnerThatLooksAtItsPagesKeepsTheirMemory) {
     EXPECT_FALSE(mv_xfree_is_mark(atomic_load(&page->xthread_free))) << "page " << i;
     EXPECT_TRUE(owner.Resident(page)) << "page " << i;
   }
-  EXPECT_EQ(AwayPurged(), away_before);
+  EXPECT_EQ(Stats().away_purged_bytes, away_before);
   freed.set_value();
   comes_back.join();
 }
