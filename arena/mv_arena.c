@@ -657,6 +657,15 @@ fail:
 
 size_t mv_arena_trim(void) { return cache_release(0, SIZE_MAX, false); }
 
+/* MADV_DONTNEED of [addr, addr + len) in arena a, lock held; false if the
+ * kernel refused. The arena then no longer sits whole on a huge page. */
+static bool give_back_locked(mv_arena_t *a, uintptr_t addr, size_t len) {
+  if (mv_os_madvise((void *)addr, len, MADV_DONTNEED) != 0) return false;
+  a->thp = false;
+  purged_total += len;
+  return true;
+}
+
 /* Partial release (MOVALLOC_PURGE): the free slices of active arenas that may
  * hold data go back to the kernel. This breaks the huge page under such an
  * arena, so it runs only when the purge rule says so; the compactor moves the
@@ -674,13 +683,11 @@ size_t mv_arena_purge(void) {
       while (dirty) {
         unsigned first, n;
         uint32_t run = take_run(&dirty, &first, &n);
-        if (mv_os_madvise((void *)(base + ((uintptr_t)first << MV_SLICE_SHIFT)),
-                          (size_t)n << MV_SLICE_SHIFT, MADV_DONTNEED) != 0)
+        if (!give_back_locked(a, base + ((uintptr_t)first << MV_SLICE_SHIFT),
+                              (size_t)n << MV_SLICE_SHIFT))
           continue;
         a->zero_mask |= run;
-        a->thp = false;
         bytes += (size_t)n << MV_SLICE_SHIFT;
-        purged_total += (size_t)n << MV_SLICE_SHIFT;
       }
     }
     mv_unlock(&mv_arena_lock);
@@ -698,12 +705,9 @@ uint16_t mv_arena_purge_os_pages(const mv_page_t *page, uint16_t os_pages) {
     while (left) {
       unsigned first, n;
       uint32_t run = take_run(&left, &first, &n);
-      if (mv_os_madvise((void *)(page->start + ((uintptr_t)first << MV_OS_PAGE_SHIFT)),
-                        (size_t)n << MV_OS_PAGE_SHIFT, MADV_DONTNEED) != 0)
-        continue;
-      done |= run;
-      a->thp = false;
-      purged_total += (size_t)n << MV_OS_PAGE_SHIFT;
+      if (give_back_locked(a, page->start + ((uintptr_t)first << MV_OS_PAGE_SHIFT),
+                           (size_t)n << MV_OS_PAGE_SHIFT))
+        done |= run;
     }
   }
   mv_unlock(&mv_arena_lock);
@@ -711,20 +715,13 @@ uint16_t mv_arena_purge_os_pages(const mv_page_t *page, uint16_t os_pages) {
 }
 
 /* The same, for a whole page. */
-bool mv_arena_purge_page(const mv_page_t *page) {
+void mv_arena_purge_page(const mv_page_t *page) {
   size_t len = (size_t)page->slice_count << MV_SLICE_SHIFT;
   mv_arena_t *a = mv_arena_of(page->start);
-  bool done = false;
   mv_lock(&mv_arena_lock);
-  if (atomic_load(&a->state) == MV_ARENA_ACTIVE &&
-      mv_os_madvise((void *)page->start, len, MADV_DONTNEED) == 0) {
-    done = true;
-    a->thp = false;
-    purged_total += len;
+  if (atomic_load(&a->state) == MV_ARENA_ACTIVE && give_back_locked(a, page->start, len))
     page_purged_total += len;
-  }
   mv_unlock(&mv_arena_lock);
-  return done;
 }
 
 /* ---- isolation support for the engine ---- */

@@ -43,9 +43,10 @@ size_t mv_arena_purge(void);
  * off its lists. */
 uint16_t mv_arena_purge_os_pages(const mv_page_t *page, uint16_t os_pages);
 /* MADV_DONTNEED of a whole small page none of whose blocks is in use, while its
- * arena is ACTIVE; true if done. The caller keeps everyone off the page's data
- * meanwhile (mv_heap.c, page_reclaim). */
-bool mv_arena_purge_page(const mv_page_t *page);
+ * arena is ACTIVE (else, or if the kernel refuses, the page stays as it was).
+ * The caller keeps everyone off the page's data meanwhile (mv_heap.c,
+ * page_reclaim). */
+void mv_arena_purge_page(const mv_page_t *page);
 uint32_t mv_arena_frontier(void);
 
 /* fork() child, mv_arena_lock reinitialised: the arenas another thread was
