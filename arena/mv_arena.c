@@ -5,8 +5,9 @@
  * arena that has room, so live data packs into few arenas and the others empty
  * out completely; an empty arena is kept for reuse (up to the arena cache) or
  * returned to the kernel whole, never piecemeal, so a huge page under it is not
- * broken. Free arenas are reused lowest address first, before the frontier
- * grows.
+ * broken. Only an arena no huge page is meant for gives back free slices at
+ * once, past a threshold (trim_locked). Free arenas are reused lowest address
+ * first, before the frontier grows.
  *
  * Everything here runs under mv_arena_lock and touches only descriptors, never
  * arena data: an isolated arena never blocks this lock's holder.
@@ -31,6 +32,7 @@ _Atomic(uint32_t) mv_arenas_isolated; /* mv_arena_lock for writes */
 #define MV_COMMIT_STEP 16u /* arenas committed (mprotect) at a time */
 #define MV_BUCKET_SCAN 8   /* arenas tried per bucket before looking further */
 #define MV_DECAY_NS (1000ull * 1000000u) /* an unused cached arena goes back after this */
+#define MV_TRIM_SETTLE_NS (100ull * 1000000u) /* no trim this soon after a hand-out */
 
 /* All below: guarded by mv_arena_lock. */
 static uint32_t max_arenas;       /* the reservation, in arenas */
@@ -48,6 +50,7 @@ static uint64_t last_decay_ns;
 static uint64_t released_total;
 static uint64_t purged_total;     /* bytes, by the three mv_arena_purge* */
 static uint64_t page_purged_total; /* bytes, by mv_arena_purge_page */
+static uint64_t trimmed_total;    /* bytes, by trim_locked */
 static uint64_t huge_live;
 
 static const uint32_t all_slices = 0xffffffffu;
@@ -375,6 +378,8 @@ mv_page_t *mv_arena_alloc_class(unsigned n, bool *zeroed, unsigned lifeclass) {
   return page;
 }
 
+static void trim_locked(mv_arena_t *a);
+
 void mv_arena_free_slices(mv_page_t *page) {
   uintptr_t addr = page->start;
   mv_lock(&mv_arena_lock);
@@ -388,8 +393,12 @@ void mv_arena_free_slices(mv_page_t *page) {
   a->free_mask |= run_mask(first, n);
   a->free_count = (uint8_t)__builtin_popcount(a->free_mask);
   mv_arena_t *release = NULL;
-  if (a->free_count == MV_SLICES) release = arena_emptied(a);
-  else if (atomic_load(&a->state) == MV_ARENA_ACTIVE) bucket_insert(a);
+  if (a->free_count == MV_SLICES) {
+    release = arena_emptied(a);
+  } else if (atomic_load(&a->state) == MV_ARENA_ACTIVE) {
+    bucket_insert(a);
+    trim_locked(a);
+  }
   mv_unlock(&mv_arena_lock);
   if (release) release_unlocked(release);
 }
@@ -666,6 +675,57 @@ static bool give_back_locked(mv_arena_t *a, uintptr_t addr, size_t len) {
   return true;
 }
 
+/* The free slices of ACTIVE arena a that may hold data go back to the kernel
+ * and are known zero after; returns their bytes. Lock held. */
+static size_t give_back_free_locked(mv_arena_t *a) {
+  uintptr_t base = mv_heap_base + ((uintptr_t)a->index << MV_ARENA_SHIFT);
+  uint32_t dirty = a->free_mask & ~a->zero_mask;
+  size_t bytes = 0;
+  while (dirty) {
+    unsigned first, n;
+    uint32_t run = take_run(&dirty, &first, &n);
+    size_t len = (size_t)n << MV_SLICE_SHIFT;
+    if (!give_back_locked(a, base + ((uintptr_t)first << MV_SLICE_SHIFT), len)) continue;
+    a->zero_mask |= run;
+    bytes += len;
+  }
+  return bytes;
+}
+
+/* Whether arena a may sit on a huge page: it was moved onto one, or the heap
+ * asks the kernel for huge pages at fault time there (commit_upto). */
+static bool meant_for_thp(const mv_arena_t *a) {
+  return a->thp || mv_options.thp == MV_THP_FAULT ||
+         (mv_options.thp == MV_THP_AUTO && a->index >= MV_THP_AUTO_FROM);
+}
+
+/* glibc's trim threshold, for the arenas no huge page is meant for: such an
+ * arena keeps at most MOVALLOC_TRIM_KIB of free slices resident, and the free
+ * that passes it gives them all back. A small program that frees most of its
+ * heap then shrinks at once, as on glibc, whose trim and munmap of large
+ * chunks also happen at free (bench/wl_churn frees its 768 KiB table, then
+ * printf faults in libc code: without this that is a new peak). Never where a
+ * huge page is meant: breaking one costs more than the memory. Nor in an arena
+ * that handed out slices in the last MV_TRIM_SETTLE_NS: it is recycling them,
+ * and each trim would cost the faults to fill them again (bench/wl_realloc
+ * grows blocks into freed runs: 29% more CPU; bench/wl_larson retires and
+ * retakes pages). ACTIVE arena, lock held. */
+static void trim_locked(mv_arena_t *a) {
+  uint32_t dirty = a->free_mask & ~a->zero_mask;
+  if (mv_options.purge == MV_PURGE_NEVER || meant_for_thp(a) ||
+      ((size_t)__builtin_popcount(dirty) << MV_SLICE_SHIFT) <= (size_t)mv_options.trim_kib << 10 ||
+      mv_os_now_ns() - a->placed_ns < MV_TRIM_SETTLE_NS)
+    return;
+  trimmed_total += give_back_free_locked(a);
+}
+
+void mv_arena_set_trim_threshold(size_t bytes) {
+  size_t kib = bytes >> 10, most = MV_ARENA_SIZE >> 10;
+  mv_lock(&mv_arena_lock);
+  mv_options.trim_kib = (unsigned)(kib < most ? kib : most);
+  mv_unlock(&mv_arena_lock);
+}
+
 /* Partial release (MOVALLOC_PURGE): the free slices of active arenas that may
  * hold data go back to the kernel. This breaks the huge page under such an
  * arena, so it runs only when the purge rule says so; the compactor moves the
@@ -677,19 +737,8 @@ size_t mv_arena_purge(void) {
   for (uint32_t i = 0; i < mv_arena_frontier(); i++) {
     mv_lock(&mv_arena_lock);
     mv_arena_t *a = &mv_arenas[i];
-    uint32_t dirty = a->free_mask & ~a->zero_mask;
-    if (atomic_load(&a->state) == MV_ARENA_ACTIVE && !a->huge && a->committed) {
-      uintptr_t base = mv_heap_base + ((uintptr_t)i << MV_ARENA_SHIFT);
-      while (dirty) {
-        unsigned first, n;
-        uint32_t run = take_run(&dirty, &first, &n);
-        if (!give_back_locked(a, base + ((uintptr_t)first << MV_SLICE_SHIFT),
-                              (size_t)n << MV_SLICE_SHIFT))
-          continue;
-        a->zero_mask |= run;
-        bytes += (size_t)n << MV_SLICE_SHIFT;
-      }
-    }
+    if (atomic_load(&a->state) == MV_ARENA_ACTIVE && !a->huge && a->committed)
+      bytes += give_back_free_locked(a);
     mv_unlock(&mv_arena_lock);
   }
   return bytes;
@@ -773,6 +822,7 @@ void mv_arena_counts(struct mv_arena_counts *out) {
   out->released = released_total;
   out->purged_bytes = purged_total;
   out->page_purged_bytes = page_purged_total;
+  out->trimmed_bytes = trimmed_total;
   out->huge_objects = huge_live;
   for (uint32_t i = 0; i < frontier; i++) {
     mv_arena_t *a = &mv_arenas[i];

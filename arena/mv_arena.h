@@ -24,6 +24,7 @@ struct mv_arena_counts {
                             (MOVALLOC_PURGE), sparse pages' 4 KiB pages
                             (MOVALLOC_PURGE_SPARSE), whole pages (mv_arena_purge_page) */
   uint64_t page_purged_bytes; /* of which whole pages */
+  uint64_t trimmed_bytes;     /* of which free slices past MOVALLOC_TRIM_KIB (mv_arena.c) */
 };
 
 void mv_arena_counts(struct mv_arena_counts *out);
@@ -37,6 +38,9 @@ size_t mv_arena_reserved_bytes(void);
  * be zero (breaking their huge pages); returns the bytes released. Only the
  * purge rule (MOVALLOC_PURGE) calls it. */
 size_t mv_arena_purge(void);
+/* mallopt(M_TRIM_THRESHOLD): MOVALLOC_TRIM_KIB from now on, in bytes (rounded
+ * down to KiB; an arena's size and more: never). */
+void mv_arena_set_trim_threshold(size_t bytes);
 /* MADV_DONTNEED of the 4 KiB pages of a one-slice small page whose bits are set
  * in os_pages (MOVALLOC_PURGE_SPARSE), while its arena is ACTIVE; returns the
  * bits done. The caller owns the page and keeps every block overlapping them

@@ -73,7 +73,10 @@ struct movalloc_stats {
   uint64_t away_purged_bytes;    /* of purged_bytes: pages that other threads emptied while
                                     the thread owning them was away (blocked) */
 
-  uint64_t reserved_for_growth[22]; /* zero; later counters take these slots */
+  uint64_t trimmed_bytes;        /* of purged_bytes: free slices that arenas no huge page is
+                                    meant for gave back at free (MOVALLOC_TRIM_KIB) */
+
+  uint64_t reserved_for_growth[21]; /* zero; later counters take these slots */
 };
 
 /* Fills *out. Returns 0, or -EINVAL for a NULL pointer. Never allocates. */

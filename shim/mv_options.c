@@ -37,13 +37,20 @@ const struct mv_option mv_option_table[] = {
     {"MOVALLOC_PURGE", MV_OPT_ENUM, "never|pressure|always", 0, 0, 1, FIELD(purge),
      "return free slices inside arenas, and sparse pages' free 4 KiB pages, to the kernel "
      "(breaks their huge pages): never, under memory pressure or on malloc_trim, or every "
-     "compactor round (and sparse pages as heaps grow); but never, the pages of a thread "
-     "that is away once other threads freed all their blocks"},
+     "compactor round (and sparse pages as heaps grow); but never, also the free slices past "
+     "MOVALLOC_TRIM_KIB, and the pages of a thread that is away once other threads freed "
+     "all their blocks"},
     {"MOVALLOC_PURGE_FREE_PCT", MV_OPT_UINT, NULL, 1, 99, 5, FIELD(purge_free_pct),
      "memory pressure: MemAvailable below this percent of MemTotal"},
     {"MOVALLOC_PURGE_SPARSE", MV_OPT_UINT, NULL, 0, 100, 25, FIELD(purge_sparse),
      "pages with at most this percent of their bytes in use give their wholly free 4 KiB "
      "pages back to the kernel when MOVALLOC_PURGE says (breaks huge pages); 0: never"},
+    {"MOVALLOC_TRIM_KIB", MV_OPT_UINT, NULL, 0, 2048, 1024, FIELD(trim_kib),
+     "an arena no huge page is meant for (below the MOVALLOC_THP=auto line, any under compact "
+     "or never, unless moved onto one) keeps at most this many KiB of free slices resident: "
+     "the free that passes it gives them back unless the arena handed out slices in the last "
+     "100 ms, as glibc's trim threshold (mallopt "
+     "M_TRIM_THRESHOLD sets it; not under MOVALLOC_PURGE=never); 2048: never"},
     {"MOVALLOC_COMPACT_STRESS", MV_OPT_BOOL, NULL, 0, 1, 0, FIELD(compact_stress),
      "move every arena as often as possible (a torture mode for tests)"},
     {"MOVALLOC_THP", MV_OPT_ENUM, "compact|fault|never|auto", 0, 0, 3, FIELD(thp),

@@ -45,6 +45,8 @@ struct mv_options {
   enum mv_purge_mode purge; /* MOVALLOC_PURGE */
   unsigned purge_free_pct; /* MOVALLOC_PURGE_FREE_PCT: pressure below this % available */
   unsigned purge_sparse;  /* MOVALLOC_PURGE_SPARSE: % in use at most, for 4 KiB purges; 0 off */
+  unsigned trim_kib;      /* MOVALLOC_TRIM_KIB: free slices an arena without a huge page keeps
+                             resident (mallopt M_TRIM_THRESHOLD sets it, under mv_arena_lock) */
   bool compact_stress;    /* MOVALLOC_COMPACT_STRESS: move everything, constantly (tests) */
   enum mv_thp_mode thp;   /* MOVALLOC_THP */
   size_t reserve_gib;     /* MOVALLOC_RESERVE_GIB: virtual reservation for the heap */

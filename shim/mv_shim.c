@@ -117,8 +117,10 @@ MV_EXPORT struct mallinfo mallinfo(void) {
  * does on success), refuse unknown ones (0). */
 MV_EXPORT int mallopt(int param, int value) {
   switch (param) {
+    case M_TRIM_THRESHOLD: /* bytes; glibc takes -1 as never too */
+      mv_arena_set_trim_threshold(value < 0 ? SIZE_MAX : (size_t)value);
+      return 1;
     case M_MXFAST:
-    case M_TRIM_THRESHOLD:
     case M_TOP_PAD:
     case M_MMAP_THRESHOLD:
     case M_MMAP_MAX:

@@ -35,6 +35,7 @@ void mv_stats_fill(struct movalloc_stats *out, bool engine) {
   out->coverage_ppm = c.active ? c.thp * 1000000 / c.active : 0;
   out->purged_bytes = c.purged_bytes;
   out->away_purged_bytes = c.page_purged_bytes;
+  out->trimmed_bytes = c.trimmed_bytes;
   mv_heap_misuse_counts(&out->invalid_frees, &out->double_frees);
   if (engine) mv_engine_stats(out);
   else mv_snprintf(out->backend_reason, sizeof out->backend_reason, "not chosen yet");
@@ -60,7 +61,7 @@ static const char *human(uint64_t bytes, char *buf, size_t cap) {
 size_t mv_stats_format(char *buf, size_t cap, const char *title) {
   struct movalloc_stats s;
   movalloc_stats_get(&s);
-  char a[32], b[32], c[32];
+  char a[32], b[32], c[32], d[32];
   size_t n = 0;
   n += mv_snprintf(buf + n, cap - n, "movalloc: %s (pid %d)\n", title, (int)getpid());
   n += mv_snprintf(buf + n, cap - n,
@@ -74,11 +75,12 @@ size_t mv_stats_format(char *buf, size_t cap, const char *title) {
                    (unsigned long long)s.arenas_cached, (unsigned long long)s.arenas_released);
   n += mv_snprintf(buf + n, cap - n,
                    "movalloc:   huge pages  %s (%llu.%llu%% of arenas in use); %s purged inside "
-                   "arenas (%s of away threads' pages)\n",
+                   "arenas (%s of away threads' pages, %s trimmed)\n",
                    human(s.huge_page_bytes, a, sizeof a),
                    (unsigned long long)(s.coverage_ppm / 10000),
                    (unsigned long long)(s.coverage_ppm / 1000 % 10),
-                   human(s.purged_bytes, b, sizeof b), human(s.away_purged_bytes, c, sizeof c));
+                   human(s.purged_bytes, b, sizeof b), human(s.away_purged_bytes, c, sizeof c),
+                   human(s.trimmed_bytes, d, sizeof d));
   uint64_t wall_s = s.compactor_wall_ns / 1000000000u;
   n += mv_snprintf(buf + n, cap - n,
                    "movalloc:   compactor   %llu rounds (%llu throttled by the CPU budget) in "

@@ -1,6 +1,7 @@
 // Arena carving and placement: runs of slices come from the fullest arena with
-// room, huge spans are contiguous and reused before the heap grows, and an arena
-// that empties while isolated is freed only when it is put back.
+// room, huge spans are contiguous and reused before the heap grows, an arena
+// that empties while isolated is freed only when it is put back, and an arena no
+// huge page is meant for trims its free slices past MOVALLOC_TRIM_KIB.
 #include <gtest/gtest.h>
 #include <malloc.h>
 #include <string.h>
@@ -12,11 +13,13 @@
 
 #include <atomic>
 #include <thread>
+#include <vector>
 
 extern "C" {
 #include "arena/mv_alloc.h"
 #include "arena/mv_arena.h"
 #include "arena/mv_prim.h"
+#include "shim/mv_options.h"
 }
 
 namespace {
@@ -222,6 +225,192 @@ TEST(Arena, ForkDuringASpanReleaseLeavesTheChildItsArenas) {
       << "1: the heap grew while the span's arenas were lost, 2: no memory, 3: never reused";
   EXPECT_FALSE(mv_arena_of(span_start)->committed) << "the parent's release went through";
   malloc_trim(0);
+}
+
+// Trim (mv_arena.c, trim_locked). Pages of the long-lived class: nothing else in
+// this process takes them, so the three pages Carve makes share one fresh arena.
+class Trim : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    saved_ = mv_options;
+    mv_options.thp = MV_THP_COMPACT;  // no arena is meant for a huge page at fault time
+    mv_options.purge = MV_PURGE_PRESSURE;
+    mv_options.trim_kib = 1024;
+  }
+  // Pages a (16 slices), b (14) and c (2) fill one fresh arena, every byte
+  // written; beyond_line: an arena past the first MV_THP_AUTO_FROM.
+  void Carve(bool beyond_line = false) {
+    bool zeroed;
+    if (beyond_line) {
+      // Whole arenas come from the cache, the most recent first, else the
+      // lowest free index: take them until one lies beyond the line, and give
+      // that one back to be the next.
+      std::vector<mv_page_t *> below;
+      mv_page_t *beyond = nullptr;
+      while (!beyond) {
+        mv_page_t *p = Take(MV_SLICES, &zeroed);
+        ASSERT_NE(p, nullptr);
+        if (ArenaOf(p)->index >= MV_THP_AUTO_FROM) beyond = p;
+        else below.push_back(p);
+      }
+      mv_arena_free_slices(beyond);
+      a_ = Take(16, &zeroed);
+      for (mv_page_t *p : below) mv_arena_free_slices(p);
+      ASSERT_EQ(a_->start, beyond->start);
+    } else {
+      a_ = Take(16, &zeroed);
+    }
+    b_ = Take(14, &zeroed);
+    c_ = Take(2, &zeroed);
+    ASSERT_TRUE(a_ && b_ && c_);
+    ASSERT_EQ(a_->slice_count + b_->slice_count + c_->slice_count, MV_SLICES);
+    arena_ = ArenaOf(a_);
+    ASSERT_EQ(ArenaOf(b_), arena_);
+    ASSERT_EQ(ArenaOf(c_), arena_);
+    ASSERT_EQ(arena_->free_count, 0u);
+    for (mv_page_t *p : {a_, b_, c_}) memset((void *)p->start, 0x6b, Bytes(p));
+    a_start_ = a_->start;
+    b_start_ = b_->start;
+    Settle();
+  }
+  void TearDown() override {
+    if (c_) mv_arena_free_slices(c_);  // the arena empties: the next test starts afresh
+    mv_options = saved_;
+  }
+  static mv_page_t *Take(unsigned slices, bool *zeroed) {
+    return mv_arena_alloc_class(slices, zeroed, MV_LIFE_LONG);
+  }
+  static size_t Bytes(const mv_page_t *p) { return (size_t)p->slice_count << MV_SLICE_SHIFT; }
+  // 4 KiB pages of [start, start + len) that are resident.
+  static size_t ResidentPages(uintptr_t start, size_t len) {
+    std::vector<unsigned char> v(len / 4096);
+    EXPECT_EQ(mincore((void *)start, len, v.data()), 0);
+    size_t n = 0;
+    for (unsigned char c : v) n += c & 1;
+    return n;
+  }
+  static uint64_t Trimmed() {
+    struct mv_arena_counts c;
+    mv_arena_counts(&c);
+    return c.trimmed_bytes;
+  }
+  // The arena handed out its last slices long enough ago for a trim.
+  void Settle() { arena_->placed_ns = mv_os_now_ns() - 200 * 1000000ull; }
+  // Frees b (14 slices: under the threshold), then a (16 more: past it).
+  void FreeBThenA() {
+    mv_arena_free_slices(b_);
+    b_gone_ = ResidentPages(b_start_, 14 * MV_SLICE_SIZE) == 0;
+    mv_arena_free_slices(a_);
+    ASSERT_EQ(arena_->free_count, 30u);
+  }
+  bool CIntact() const {
+    const unsigned char *m = (const unsigned char *)c_->start;
+    for (size_t i = 0; i < Bytes(c_); i++)
+      if (m[i] != 0x6b) return false;
+    return true;
+  }
+
+  struct mv_options saved_;
+  mv_page_t *a_ = nullptr, *b_ = nullptr, *c_ = nullptr;
+  mv_arena_t *arena_ = nullptr;
+  uintptr_t a_start_ = 0, b_start_ = 0;
+  bool b_gone_ = false;
+};
+
+TEST_F(Trim, AFreePastTheThresholdGivesTheArenasFreeSlicesBack) {
+  ASSERT_NO_FATAL_FAILURE(Carve());
+  uint64_t before = Trimmed();
+  FreeBThenA();
+  EXPECT_FALSE(b_gone_) << "14 free slices are within 1 MiB: they stay for reuse";
+  EXPECT_EQ(ResidentPages(a_start_, 30 * MV_SLICE_SIZE), 0u) << "30 free slices: all go back";
+  EXPECT_EQ(Trimmed() - before, 30 * MV_SLICE_SIZE);
+  EXPECT_TRUE(CIntact()) << "the page still in use keeps its data";
+  bool zeroed = false;
+  mv_page_t *again = Take(30, &zeroed);
+  ASSERT_NE(again, nullptr);
+  EXPECT_EQ(again->start, a_start_);
+  EXPECT_TRUE(zeroed) << "given back: known zero, calloc need not clear it";
+  mv_arena_free_slices(again);
+}
+
+// An arena that handed out slices in the last 100 ms is recycling them: no
+// trim, so that the next hand-out does not fault them in again.
+TEST_F(Trim, NotRightAfterAHandOut) {
+  ASSERT_NO_FATAL_FAILURE(Carve());
+  arena_->placed_ns = mv_os_now_ns();
+  uint64_t before = Trimmed();
+  FreeBThenA();
+  EXPECT_EQ(ResidentPages(a_start_, 30 * MV_SLICE_SIZE), 30 * MV_SLICE_OS_PAGES);
+  EXPECT_EQ(Trimmed(), before);
+}
+
+TEST_F(Trim, NotWhereTheArenaSitsOnAHugePage) {
+  ASSERT_NO_FATAL_FAILURE(Carve());
+  arena_->thp = true;  // moved onto one: a trim would break it
+  uint64_t before = Trimmed();
+  FreeBThenA();
+  arena_->thp = false;
+  EXPECT_EQ(ResidentPages(a_start_, 30 * MV_SLICE_SIZE), 30 * MV_SLICE_OS_PAGES);
+  EXPECT_EQ(Trimmed(), before);
+}
+
+TEST_F(Trim, NotWhereHugePagesComeAtFaultTime) {
+  ASSERT_NO_FATAL_FAILURE(Carve());
+  mv_options.thp = MV_THP_FAULT;
+  uint64_t before = Trimmed();
+  FreeBThenA();
+  EXPECT_EQ(ResidentPages(a_start_, 30 * MV_SLICE_SIZE), 30 * MV_SLICE_OS_PAGES);
+  EXPECT_EQ(Trimmed(), before);
+}
+
+// MOVALLOC_THP=auto asks for huge pages at fault time from the 17th arena on.
+TEST_F(Trim, UnderAutoBelowTheLine) {
+  ASSERT_NO_FATAL_FAILURE(Carve());
+  mv_options.thp = MV_THP_AUTO;
+  ASSERT_LT(arena_->index, MV_THP_AUTO_FROM);
+  uint64_t before = Trimmed();
+  FreeBThenA();
+  EXPECT_EQ(ResidentPages(a_start_, 30 * MV_SLICE_SIZE), 0u);
+  EXPECT_EQ(Trimmed() - before, 30 * MV_SLICE_SIZE);
+}
+
+TEST_F(Trim, NotUnderAutoBeyondTheLine) {
+  ASSERT_NO_FATAL_FAILURE(Carve(true));
+  mv_options.thp = MV_THP_AUTO;
+  ASSERT_GE(arena_->index, MV_THP_AUTO_FROM);
+  uint64_t before = Trimmed();
+  FreeBThenA();
+  EXPECT_EQ(ResidentPages(a_start_, 30 * MV_SLICE_SIZE), 30 * MV_SLICE_OS_PAGES);
+  EXPECT_EQ(Trimmed(), before);
+}
+
+TEST_F(Trim, NotUnderPurgeNever) {
+  ASSERT_NO_FATAL_FAILURE(Carve());
+  mv_options.purge = MV_PURGE_NEVER;
+  uint64_t before = Trimmed();
+  FreeBThenA();
+  EXPECT_EQ(ResidentPages(a_start_, 30 * MV_SLICE_SIZE), 30 * MV_SLICE_OS_PAGES);
+  EXPECT_EQ(Trimmed(), before);
+}
+
+// mallopt(M_TRIM_THRESHOLD) sets the threshold in bytes, -1 being never.
+TEST_F(Trim, MalloptSetsTheThreshold) {
+  ASSERT_NO_FATAL_FAILURE(Carve());
+  ASSERT_EQ(mallopt(M_TRIM_THRESHOLD, 512 << 10), 1);
+  EXPECT_EQ(mv_options.trim_kib, 512u);
+  FreeBThenA();
+  EXPECT_TRUE(b_gone_) << "14 free slices are past 512 KiB";
+  ASSERT_EQ(mallopt(M_TRIM_THRESHOLD, -1), 1);
+  EXPECT_EQ(mv_options.trim_kib, MV_ARENA_SIZE >> 10) << "never: an arena's worth";
+}
+
+TEST_F(Trim, MalloptMinusOneIsNever) {
+  ASSERT_NO_FATAL_FAILURE(Carve());
+  ASSERT_EQ(mallopt(M_TRIM_THRESHOLD, -1), 1);
+  uint64_t before = Trimmed();
+  FreeBThenA();
+  EXPECT_EQ(ResidentPages(a_start_, 30 * MV_SLICE_SIZE), 30 * MV_SLICE_OS_PAGES);
+  EXPECT_EQ(Trimmed(), before);
 }
 
 TEST(ArenaDeathTest, ImpossibleTransitionsAbort) {
