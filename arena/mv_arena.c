@@ -707,9 +707,9 @@ static bool meant_for_thp(const mv_arena_t *a) {
  * printf faults in libc code: without this that is a new peak). Never where a
  * huge page is meant: breaking one costs more than the memory. Nor in an arena
  * that handed out slices in the last MV_TRIM_SETTLE_NS: it is recycling them,
- * and each trim would cost the faults to fill them again (bench/wl_realloc
- * grows blocks into freed runs: 29% more CPU; bench/wl_larson retires and
- * retakes pages). ACTIVE arena, lock held. */
+ * and each trim would cost the faults to fill them again (trimming at once
+ * cost bench/wl_realloc, which grows blocks into the runs it frees, 21-29% more
+ * CPU). ACTIVE arena, lock held. */
 static void trim_locked(mv_arena_t *a) {
   uint32_t dirty = a->free_mask & ~a->zero_mask;
   if (mv_options.purge == MV_PURGE_NEVER || meant_for_thp(a) ||

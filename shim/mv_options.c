@@ -46,11 +46,11 @@ const struct mv_option mv_option_table[] = {
      "pages with at most this percent of their bytes in use give their wholly free 4 KiB "
      "pages back to the kernel when MOVALLOC_PURGE says (breaks huge pages); 0: never"},
     {"MOVALLOC_TRIM_KIB", MV_OPT_UINT, NULL, 0, 2048, 1024, FIELD(trim_kib),
-     "an arena no huge page is meant for (below the MOVALLOC_THP=auto line, any under compact "
-     "or never, unless moved onto one) keeps at most this many KiB of free slices resident: "
-     "the free that passes it gives them back unless the arena handed out slices in the last "
-     "100 ms, as glibc's trim threshold (mallopt "
-     "M_TRIM_THRESHOLD sets it; not under MOVALLOC_PURGE=never); 2048: never"},
+     "glibc's trim threshold: an arena no huge page is meant for (below the MOVALLOC_THP=auto "
+     "line, any under compact or never, unless moved onto one) keeps at most this many KiB "
+     "of free slices resident; the free that passes it gives them back, unless the arena "
+     "handed out slices in the last 100 ms (mallopt M_TRIM_THRESHOLD sets it; not under "
+     "MOVALLOC_PURGE=never); 2048: never"},
     {"MOVALLOC_COMPACT_STRESS", MV_OPT_BOOL, NULL, 0, 1, 0, FIELD(compact_stress),
      "move every arena as often as possible (a torture mode for tests)"},
     {"MOVALLOC_THP", MV_OPT_ENUM, "compact|fault|never|auto", 0, 0, 3, FIELD(thp),
