@@ -107,7 +107,7 @@ static const struct mv_backend *engine_backend(void) {
     const struct mv_backend *b =
         mv_backend_select((enum mv_backend_kind)mv_options.migrate, backend_reason,
                           sizeof backend_reason);
-    backend = b;
+    __atomic_store_n(&backend, b, __ATOMIC_RELEASE); /* after its reason: mv_engine_stats */
     if (mv_options.verbose) mv_log("migration backend %s: %s", b->name, backend_reason);
   }
   return backend;
@@ -117,7 +117,7 @@ void mv_engine_start(void) {
   if (mv_options.verbose) engine_backend();
 }
 
-const char *mv_engine_backend_name(void) { return engine_backend()->name; }
+bool mv_engine_backend_chosen(void) { return __atomic_load_n(&backend, __ATOMIC_ACQUIRE) != NULL; }
 
 void mv_engine_use_backend(const struct mv_backend *b, enum mv_move_step fail_at) {
   mv_lock(&mv_engine_lock);

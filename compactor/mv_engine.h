@@ -38,8 +38,8 @@ void mv_engine_use_backend(const struct mv_backend *b, enum mv_move_step fail_at
  * budget). Returns how many moved, or -errno as movalloc_compact(). */
 int mv_engine_compact(unsigned flags, int max_moves);
 
-/* The backend in use ("move", ..., "off"); chooses it if not done yet. */
-const char *mv_engine_backend_name(void);
+/* Whether the backend was chosen (the kernel probed) yet. */
+bool mv_engine_backend_chosen(void);
 
 /* The background compactor (mv_compactor.c). mv_compactor_poke() is cheap and
  * called by the allocator when its heap grows: it starts the thread once the

@@ -1,8 +1,14 @@
-// The allocation-free printer: every conversion the code base uses.
+// The allocation-free printer: every conversion the code base uses; and the
+// summary MOVALLOC_STATS=1 prints with it.
 #include <gtest/gtest.h>
+
+#include <string>
 
 extern "C" {
 #include "arena/mv_print.h"
+#include "compactor/mv_engine.h"
+#include "include/movalloc.h"
+#include "shim/mv_stats.h"
 }
 
 namespace {
@@ -45,6 +51,23 @@ TEST(Print, TruncatesAndTerminates) {
   EXPECT_STREQ(buf, "0123456");
   EXPECT_EQ(mv_snprintf(buf, 1, "abc"), 0u);
   EXPECT_STREQ(buf, "");
+}
+
+// The summary does not choose a backend for a program that moved nothing:
+// choosing probes the kernel (a huge page faulted in, milliseconds). This
+// binary never compacts, so nothing has chosen one before.
+TEST(Summary, NamesNoBackendUntilOneIsChosen) {
+  ASSERT_FALSE(mv_engine_backend_chosen());
+  char buf[2048];
+  std::string before(buf, mv_stats_format(buf, sizeof buf, "stats"));
+  EXPECT_NE(before.find("migration   backend - (not chosen yet)"), std::string::npos) << before;
+  EXPECT_FALSE(mv_engine_backend_chosen()) << "the summary probed the kernel";
+  struct movalloc_stats st;
+  ASSERT_EQ(movalloc_stats_get(&st), 0);  // the API does choose, as documented
+  ASSERT_TRUE(mv_engine_backend_chosen());
+  std::string after(buf, mv_stats_format(buf, sizeof buf, "stats"));
+  EXPECT_NE(after.find(std::string("migration   backend ") + st.backend + " ("), std::string::npos)
+      << after;
 }
 
 }  // namespace
