@@ -303,6 +303,21 @@ class Trim : public ::testing::Test {
     mv_arena_free_slices(a_);
     ASSERT_EQ(arena_->free_count, 30u);
   }
+  // Frees b then a: nothing may go back.
+  void FreeAndExpectKept() {
+    uint64_t before = Trimmed();
+    FreeBThenA();
+    EXPECT_EQ(ResidentPages(a_start_, 30 * MV_SLICE_SIZE), 30 * MV_SLICE_OS_PAGES);
+    EXPECT_EQ(Trimmed(), before);
+  }
+  // Frees b then a: all 30 free slices go back, at a's free.
+  void FreeAndExpectTrimmed() {
+    uint64_t before = Trimmed();
+    FreeBThenA();
+    EXPECT_FALSE(b_gone_) << "14 free slices are within 1 MiB: they stay for reuse";
+    EXPECT_EQ(ResidentPages(a_start_, 30 * MV_SLICE_SIZE), 0u) << "30 free slices: all go back";
+    EXPECT_EQ(Trimmed() - before, 30 * MV_SLICE_SIZE);
+  }
   bool CIntact() const {
     const unsigned char *m = (const unsigned char *)c_->start;
     for (size_t i = 0; i < Bytes(c_); i++)
@@ -319,11 +334,7 @@ class Trim : public ::testing::Test {
 
 TEST_F(Trim, AFreePastTheThresholdGivesTheArenasFreeSlicesBack) {
   ASSERT_NO_FATAL_FAILURE(Carve());
-  uint64_t before = Trimmed();
-  FreeBThenA();
-  EXPECT_FALSE(b_gone_) << "14 free slices are within 1 MiB: they stay for reuse";
-  EXPECT_EQ(ResidentPages(a_start_, 30 * MV_SLICE_SIZE), 0u) << "30 free slices: all go back";
-  EXPECT_EQ(Trimmed() - before, 30 * MV_SLICE_SIZE);
+  FreeAndExpectTrimmed();
   EXPECT_TRUE(CIntact()) << "the page still in use keeps its data";
   bool zeroed = false;
   mv_page_t *again = Take(30, &zeroed);
@@ -338,29 +349,20 @@ TEST_F(Trim, AFreePastTheThresholdGivesTheArenasFreeSlicesBack) {
 TEST_F(Trim, NotRightAfterAHandOut) {
   ASSERT_NO_FATAL_FAILURE(Carve());
   arena_->placed_ns = mv_os_now_ns();
-  uint64_t before = Trimmed();
-  FreeBThenA();
-  EXPECT_EQ(ResidentPages(a_start_, 30 * MV_SLICE_SIZE), 30 * MV_SLICE_OS_PAGES);
-  EXPECT_EQ(Trimmed(), before);
+  FreeAndExpectKept();
 }
 
 TEST_F(Trim, NotWhereTheArenaSitsOnAHugePage) {
   ASSERT_NO_FATAL_FAILURE(Carve());
   arena_->thp = true;  // moved onto one: a trim would break it
-  uint64_t before = Trimmed();
-  FreeBThenA();
+  FreeAndExpectKept();
   arena_->thp = false;
-  EXPECT_EQ(ResidentPages(a_start_, 30 * MV_SLICE_SIZE), 30 * MV_SLICE_OS_PAGES);
-  EXPECT_EQ(Trimmed(), before);
 }
 
 TEST_F(Trim, NotWhereHugePagesComeAtFaultTime) {
   ASSERT_NO_FATAL_FAILURE(Carve());
   mv_options.thp = MV_THP_FAULT;
-  uint64_t before = Trimmed();
-  FreeBThenA();
-  EXPECT_EQ(ResidentPages(a_start_, 30 * MV_SLICE_SIZE), 30 * MV_SLICE_OS_PAGES);
-  EXPECT_EQ(Trimmed(), before);
+  FreeAndExpectKept();
 }
 
 // MOVALLOC_THP=auto asks for huge pages at fault time from the 17th arena on.
@@ -368,29 +370,20 @@ TEST_F(Trim, UnderAutoBelowTheLine) {
   ASSERT_NO_FATAL_FAILURE(Carve());
   mv_options.thp = MV_THP_AUTO;
   ASSERT_LT(arena_->index, MV_THP_AUTO_FROM);
-  uint64_t before = Trimmed();
-  FreeBThenA();
-  EXPECT_EQ(ResidentPages(a_start_, 30 * MV_SLICE_SIZE), 0u);
-  EXPECT_EQ(Trimmed() - before, 30 * MV_SLICE_SIZE);
+  FreeAndExpectTrimmed();
 }
 
 TEST_F(Trim, NotUnderAutoBeyondTheLine) {
   ASSERT_NO_FATAL_FAILURE(Carve(true));
   mv_options.thp = MV_THP_AUTO;
   ASSERT_GE(arena_->index, MV_THP_AUTO_FROM);
-  uint64_t before = Trimmed();
-  FreeBThenA();
-  EXPECT_EQ(ResidentPages(a_start_, 30 * MV_SLICE_SIZE), 30 * MV_SLICE_OS_PAGES);
-  EXPECT_EQ(Trimmed(), before);
+  FreeAndExpectKept();
 }
 
 TEST_F(Trim, NotUnderPurgeNever) {
   ASSERT_NO_FATAL_FAILURE(Carve());
   mv_options.purge = MV_PURGE_NEVER;
-  uint64_t before = Trimmed();
-  FreeBThenA();
-  EXPECT_EQ(ResidentPages(a_start_, 30 * MV_SLICE_SIZE), 30 * MV_SLICE_OS_PAGES);
-  EXPECT_EQ(Trimmed(), before);
+  FreeAndExpectKept();
 }
 
 // mallopt(M_TRIM_THRESHOLD) sets the threshold in bytes, -1 being never.
@@ -407,10 +400,7 @@ TEST_F(Trim, MalloptSetsTheThreshold) {
 TEST_F(Trim, MalloptMinusOneIsNever) {
   ASSERT_NO_FATAL_FAILURE(Carve());
   ASSERT_EQ(mallopt(M_TRIM_THRESHOLD, -1), 1);
-  uint64_t before = Trimmed();
-  FreeBThenA();
-  EXPECT_EQ(ResidentPages(a_start_, 30 * MV_SLICE_SIZE), 30 * MV_SLICE_OS_PAGES);
-  EXPECT_EQ(Trimmed(), before);
+  FreeAndExpectKept();
 }
 
 TEST(ArenaDeathTest, ImpossibleTransitionsAbort) {
