@@ -27,6 +27,7 @@
 #include "arena/mv_prim.h"
 #include "arena/mv_print.h"
 #include "compactor/mv_backend.h"
+#include "compactor/mv_backend_int.h"
 #include "compactor/mv_uffd.h"
 #include "shim/mv_channel.h"
 #include "shim/mv_init.h"
@@ -118,6 +119,19 @@ void mv_engine_start(void) {
 }
 
 bool mv_engine_backend_chosen(void) { return __atomic_load_n(&backend, __ATOMIC_ACQUIRE) != NULL; }
+
+void mv_engine_open_ahead(void) {
+  if (!mv_lock_try(&mv_engine_lock)) return;
+  const struct mv_backend *b = engine_backend();
+  mv_unlock(&mv_engine_lock);
+  if (b->kind == MV_BACKEND_OFF) return;
+  if (b->kind == MV_BACKEND_MOVE || b->kind == MV_BACKEND_REMAP) mv_uffd_get();
+  /* What tells huge pages and reads arenas without faulting (mv_thp.c); a
+   * backend may use fewer. */
+  static const enum mv_kept proc_files[] = {MV_KEPT_PAGEMAP, MV_KEPT_KPAGEFLAGS, MV_KEPT_SMAPS,
+                                            MV_KEPT_MAPS, MV_KEPT_MEM};
+  for (size_t i = 0; i < sizeof proc_files / sizeof proc_files[0]; i++) mv_proc_fd(proc_files[i]);
+}
 
 void mv_engine_use_backend(const struct mv_backend *b, enum mv_move_step fail_at) {
   mv_lock(&mv_engine_lock);

@@ -41,6 +41,11 @@ int mv_engine_compact(unsigned flags, int max_moves);
 /* Whether the backend was chosen (the kernel probed) yet. */
 bool mv_engine_backend_chosen(void);
 
+/* Chooses the backend and opens the descriptors it and the engine keep, on the
+ * calling thread (mv_compactor_poke: the compactor's thread then opens none);
+ * skipped while a compaction runs, whose thread does it then. */
+void mv_engine_open_ahead(void);
+
 /* The background compactor (mv_compactor.c). mv_compactor_poke() is cheap and
  * called by the allocator when its heap grows: it starts the thread once the
  * heap is big enough to be worth it, if MOVALLOC_COMPACT allows. */
