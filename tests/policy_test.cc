@@ -8,6 +8,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <functional>
 #include <set>
 #include <string>
 #include <vector>
@@ -347,6 +348,15 @@ int CompactorThreads() {
   return n;
 }
 
+// body() in a fork child: its exit status, -1 if it did not exit.
+int ExitStatusOfChild(const std::function<int()> &body) {
+  pid_t pid = fork();
+  if (pid == 0) _exit(body());
+  int status = 0;
+  if (pid < 0 || waitpid(pid, &status, 0) != pid || !WIFEXITED(status)) return -1;
+  return WEXITSTATUS(status);
+}
+
 TEST(Compactor, StopsAtForkAndStartsAgainInTheChild) {
   if (!mv_options.compact) GTEST_SKIP() << "MOVALLOC_COMPACT=0 here";
   std::vector<void *> big;
@@ -354,8 +364,7 @@ TEST(Compactor, StopsAtForkAndStartsAgainInTheChild) {
   ASSERT_TRUE(mv_compactor_running());
   for (int i = 0; i < 100 && CompactorThreads() == 0; i++) usleep(10000);
   ASSERT_EQ(CompactorThreads(), 1);
-  pid_t pid = fork();
-  if (pid == 0) {
+  int status = ExitStatusOfChild([] {
     int code = 0;
     if (mv_compactor_running() || CompactorThreads() != 0) code = 1;  // none in the child
     void *volatile p = malloc(3 << 20);  // the heap grows: the next poke starts one
@@ -364,13 +373,9 @@ TEST(Compactor, StopsAtForkAndStartsAgainInTheChild) {
     if (CompactorThreads() != 1) code = 3;
     if (code == 3) system("grep . /proc/$PPID/task/*/comm /proc/self/task/*/comm >&2; echo child $$ >&2");
     free(p);
-    _exit(code);
-  }
-  int status = 0;
-  ASSERT_EQ(waitpid(pid, &status, 0), pid);
-  EXPECT_TRUE(WIFEXITED(status));
-  EXPECT_EQ(WEXITSTATUS(status), 0) << "1: a compactor in the child at once, 2: not restarted, "
-                                       "3: no thread";
+    return code;
+  });
+  EXPECT_EQ(status, 0) << "1: a compactor in the child at once, 2: not restarted, 3: no thread";
   for (void *p : big) free(p);
 }
 
@@ -392,11 +397,10 @@ std::set<int> OpenFds() {
 // every round moves arenas: nothing opened after the start stays open.
 TEST(Compactor, ItsThreadOpensNoDescriptor) {
   if (!mv_options.compact) GTEST_SKIP() << "MOVALLOC_COMPACT=0 here";
-  pid_t pid = fork();
-  if (pid == 0) {
+  int status = ExitStatusOfChild([] {
     mv_options.compact_stress = true;
     void *volatile p = malloc(3 << 20);  // the heap grows: the poke starts the compactor
-    if (!mv_compactor_running()) _exit(2);
+    if (!mv_compactor_running()) return 2;
     std::set<int> at_start = OpenFds();
     for (int i = 0; i < 100 && CompactorThreads() == 0; i++) usleep(10000);
     usleep(300 * 1000);  // 30 rounds or so
@@ -410,13 +414,10 @@ TEST(Compactor, ItsThreadOpensNoDescriptor) {
       code = 1;
     }
     free(p);
-    _exit(code);
-  }
-  int status = 0;
-  ASSERT_EQ(waitpid(pid, &status, 0), pid);
-  EXPECT_TRUE(WIFEXITED(status));
-  EXPECT_EQ(WEXITSTATUS(status), 0) << "1: the compactor's thread opened descriptors (above), "
-                                       "2: no compactor started";
+    return code;
+  });
+  EXPECT_EQ(status, 0) << "1: the compactor's thread opened descriptors (above), "
+                          "2: no compactor started";
 }
 
 }  // namespace
