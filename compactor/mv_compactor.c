@@ -152,12 +152,14 @@ void mv_compactor_poke(void) {
   if (mv_arena_frontier() < MV_COMPACTOR_MIN_ARENAS && !mv_options.compact_stress) return;
   int expected = IDLE;
   if (!atomic_compare_exchange_strong(&state, &expected, STARTING)) return;
-  /* Every descriptor the thread will use, opened here, inside an allocation of
+  /* The descriptors the thread will use, opened here, inside an allocation of
    * the thread that starts it: a descriptor is born at the lowest free number
    * and only then moved high (mv_fd_high), and at that instant a program
    * listing its own on another thread sees one it never opened. Python's
    * test_subprocess did, in a child under MOVALLOC_COMPACT_STRESS whose
-   * compactor's first round ran into the listing. */
+   * compactor's first round ran into the listing. Only the backend's probe
+   * and its userfaultfd wait for the first move when nothing chose the
+   * backend yet (mv_engine_start). */
   mv_proc_fd(MV_KEPT_TASKS); /* alone() */
   mv_proc_fd(MV_KEPT_STAT);
   mv_proc_fd(MV_KEPT_MEMINFO); /* pressure_now() */

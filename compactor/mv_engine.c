@@ -115,17 +115,15 @@ static const struct mv_backend *engine_backend(void) {
 }
 
 void mv_engine_start(void) {
-  if (mv_options.verbose) engine_backend();
+  if (mv_options.verbose || mv_options.compact_stress) engine_backend();
 }
 
 bool mv_engine_backend_chosen(void) { return __atomic_load_n(&backend, __ATOMIC_ACQUIRE) != NULL; }
 
 void mv_engine_open_ahead(void) {
-  if (!mv_lock_try(&mv_engine_lock)) return;
-  const struct mv_backend *b = engine_backend();
-  mv_unlock(&mv_engine_lock);
-  if (b->kind == MV_BACKEND_OFF) return;
-  if (b->kind == MV_BACKEND_MOVE || b->kind == MV_BACKEND_REMAP) mv_uffd_get();
+  const struct mv_backend *b = __atomic_load_n(&backend, __ATOMIC_ACQUIRE);
+  if (b && b->kind == MV_BACKEND_OFF) return;
+  if (b && (b->kind == MV_BACKEND_MOVE || b->kind == MV_BACKEND_REMAP)) mv_uffd_get();
   /* What tells huge pages and reads arenas without faulting (mv_thp.c); a
    * backend may use fewer. */
   static const enum mv_kept proc_files[] = {MV_KEPT_PAGEMAP, MV_KEPT_KPAGEFLAGS, MV_KEPT_SMAPS,

@@ -13,8 +13,12 @@
 #include "compactor/mv_backend.h"
 #include "include/movalloc.h"
 
-/* Chooses the backend (MOVALLOC_MIGRATE, probing the kernel) and starts the
- * background compactor if it is enabled. Called once, after start-up. */
+/* Called once, after start-up. Chooses the backend (MOVALLOC_MIGRATE, probing
+ * the kernel) there only to say which (MOVALLOC_VERBOSE) or under
+ * MOVALLOC_COMPACT_STRESS, whose compactor starts with the first allocation:
+ * the probe's descriptors then come and go before the program runs. Otherwise
+ * the first move chooses, on the compactor's thread: probing takes 1-7 ms,
+ * which no allocation should wait for. */
 void mv_engine_start(void);
 
 /* Held for a whole compaction and by registration. fork()'s prepare handler
@@ -41,9 +45,9 @@ int mv_engine_compact(unsigned flags, int max_moves);
 /* Whether the backend was chosen (the kernel probed) yet. */
 bool mv_engine_backend_chosen(void);
 
-/* Chooses the backend and opens the descriptors it and the engine keep, on the
- * calling thread (mv_compactor_poke: the compactor's thread then opens none);
- * skipped while a compaction runs, whose thread does it then. */
+/* Opens the descriptors the engine keeps, on the calling thread
+ * (mv_compactor_poke): the /proc files it reads, and the userfaultfd once the
+ * backend is chosen; it does not choose it (see mv_engine_start). */
 void mv_engine_open_ahead(void);
 
 /* The background compactor (mv_compactor.c). mv_compactor_poke() is cheap and

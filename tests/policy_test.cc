@@ -394,9 +394,13 @@ std::set<int> OpenFds() {
 // before it moves high, and on the compactor's own thread that instant could
 // fall inside a listing the program makes of its descriptors. In a fork child
 // (no compactor yet, the parent's descriptors not its own), stressed so that
-// every round moves arenas: nothing opened after the start stays open.
+// every round moves arenas, with the backend chosen as under
+// MOVALLOC_COMPACT_STRESS from the start: nothing opened after the start stays
+// open.
 TEST(Compactor, ItsThreadOpensNoDescriptor) {
   if (!mv_options.compact) GTEST_SKIP() << "MOVALLOC_COMPACT=0 here";
+  struct movalloc_stats st;
+  movalloc_stats_get(&st);  // chooses the backend, as start-up does under stress
   int status = ExitStatusOfChild([] {
     mv_options.compact_stress = true;
     void *volatile p = malloc(3 << 20);  // the heap grows: the poke starts the compactor
