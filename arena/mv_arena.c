@@ -99,6 +99,13 @@ int mv_arena_init(void) {
 
 size_t mv_arena_reserved_bytes(void) { return (size_t)max_arenas << MV_ARENA_SHIFT; }
 
+/* Whether arena index gets huge pages at fault time (MADV_HUGEPAGE in
+ * commit_upto). */
+static bool thp_at_fault(uint32_t index) {
+  return mv_options.thp == MV_THP_FAULT ||
+         (mv_options.thp == MV_THP_AUTO && index >= MV_THP_AUTO_FROM);
+}
+
 /* Makes arenas [committed_upto, upto) and their descriptors usable. */
 static bool commit_upto(uint32_t upto) {
   if (upto <= committed_upto) return true;
@@ -476,9 +483,7 @@ static uint32_t span_take(uint32_t from, uint32_t to, bool *zero) {
  * the engine never sees the mapping change under an arena it moves. A failed
  * madvise leaves things as they were. */
 static bool tail_wants_small(uint32_t last, size_t used) {
-  bool fault_thp = mv_options.thp == MV_THP_FAULT ||
-                   (mv_options.thp == MV_THP_AUTO && last >= MV_THP_AUTO_FROM);
-  return fault_thp && used < MV_ARENA_SIZE / 2;
+  return thp_at_fault(last) && used < MV_ARENA_SIZE / 2;
 }
 
 static void tail_pages_locked(uint32_t last, size_t used) {
@@ -692,12 +697,9 @@ static size_t give_back_free_locked(mv_arena_t *a) {
   return bytes;
 }
 
-/* Whether arena a may sit on a huge page: it was moved onto one, or the heap
- * asks the kernel for huge pages at fault time there (commit_upto). */
-static bool meant_for_thp(const mv_arena_t *a) {
-  return a->thp || mv_options.thp == MV_THP_FAULT ||
-         (mv_options.thp == MV_THP_AUTO && a->index >= MV_THP_AUTO_FROM);
-}
+/* Whether arena a may sit on a huge page: it was moved onto one, or gets them
+ * at fault time. */
+static bool meant_for_thp(const mv_arena_t *a) { return a->thp || thp_at_fault(a->index); }
 
 /* glibc's trim threshold, for the arenas no huge page is meant for: such an
  * arena keeps at most MOVALLOC_TRIM_KIB of free slices resident, and the free
