@@ -340,13 +340,14 @@ struct movalloc_stats Stats() {
 
 // Other threads free every block of the full pages of an owner that is away
 // (it blocks): the frees that empty them give their memory back, which the
-// owner would otherwise keep for as long as it is away. Back, the owner
-// carves those pages anew, without a page more.
+// owner would otherwise keep for as long as it is away, even when it has only
+// two full pages (a thread about to exit). Back, the owner carves those pages
+// anew, without a page more.
 TEST(Heap, AnAwayOwnersPagesThatOthersEmptyGoBackToTheKernel) {
   if (mv_options.purge == MV_PURGE_NEVER) GTEST_SKIP() << "MOVALLOC_PURGE=never keeps them";
   const size_t size = 3584;  // a class no other test uses
   struct movalloc_stats before = Stats();
-  AwayOwner owner(size, MV_AWAY_NOTIFIED + 1, [](AwayOwner &o) {
+  AwayOwner owner(size, 2, [](AwayOwner &o) {
     std::vector<void *> again;
     for (size_t i = 0; i + 1 < o.pages.size(); i++)
       for (size_t k = 0; k < o.blocks[i].size(); k++) again.push_back(malloc(o.size_));
@@ -377,8 +378,8 @@ TEST(Heap, AnAwayOwnersPagesThatOthersEmptyGoBackToTheKernel) {
     bytes += (size_t)page->slice_count << MV_SLICE_SHIFT;
   }
   owner.FreeFullPages(std::chrono::nanoseconds(2 * MV_AWAY_NS));
-  // The first MV_AWAY_NOTIFIED frees told the owner of its pages; the one
-  // after the pause that empties a page finds the owner away.
+  // The first frees told the owner of its pages; those after the pause that
+  // empty them find the owner away.
   for (size_t i = 0; i + 1 < owner.pages.size(); i++) {
     const mv_page_t *page = owner.pages[i];
     EXPECT_EQ(atomic_load(&page->xthread_free),
@@ -397,7 +398,7 @@ TEST(Heap, AnAwayOwnersPagesThatOthersEmptyGoBackToTheKernel) {
 TEST(Heap, ASecondFreeIntoAPageGivenBackIsCaught) {
   if (mv_options.check) GTEST_SKIP() << "MOVALLOC_CHECK=1 aborts on it (misuse tests)";
   if (mv_options.purge == MV_PURGE_NEVER) GTEST_SKIP() << "MOVALLOC_PURGE=never keeps them";
-  AwayOwner owner(6144, MV_AWAY_NOTIFIED + 1, [](AwayOwner &o) {  // a class no other test uses
+  AwayOwner owner(6144, 2, [](AwayOwner &o) {  // a class no other test uses
     std::vector<void *> again;
     for (size_t i = 0; i < o.blocks[0].size(); i++) again.push_back(malloc(o.size_));
     for (void *p : again) memset(p, 0x33, o.size_);
@@ -424,7 +425,7 @@ TEST(Heap, AnOwnerThatLooksAtItsPagesKeepsTheirMemory) {
   const size_t size = 3072;  // a class no other test uses
   uint64_t away_before = Stats().away_purged_bytes;
   std::promise<void> looked, freed;
-  AwayOwner owner(size, MV_AWAY_NOTIFIED + 1, [&](AwayOwner &o) {
+  AwayOwner owner(size, 2, [&](AwayOwner &o) {
     std::vector<void *> other{malloc(4608)};  // a class no other test uses
     while (mv_page_of(other.back()) == mv_page_of(other[0])) other.push_back(malloc(4608));
     looked.set_value();
