@@ -3,7 +3,8 @@
  * handler that interrupted an allocation) from one it must take.
  *
  * Lock order (fork handlers take them in this order):
- *   mv_engine_lock < mv_samples_lock < mv_heaps_lock < mv_arena_lock < mv_prof_lock (a leaf)
+ *   mv_engine_lock < mv_engine_choice_lock < mv_samples_lock < mv_heaps_lock < mv_arena_lock
+ *   < mv_prof_lock (a leaf)
  */
 #ifndef MV_LOCK_H
 #define MV_LOCK_H

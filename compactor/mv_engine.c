@@ -54,6 +54,7 @@ struct region {
 };
 
 mv_lock_t mv_engine_lock = MV_LOCK_INIT; /* one compaction at a time; the regions */
+mv_lock_t mv_engine_choice_lock = MV_LOCK_INIT;
 static const struct mv_backend *backend; /* chosen lazily: probing costs a few ms */
 static char backend_reason[112];
 static struct region regions[MV_MAX_REGIONS];
@@ -103,15 +104,18 @@ static void trace_migration(const struct mv_backend *b, uintptr_t start, enum ou
 /* ---- backend ---- */
 
 static const struct mv_backend *engine_backend(void) {
-  if (!backend) {
+  const struct mv_backend *b = __atomic_load_n(&backend, __ATOMIC_ACQUIRE);
+  if (b) return b;
+  mv_lock(&mv_engine_choice_lock);
+  if (!(b = backend)) {
     mv_engine_trace_open();
-    const struct mv_backend *b =
-        mv_backend_select((enum mv_backend_kind)mv_options.migrate, backend_reason,
+    b = mv_backend_select((enum mv_backend_kind)mv_options.migrate, backend_reason,
                           sizeof backend_reason);
     __atomic_store_n(&backend, b, __ATOMIC_RELEASE); /* after its reason: mv_engine_stats */
     if (mv_options.verbose) mv_log("migration backend %s: %s", b->name, backend_reason);
   }
-  return backend;
+  mv_unlock(&mv_engine_choice_lock);
+  return b;
 }
 
 void mv_engine_start(void) {

@@ -25,6 +25,12 @@ void mv_engine_start(void);
  * takes it first (mv_lock.h), so no migration is in flight across fork(). */
 extern mv_lock_t mv_engine_lock;
 
+/* Held while the backend is chosen, which the compactor does under
+ * mv_engine_lock and movalloc_stats_get without it: one thread opens the
+ * MOVALLOC_TRACE file and writes the reason. fork() takes it second, so that
+ * a child never starts with a choice half made. */
+extern mv_lock_t mv_engine_choice_lock;
+
 /* In the child after fork(): drops the parent's userfaultfd. */
 void mv_engine_fork_child(void);
 

@@ -30,8 +30,9 @@ static void thread_exit(void *unused) { mv_heap_thread_exit(); }
 
 /* ---- fork: every lock, in the documented order ---- */
 
-static mv_lock_t *const fork_locks[] = {&mv_engine_lock, &mv_samples_lock, &mv_heaps_lock,
-                                        &mv_arena_lock, &mv_prof_lock};
+static mv_lock_t *const fork_locks[] = {&mv_engine_lock, &mv_engine_choice_lock,
+                                        &mv_samples_lock, &mv_heaps_lock, &mv_arena_lock,
+                                        &mv_prof_lock};
 #define FORK_LOCKS (sizeof fork_locks / sizeof fork_locks[0])
 /* Locks the forking thread already held (fork() from a signal handler that
  * interrupted an allocation): not taken again, not released by the handlers. */

@@ -10,12 +10,16 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <thread>
+#include <vector>
 
 extern "C" {
 #include "compactor/mv_engine.h"
+#include "include/movalloc.h"
 #include "shim/mv_options.h"
 }
 
@@ -69,6 +73,52 @@ TEST_F(TraceFile, NewFileIsCreatedForTheOwnerOnly) {
   ASSERT_EQ(stat(path.c_str(), &st), 0);
   EXPECT_EQ(st.st_mode & 0777, 0600u);
   EXPECT_EQ(st.st_uid, geteuid());
+}
+
+// Descriptors of this process open on path.
+int DescriptorsOn(const std::string &path) {
+  int n = 0;
+  for (int fd = 0; fd < 1024; fd++) {
+    char link[64], target[4096];
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    ssize_t len = readlink(link, target, sizeof target - 1);
+    if (len > 0 && std::string(target, len) == path) n++;
+  }
+  return n;
+}
+
+// Threads that ask for the stats at once before a backend is chosen (the
+// compactor's first round and a program's movalloc_stats_get, say) choose it
+// once: one of them opens the trace, no descriptor is left behind, and the
+// file has one header. In a child, which forgets the backend twenty times.
+TEST_F(TraceFile, ThreadsChoosingTheBackendAtOnceOpenItOnce) {
+  std::string path = dir_ + "/trace.csv";
+  pid_t pid = fork();
+  if (pid == 0) {
+    mv_options.trace = path.c_str();
+    for (int round = 0; round < 20; round++) {
+      mv_engine_use_backend(nullptr, MV_STEP_NONE);
+      std::atomic<int> ready{0};
+      std::vector<std::thread> ts;
+      for (int t = 0; t < 8; t++)
+        ts.emplace_back([&] {
+          ready++;
+          while (ready.load() < 8) {
+          }
+          struct movalloc_stats st;
+          movalloc_stats_get(&st);
+        });
+      for (auto &t : ts) t.join();
+      int open = DescriptorsOn(path);
+      if (open != 1) _exit(10 + open);
+    }
+    _exit(0);
+  }
+  int status;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFEXITED(status)) << "status " << status;
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "descriptors on the trace: " << WEXITSTATUS(status) - 10;
+  EXPECT_EQ(Contents(path), kHeader);
 }
 
 TEST_F(TraceFile, SymbolicLinkIsRefused) {
