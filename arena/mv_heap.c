@@ -872,8 +872,9 @@ static MV_NOINLINE bool page_claim(mv_page_t *page) {
  * slow call, and one that waits for a core briefly; one that waited longer
  * carves the page anew, at a few page faults. No count of pages besides: a
  * thread that handed its objects on and waits to exit (bench/wl_larson's
- * generations, on two cores) has a few dozen full pages, and the count of 32
- * that was here kept their memory (docs/RESULTS.md, sixteenth session). */
+ * generations, on two cores) is told of a few pages only (it had 0-4 full
+ * ones), and the count of 32 that was here kept their memory
+ * (docs/RESULTS.md, sixteenth session). */
 static bool owner_away(mv_heap_t *h) {
   return atomic_load_explicit(&h->notified, memory_order_relaxed) != 0 &&
          mv_os_now_ns() - atomic_load_explicit(&h->notified_since_ns, memory_order_relaxed) >=

@@ -107,7 +107,7 @@ static const struct mv_backend *engine_backend(void) {
   const struct mv_backend *b = __atomic_load_n(&backend, __ATOMIC_ACQUIRE);
   if (b) return b;
   mv_lock(&mv_engine_choice_lock);
-  if (!(b = backend)) {
+  if (!(b = __atomic_load_n(&backend, __ATOMIC_RELAXED))) {
     mv_engine_trace_open();
     b = mv_backend_select((enum mv_backend_kind)mv_options.migrate, backend_reason,
                           sizeof backend_reason);

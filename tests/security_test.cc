@@ -2,6 +2,7 @@
 // MOVALLOC_TRACE refuses symbolic links, files of other users and files open
 // to group or others. A setuid program ignores every MOVALLOC_* variable
 // (secure_getenv), so a user cannot make it write a trace where they like.
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <gtest/gtest.h>
@@ -78,12 +79,13 @@ TEST_F(TraceFile, NewFileIsCreatedForTheOwnerOnly) {
 // Descriptors of this process open on path.
 int DescriptorsOn(const std::string &path) {
   int n = 0;
-  for (int fd = 0; fd < 1024; fd++) {
-    char link[64], target[4096];
-    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
-    ssize_t len = readlink(link, target, sizeof target - 1);
+  DIR *d = opendir("/proc/self/fd");
+  while (struct dirent *e = readdir(d)) {
+    char target[4096];
+    ssize_t len = readlinkat(dirfd(d), e->d_name, target, sizeof target);
     if (len > 0 && std::string(target, len) == path) n++;
   }
+  closedir(d);
   return n;
 }
 
