@@ -539,14 +539,12 @@ static void page_notify(mv_page_t *page) {
   do page->xnext = head;
   while (!atomic_compare_exchange_weak_explicit(&h->xthread_pages, &head, page,
                                                 memory_order_release, memory_order_relaxed));
-  if (atomic_fetch_add_explicit(&h->notified, 1, memory_order_relaxed) == 0)
-    atomic_store_explicit(&h->notified_since_ns, mv_os_now_ns(), memory_order_relaxed);
+  if (!head) atomic_store_explicit(&h->notified_since_ns, mv_os_now_ns(), memory_order_relaxed);
 }
 
 static void heap_drain_notified(mv_heap_t *h) {
   if (!atomic_load_explicit(&h->xthread_pages, memory_order_relaxed)) return;
   mv_page_t *page = atomic_exchange_explicit(&h->xthread_pages, NULL, memory_order_acquire);
-  atomic_store_explicit(&h->notified, 0, memory_order_relaxed);
   while (page) {
     mv_page_t *next = page->xnext;
     atomic_store(&page->notify, 0);
@@ -876,7 +874,7 @@ static MV_NOINLINE bool page_claim(mv_page_t *page) {
  * ones), and the count of 32 that was here kept their memory
  * (docs/RESULTS.md, sixteenth session). */
 static bool owner_away(mv_heap_t *h) {
-  return atomic_load_explicit(&h->notified, memory_order_relaxed) != 0 &&
+  return atomic_load_explicit(&h->xthread_pages, memory_order_relaxed) != NULL &&
          mv_os_now_ns() - atomic_load_explicit(&h->notified_since_ns, memory_order_relaxed) >=
              MV_AWAY_NS;
 }

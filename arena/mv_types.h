@@ -211,8 +211,8 @@ typedef struct mv_heap {
   mv_page_queue_t queues[MV_LIFECLASSES][MV_BINS];
   mv_page_queue_t full;               /* pages with no free block when last looked */
   _Atomic(mv_page_t *) xthread_pages; /* full pages that got a cross-thread free */
-  _Atomic(uint32_t) notified;         /* pages pushed there since the owner last took them */
-  _Atomic(uint64_t) notified_since_ns; /* when the first of those was (mv_heap.c, owner_away) */
+  _Atomic(uint64_t) notified_since_ns; /* when the first page there was pushed (mv_heap.c,
+                                          owner_away) */
   _Atomic(uint8_t) owned;
   bool dead;                          /* its thread vanished in fork(): never adopted */
   struct mv_heap *next_heap;          /* all heaps (mv_heaps list) */
